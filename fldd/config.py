@@ -1,0 +1,235 @@
+"""One typed, validated configuration for a model and its training run.
+
+The same object is serialised into checkpoints (as a plain dict), into YAML files and, later, into
+MLflow params. `validate()` runs once when a config is built from user input and names the field
+that is wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+METHODS = ("fldd", "fldd-mask", "masked", "uniform")
+PRIORS = ("uniform", "mask")
+WARM_STARTS = ("none", "masked", "uniform")
+SCHEDULES = ("linear", "cosine")
+ARCHITECTURES = ("transformer", "mlp")
+ESTIMATORS = ("loo", "ema")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the value."""
+
+
+@dataclass
+class ProcessConfig:
+    """The forward (noising) process and its step budget."""
+
+    method: str = "fldd"  # fldd | fldd-mask | masked | uniform
+    num_steps: int = 2  # T: sampling costs exactly T reverse-network calls
+    # For method=fldd. The default recipe (masked warm start + reverse-first schedule) is the one
+    # that trained on every seed here; a random start collapsed (docs/training_recipe.md).
+    prior: str = "mask"  # uniform over K, or a point mass on an extra MASK token
+    warm_start: str = "masked"  # none (random init) | masked | uniform: start u(x,t) at a fixed marginal
+    warm_start_floor: float = 1e-3  # eps in (1-eps)*ubar + eps/S before the log
+    # scale of the learned forward's initial logits: a near-uniform random start carries no
+    # information about x and sits at the collapsed saddle (spec section 5b)
+    forward_init_scale: float = 1.0
+    schedule: str = "linear"  # alpha_t for fixed processes and warm starts: linear | cosine
+
+
+@dataclass
+class NetworkConfig:
+    """A time-conditioned network over positions (the reverse, or the learned forward)."""
+
+    arch: str = "mlp"  # transformer | mlp (the MLP flattens all positions; for tiny D)
+    width: int = 256
+    depth: int = 2
+    heads: int = 4  # transformer only
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 256  # (x, z_t) pairs per step: the reverse network's batch
+    lr: float = 1e-3  # reverse network
+    forward_lr: float = 3e-4  # learned forward network
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    estimator: str = "loo"  # REINFORCE baseline: loo (leave-one-out over M z_t) | ema (per t)
+    num_zt_samples: int = 2  # M: z_t samples per (x, t) for loo; batch_size/M distinct x per step
+    ema_decay: float = 0.99
+    forward_freeze_fraction: float = 0.3  # train the reverse alone for this fraction of steps
+    concrete_warmup_steps: int = 0  # relaxed (Concrete) warm-up; off by default (spec 5b)
+    tau_start: float = 1.0
+    tau_end: float = 1e-3
+    log_every: int = 100
+    eval_every: int = 0  # 0: evaluate only at the end
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    name: str = "toy2d"  # built-in data set
+    num_train: int = 20000
+    num_valid: int = 2000
+    seed: int = 0
+
+
+@dataclass
+class FLDDConfig:
+    seq_len: int = 2  # D
+    vocab_size: int = 50  # K (data tokens; MASK, when used, is the extra state K)
+    process: ProcessConfig = field(default_factory=ProcessConfig)
+    reverse_network: NetworkConfig = field(default_factory=NetworkConfig)
+    forward_network: NetworkConfig = field(default_factory=NetworkConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    # ---- derived quantities -------------------------------------------------------------
+    @property
+    def uses_mask_state(self) -> bool:
+        p = self.process
+        return p.method in ("fldd-mask", "masked") or (p.method == "fldd" and p.prior == "mask")
+
+    @property
+    def num_states(self) -> int:
+        """S: the size of the latent state space (K, or K+1 with MASK)."""
+        return self.vocab_size + 1 if self.uses_mask_state else self.vocab_size
+
+    @property
+    def learns_forward(self) -> bool:
+        return self.process.method in ("fldd", "fldd-mask")
+
+    # ---- validation ---------------------------------------------------------------------
+    def validate(self) -> FLDDConfig:
+        def require(ok: bool, name: str, value: Any, why: str) -> None:
+            if not ok:
+                raise ConfigError(f"{name}={value!r}: {why}")
+
+        p, tr = self.process, self.train
+        require(self.seq_len >= 1, "seq_len", self.seq_len, "must be >= 1")
+        require(self.vocab_size >= 2, "vocab_size", self.vocab_size, "must be >= 2")
+        require(p.method in METHODS, "process.method", p.method, f"must be one of {METHODS}")
+        require(p.num_steps >= 1, "process.num_steps", p.num_steps, "T must be >= 1")
+        require(p.prior in PRIORS, "process.prior", p.prior, f"must be one of {PRIORS}")
+        require(p.warm_start in WARM_STARTS, "process.warm_start", p.warm_start, f"must be one of {WARM_STARTS}")
+        require(p.schedule in SCHEDULES, "process.schedule", p.schedule, f"must be one of {SCHEDULES}")
+        require(p.forward_init_scale >= 0, "process.forward_init_scale", p.forward_init_scale, "must be >= 0")
+        require(0.0 < p.warm_start_floor < 1.0, "process.warm_start_floor", p.warm_start_floor, "must be in (0, 1)")
+        if p.method == "fldd" and p.warm_start == "masked":
+            require(p.prior == "mask", "process.prior", p.prior, "a masked warm start needs prior='mask'")
+        if p.method == "fldd" and p.warm_start == "uniform":
+            require(p.prior == "uniform", "process.prior", p.prior, "a uniform warm start needs prior='uniform'")
+        for name, net in (("reverse_network", self.reverse_network), ("forward_network", self.forward_network)):
+            require(net.arch in ARCHITECTURES, f"{name}.arch", net.arch, f"must be one of {ARCHITECTURES}")
+            require(net.width >= 1, f"{name}.width", net.width, "must be >= 1")
+            require(net.depth >= 1, f"{name}.depth", net.depth, "must be >= 1")
+            if net.arch == "transformer":
+                require(net.heads >= 1 and net.width % net.heads == 0, f"{name}.heads", net.heads,
+                        f"must divide width={net.width}")
+        require(tr.steps >= 1, "train.steps", tr.steps, "must be >= 1")
+        require(tr.batch_size >= 1, "train.batch_size", tr.batch_size, "must be >= 1")
+        require(tr.lr > 0, "train.lr", tr.lr, "must be > 0")
+        require(tr.forward_lr >= 0, "train.forward_lr", tr.forward_lr, "must be >= 0")
+        require(tr.grad_clip > 0, "train.grad_clip", tr.grad_clip, "must be > 0")
+        require(tr.estimator in ESTIMATORS, "train.estimator", tr.estimator, f"must be one of {ESTIMATORS}")
+        require(tr.num_zt_samples >= 1, "train.num_zt_samples", tr.num_zt_samples, "must be >= 1")
+        if tr.estimator == "loo":
+            require(tr.num_zt_samples >= 2, "train.num_zt_samples", tr.num_zt_samples,
+                    "leave-one-out needs M >= 2 samples of z_t per (x, t)")
+        require(tr.batch_size % tr.num_zt_samples == 0, "train.batch_size", tr.batch_size,
+                f"must be a multiple of train.num_zt_samples={tr.num_zt_samples}")
+        require(0.0 < tr.ema_decay < 1.0, "train.ema_decay", tr.ema_decay, "must be in (0, 1)")
+        require(0.0 <= tr.forward_freeze_fraction < 1.0, "train.forward_freeze_fraction",
+                tr.forward_freeze_fraction, "must be in [0, 1)")
+        require(tr.concrete_warmup_steps >= 0, "train.concrete_warmup_steps", tr.concrete_warmup_steps, "must be >= 0")
+        require(0 < tr.tau_end <= tr.tau_start, "train.tau_end", tr.tau_end, "need 0 < tau_end <= tau_start")
+        require(tr.log_every >= 1, "train.log_every", tr.log_every, "must be >= 1")
+        require(tr.eval_every >= 0, "train.eval_every", tr.eval_every, "must be >= 0")
+        return self
+
+    # ---- serialisation ------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FLDDConfig:
+        return _build(cls, data, prefix="").validate()
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> FLDDConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping, got {type(data).__name__}")
+        return cls.from_dict(data)
+
+    def with_overrides(self, overrides: list[str] | dict[str, Any]) -> FLDDConfig:
+        """Apply `key.sub=value` overrides (values parsed as YAML scalars) and re-validate."""
+        data = self.to_dict()
+        items = overrides.items() if isinstance(overrides, dict) else (_split_override(o) for o in overrides)
+        for key, value in items:
+            node = data
+            *parents, leaf = key.split(".")
+            for part in parents:
+                if not isinstance(node.get(part), dict):
+                    raise ConfigError(f"unknown config key {key!r}")
+                node = node[part]
+            if leaf not in node or isinstance(node[leaf], dict):
+                raise ConfigError(f"unknown config key {key!r}")
+            node[leaf] = value
+        return FLDDConfig.from_dict(data)
+
+
+def _split_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw)
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    """Build a (nested) dataclass from a dict, rejecting unknown keys and mistyped values."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix + unknown[0]!r} (known: {sorted(names)})")
+    kwargs = {}
+    for name, value in data.items():
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            kwargs[name] = _build(kind, value, prefix + name + ".")
+        else:
+            kwargs[name] = _coerce(value, kind, prefix + name)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, kind: type, name: str) -> Any:
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-3" as a string
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{name}={value!r}: expected {kind.__name__}")
+    return value

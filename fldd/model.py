@@ -1,0 +1,228 @@
+"""The FLDD model object: config + forward process + reverse network, saved as state dict + config."""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from fldd.config import ConfigError, FLDDConfig
+from fldd.forward import LOG_ZERO, ForwardProcess, build_forward_process
+from fldd.networks import TokenNetwork
+from fldd.objective import leave_one_out_baseline, training_loss
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "fldd-model/1"
+# config sections that define the parameters; train/data settings may differ between runs
+MODEL_DEFINING_KEYS = ("seq_len", "vocab_size", "process", "reverse_network", "forward_network")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, malformed, or does not match the expected model."""
+
+
+class ForwardCollapseWarning(UserWarning):
+    """Every interior z_t carries ~no information about x: the T-step model degenerated to T=1."""
+
+
+def check_tokens(x: Tensor, vocab_size: int, seq_len: int, name: str = "x") -> None:
+    """Raise ValueError naming `name` and the offending value for bad token batches."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(x).__name__}")
+    if x.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise ValueError(f"{name} must hold integer token ids, got dtype {x.dtype}")
+    if x.dim() != 2 or x.shape[1] != seq_len:
+        raise ValueError(f"{name} must have shape (batch, {seq_len}), got {tuple(x.shape)}")
+    if x.numel() and (x.min() < 0 or x.max() >= vocab_size):
+        bad = x[(x < 0) | (x >= vocab_size)][0].item()
+        raise ValueError(f"{name} holds token {bad}, outside [0, {vocab_size})")
+
+
+@dataclass
+class CollapseReport:
+    """Information z_t carries about x, per step, and whether the forward process collapsed."""
+
+    information_bits: list[float]  # t = 0..T: mean over positions of I(x; z_t^i), in bits
+    retained_fraction: list[float]  # information_bits[t] / information_bits[0]
+    collapsed: bool
+    threshold: float
+
+    def __str__(self) -> str:
+        steps = ", ".join(f"t={t}: {f:.3f}" for t, f in enumerate(self.retained_fraction))
+        state = "COLLAPSED" if self.collapsed else "ok"
+        return f"forward process {state}; information retained per step ({steps})"
+
+
+class FLDDModel(nn.Module):
+    """Forward process u_phi (training only) + reverse network v_theta (training and sampling)."""
+
+    def __init__(self, config: FLDDConfig):
+        super().__init__()
+        self.config = config.validate()
+        self.num_steps = config.process.num_steps
+        self.num_states = config.num_states
+        self.mask_id = config.vocab_size if config.uses_mask_state else None
+        self.forward_process: ForwardProcess = build_forward_process(config)
+        self.reverse = TokenNetwork(config.reverse_network, seq_len=config.seq_len, num_inputs=self.num_states,
+                                    num_outputs=self.num_states, num_steps=self.num_steps, time_in_trunk=True)
+        T = self.num_steps
+        self.register_buffer("baseline_ema", torch.zeros(T + 1))  # REINFORCE EMA baseline per t
+        self.register_buffer("baseline_seen", torch.zeros(T + 1, dtype=torch.bool))
+        self.register_buffer("information_bits", torch.zeros(T + 1))  # last collapse check
+        self.register_buffer("collapsed", torch.tensor(False))
+
+    @property
+    def samples_per_x(self) -> int:
+        """M: z_t samples per (x, t); only a learned forward needs more than one (leave-one-out)."""
+        return self.config.train.num_zt_samples if self.forward_process.learned else 1
+
+    def forward_parameters(self) -> list[nn.Parameter]:
+        return list(self.forward_process.parameters())
+
+    def reverse_parameters(self) -> list[nn.Parameter]:
+        return list(self.reverse.parameters())
+
+    # ---- reverse process -----------------------------------------------------------------
+    def reverse_log_probs(self, z_t: Tensor, t: Tensor) -> Tensor:
+        """log p_theta(z_s | z_t) per position: (B, D) states or (B, D, S) soft one-hot -> (B, D, S).
+
+        At t = 1 the MASK logit is removed, so no mass can land on MASK at z_0.
+        """
+        logits = self.reverse(z_t, t)
+        if self.mask_id is not None:
+            is_mask = torch.arange(self.num_states, device=logits.device) == self.mask_id
+            logits = torch.where((t == 1)[:, None, None] & is_mask, LOG_ZERO, logits)
+        return torch.log_softmax(logits, dim=-1)
+
+    # ---- training ------------------------------------------------------------------------
+    def forward(self, x: Tensor, *, train_forward: bool = True, tau: float | None = None,
+                generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """The training loss for a batch of data (B_x, D); returns {"loss": ..., statistics}."""
+        check_tokens(x, self.config.vocab_size, self.config.seq_len)
+        return training_loss(self, x, train_forward=train_forward, tau=tau, generator=generator)
+
+    def baseline(self, loss: Tensor, t: Tensor) -> Tensor:
+        """A REINFORCE baseline that does not depend on the z_t whose loss it is compared with."""
+        if self.config.train.estimator == "loo":
+            return leave_one_out_baseline(loss, self.samples_per_x)
+        # EMA per t, read before this batch updates it
+        baseline = torch.where(self.baseline_seen[t], self.baseline_ema[t], torch.zeros_like(loss))
+        if self.training:
+            self._update_ema(loss, t)
+        return baseline
+
+    @torch.no_grad()
+    def _update_ema(self, loss: Tensor, t: Tensor) -> None:
+        T, decay = self.num_steps, self.config.train.ema_decay
+        sums = torch.zeros(T + 1, device=loss.device).index_add_(0, t, loss.float())
+        counts = torch.zeros(T + 1, device=loss.device).index_add_(0, t, torch.ones_like(loss, dtype=torch.float))
+        present = counts > 0
+        batch_mean = sums / counts.clamp_min(1)
+        updated = torch.where(self.baseline_seen, decay * self.baseline_ema + (1 - decay) * batch_mean, batch_mean)
+        self.baseline_ema.copy_(torch.where(present, updated, self.baseline_ema))
+        self.baseline_seen |= present
+
+    # ---- forward-collapse guard ----------------------------------------------------------
+    @torch.no_grad()
+    def information_per_step(self, x: Tensor) -> Tensor:
+        """I(x; z_t^i) in bits, averaged over positions, for t = 0..T, with x uniform over the batch.
+
+        I = H(mean_x u^i(x,t)) - mean_x H(u^i(x,t)): exact for the batch's empirical distribution,
+        no sampling. It is 0 exactly when u(x,t) does not depend on x.
+        """
+        check_tokens(x, self.config.vocab_size, self.config.seq_len)
+        T = self.num_steps
+        t = torch.arange(T + 1, device=x.device).expand(x.shape[0], -1)
+        u = self.forward_process.log_marginals(x, t).double().exp()  # (B, T+1, D, S)
+
+        def entropy(p: Tensor) -> Tensor:
+            return -(p * torch.log(p.clamp_min(1e-300))).sum(dim=-1)
+
+        mutual = entropy(u.mean(dim=0)) - entropy(u).mean(dim=0)  # (T+1, D)
+        return (mutual.mean(dim=-1) / math.log(2.0)).clamp_min(0.0).float()
+
+    @torch.no_grad()
+    def check_collapse(self, x: Tensor, threshold: float = 0.01) -> CollapseReport:
+        """Flag the model when every interior step 0 < t < T keeps < `threshold` of the information
+        z_0 carries about x. A collapsed model samples like a T=1 model while its bound looks tight.
+        """
+        bits = self.information_per_step(x)
+        retained = bits / bits[0].clamp_min(1e-12)
+        interior = retained[1:self.num_steps]
+        collapsed = bool(interior.numel() > 0 and interior.max().item() < threshold)
+        self.information_bits.copy_(bits)
+        self.collapsed.fill_(collapsed)
+        report = CollapseReport(bits.tolist(), retained.tolist(), collapsed, threshold)
+        if collapsed:
+            message = (f"FORWARD COLLAPSE: no step 0<t<{self.num_steps} carries information about x "
+                       f"(max retained fraction {interior.max().item():.4f} < {threshold}); this "
+                       f"{self.num_steps}-step model samples like a 1-step model. {report}")
+            log.warning(message)
+            warnings.warn(message, ForwardCollapseWarning, stacklevel=3)  # past no_grad's wrapper
+        return report
+
+    # ---- persistence ---------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        torch.save({"format": CHECKPOINT_FORMAT, "config": self.config.to_dict(), "state_dict": self.state_dict()},
+                   Path(path))
+
+    @classmethod
+    def load(cls, path: str | Path, *, expected_config: FLDDConfig | None = None,
+             map_location: str | torch.device = "cpu") -> FLDDModel:
+        """Load a saved model (weights_only=True). With `expected_config`, the model-defining
+        fields must match, else CheckpointError names the differing ones."""
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+        try:
+            payload = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as error:  # torch raises several types for corrupt or foreign files
+            raise CheckpointError(f"checkpoint {str(path)!r} could not be read: {error}") from error
+        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{str(path)!r} is not an FLDD model checkpoint (format {CHECKPOINT_FORMAT})")
+        try:
+            config = FLDDConfig.from_dict(payload["config"])
+        except ConfigError as error:
+            raise CheckpointError(f"checkpoint {str(path)!r} holds an invalid config: {error}") from error
+        if expected_config is not None:
+            differences = config_differences(expected_config, config)
+            if differences:
+                raise CheckpointError(f"checkpoint {str(path)!r} does not match the expected config: "
+                                      + "; ".join(differences))
+        model = cls(config)
+        model.load_state(payload["state_dict"], source=str(path))
+        return model
+
+    def load_state(self, state_dict: dict[str, Tensor], source: str = "state dict") -> None:
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(own))
+        shapes = [f"{k}: {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in own.keys() & state_dict.keys() if state_dict[k].shape != own[k].shape]
+        if missing or unexpected or shapes:
+            raise CheckpointError(f"{source} does not fit this model: missing {missing[:5]}, "
+                                  f"unexpected {unexpected[:5]}, shape mismatches {shapes[:5]}")
+        self.load_state_dict(state_dict)
+
+
+def config_differences(expected: FLDDConfig, actual: FLDDConfig) -> list[str]:
+    """Model-defining fields whose values differ, as 'field: expected X, found Y'."""
+    def flatten(d: dict, prefix: str = "") -> dict:
+        flat = {}
+        for key, value in d.items():
+            if isinstance(value, dict):
+                flat.update(flatten(value, f"{prefix}{key}."))
+            else:
+                flat[prefix + key] = value
+        return flat
+
+    a, b = expected.to_dict(), actual.to_dict()
+    a = flatten({k: a[k] for k in MODEL_DEFINING_KEYS})
+    b = flatten({k: b[k] for k in MODEL_DEFINING_KEYS})
+    return [f"{k}: expected {a[k]!r}, found {b[k]!r}" for k in a if a[k] != b[k]]

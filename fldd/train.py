@@ -1,0 +1,182 @@
+"""The one training loop. Framework-free: Ray Train's worker function wraps this same loop.
+
+Schedule of a run (spec section 5b): an optional reverse-only phase (forward frozen), an optional
+Concrete warm-up (relaxed z_t, tau annealed geometrically), then exact REINFORCE training.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from fldd.config import FLDDConfig, TrainConfig
+from fldd.data import infinite_batches
+from fldd.model import CollapseReport, FLDDModel
+from fldd.objective import NELBOEstimate, evaluate_nelbo
+
+log = logging.getLogger(__name__)
+
+MetricsCallback = Callable[[int, dict[str, float]], None]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term or the gradient became NaN or inf; the message names the step and the term."""
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str  # reverse-only | concrete-warmup | reinforce
+    train_forward: bool
+    tau: float | None  # Concrete temperature, None for exact discrete z_t
+
+
+class TrainSchedule:
+    def __init__(self, cfg: TrainConfig, learns_forward: bool):
+        self.learns_forward = learns_forward
+        self.freeze_steps = int(cfg.forward_freeze_fraction * cfg.steps) if learns_forward else 0
+        self.warmup_steps = cfg.concrete_warmup_steps if learns_forward else 0
+        self.tau_start, self.tau_end = cfg.tau_start, cfg.tau_end
+
+    def phase(self, step: int) -> Phase:
+        if not self.learns_forward:
+            return Phase("fixed-forward", False, None)
+        if step < self.freeze_steps:
+            return Phase("reverse-only", False, None)
+        warm = step - self.freeze_steps
+        if warm < self.warmup_steps:
+            frac = warm / max(self.warmup_steps - 1, 1)
+            return Phase("concrete-warmup", True, self.tau_start * (self.tau_end / self.tau_start) ** frac)
+        return Phase("reinforce", True, None)
+
+
+def build_optimizer(model: FLDDModel, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with separate learning rates for the reverse and the learned forward network."""
+    groups = [{"params": model.reverse_parameters(), "lr": cfg.lr, "name": "reverse"}]
+    if model.forward_parameters():
+        groups.append({"params": model.forward_parameters(), "lr": cfg.forward_lr, "name": "forward"})
+    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+
+
+def _check_finite(out: dict[str, Tensor], step: int) -> None:
+    if torch.isfinite(out["loss"]):
+        return
+    bad = [name for name, value in out.items() if name != "loss" and not torch.isfinite(value).all()]
+    raise NonFiniteLossError(f"non-finite loss at step {step}: term(s) {bad or ['loss']} are NaN/inf "
+                             f"({ {k: float(v) for k, v in out.items() if v.numel() == 1} })")
+
+
+def train_loop(model: nn.Module, batches: Iterator[Tensor], optimizer: torch.optim.Optimizer, *,
+               num_steps: int, schedule: TrainSchedule, start_step: int = 0, grad_clip: float = 1.0,
+               log_every: int = 100, on_metrics: MetricsCallback | None = None,
+               checkpoint_every: int = 0, on_checkpoint: Callable[[int], None] | None = None,
+               eval_every: int = 0, evaluate: Callable[[int], dict[str, float]] | None = None,
+               information_batch: Callable[[], Tensor] | None = None,
+               device: torch.device | str = "cpu") -> dict[str, float]:
+    """Run steps [start_step, num_steps). `model` is an FLDDModel (or a DDP wrapper of one) whose
+    forward returns {"loss": ...}. Callbacks receive the 1-based count of finished steps.
+    Returns the last logged metrics."""
+    core: FLDDModel = getattr(model, "module", model)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    sums: dict[str, float] = {}
+    count, last_metrics, tick = 0, {}, time.perf_counter()
+    collapse_warned = False
+    model.train()
+    for step in range(start_step, num_steps):
+        phase = schedule.phase(step)
+        x = next(batches).to(device, non_blocking=True)
+        out = model(x, train_forward=phase.train_forward, tau=phase.tau)
+        _check_finite(out, step)
+        optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        grad_norm = nn.utils.clip_grad_norm_(params, grad_clip)
+        if not torch.isfinite(grad_norm):
+            raise NonFiniteLossError(f"non-finite gradient norm at step {step} (phase {phase.name})")
+        optimizer.step()
+
+        for name, value in out.items():
+            sums[name] = sums.get(name, 0.0) + float(value.detach())
+        sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
+        count += 1
+        done = step + 1
+        if done % log_every == 0 or done == num_steps:
+            elapsed = time.perf_counter() - tick
+            metrics = {name: total / count for name, total in sums.items()}
+            metrics.update(steps_per_second=count / elapsed, forward_trained=float(phase.train_forward))
+            if information_batch is not None and core.forward_process.learned and core.num_steps > 1:
+                bits = core.information_per_step(information_batch().to(device))
+                retained = (bits[1:core.num_steps] / bits[0].clamp_min(1e-12)).max().item()
+                metrics["information_retained_max"] = retained
+                if retained < 0.01 and phase.train_forward and not collapse_warned:
+                    log.warning("step %d: the forward process is collapsing (max retained information %.4f)",
+                                done, retained)
+                    collapse_warned = True
+            if on_metrics is not None:
+                on_metrics(done, {**metrics, "phase": phase.name})
+            last_metrics = metrics
+            sums, count, tick = {}, 0, time.perf_counter()
+        if evaluate is not None and eval_every and done % eval_every == 0 and done != num_steps:
+            scores = evaluate(done)
+            if on_metrics is not None:
+                on_metrics(done, scores)
+        if on_checkpoint is not None and ((checkpoint_every and done % checkpoint_every == 0) or done == num_steps):
+            on_checkpoint(done)
+    return last_metrics
+
+
+@dataclass
+class FitResult:
+    model: FLDDModel
+    valid_nelbo: NELBOEstimate
+    collapse: CollapseReport | None
+    history: list[dict] = field(default_factory=list)
+    train_seconds: float = 0.0
+
+
+def print_progress(total_steps: int) -> MetricsCallback:
+    def report(step: int, metrics: dict) -> None:
+        keys = [k for k in ("nelbo", "relaxed_loss", "kl", "advantage_std", "information_retained_max",
+                            "valid_nelbo_bits", "steps_per_second") if k in metrics]
+        shown = " ".join(f"{k}={metrics[k]:.4g}" for k in keys)
+        print(f"[{step:>6}/{total_steps}] {metrics.get('phase', 'eval')}: {shown}", flush=True)
+    return report
+
+
+def fit(cfg: FLDDConfig, train_data: Tensor, valid_data: Tensor, *, on_metrics: MetricsCallback | None = None,
+        eval_passes: int = 10, device: torch.device | str = "cpu") -> FitResult:
+    """Train a model on in-memory data with the one loop; evaluate on the validation split."""
+    cfg.validate()
+    torch.manual_seed(cfg.train.seed)
+    model = FLDDModel(cfg).to(device)
+    optimizer = build_optimizer(model, cfg.train)
+    batch_generator = torch.Generator().manual_seed(cfg.train.seed)
+    x_per_step = cfg.train.batch_size // model.samples_per_x
+    batches = infinite_batches(train_data, x_per_step, batch_generator)
+    probe = valid_data[:1024]
+    history: list[dict] = []
+
+    def record(step: int, metrics: dict) -> None:
+        history.append({"step": step, **metrics})
+        if on_metrics is not None:
+            on_metrics(step, metrics)
+
+    def evaluate(step: int) -> dict[str, float]:
+        estimate = evaluate_nelbo(model, valid_data, num_passes=2)
+        model.train()
+        return {"valid_nelbo_bits": estimate.bits_per_token}
+
+    start = time.perf_counter()
+    train_loop(model, batches, optimizer, num_steps=cfg.train.steps,
+               schedule=TrainSchedule(cfg.train, cfg.learns_forward), grad_clip=cfg.train.grad_clip,
+               log_every=cfg.train.log_every, on_metrics=record, eval_every=cfg.train.eval_every,
+               evaluate=evaluate, information_batch=lambda: probe, device=device)
+    train_seconds = time.perf_counter() - start
+    model.eval()
+    nelbo = evaluate_nelbo(model, valid_data, num_passes=eval_passes)
+    collapse = model.check_collapse(probe.to(device)) if cfg.learns_forward else None
+    return FitResult(model, nelbo, collapse, history, train_seconds)
+

@@ -1,0 +1,1 @@
+"""serving: placeholder package; see README roadmap."""

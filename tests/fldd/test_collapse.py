@@ -1,0 +1,57 @@
+"""P17: the forward-collapse guard."""
+
+import warnings
+
+import pytest
+import torch
+
+from fldd.model import FLDDModel, ForwardCollapseWarning
+from tests.conftest import RANDOM_FLDD, tiny_model
+
+X = torch.randint(0, 5, (256, 3), generator=torch.Generator().manual_seed(0))
+
+
+def x_blind(model):
+    """Force the learned forward to ignore x: its trunk input carries nothing about x."""
+    with torch.no_grad():
+        model.forward_process.network.embed.zero_()
+        torch.nn.init.normal_(model.forward_process.network.output_layer.bias, std=3.0)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["mlp", "transformer"])
+def test_guard_fires_on_a_forward_that_ignores_x(arch, tmp_path):
+    model = x_blind(tiny_model(RANDOM_FLDD, T=4, K=5, D=3, arch=arch, double=False))
+    with pytest.warns(ForwardCollapseWarning, match="FORWARD COLLAPSE"):
+        report = model.check_collapse(X)
+    assert report.collapsed and bool(model.collapsed)
+    assert max(report.information_bits[1:4]) < 1e-6 and report.information_bits[0] > 1.0
+    model.save(tmp_path / "m.pt")
+    assert bool(FLDDModel.load(tmp_path / "m.pt").collapsed)  # the flag travels with the model
+
+
+@pytest.mark.parametrize("overrides", [
+    {"process.method": "masked"},
+    {"process.method": "uniform"},
+    {**RANDOM_FLDD, "process.forward_init_scale": 30.0},
+    {"process.method": "fldd-mask"},
+])
+def test_guard_is_quiet_on_informative_forwards(overrides):
+    model = tiny_model(overrides, T=4, K=5, D=3, double=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ForwardCollapseWarning)
+        report = model.check_collapse(X)
+    assert not report.collapsed and not bool(model.collapsed)
+    assert max(report.retained_fraction[1:4]) > 0.05
+
+
+def test_masked_information_is_the_signal_fraction():
+    model = tiny_model({"process.method": "masked"}, T=4, K=5, D=3, double=False)
+    report = model.check_collapse(X)
+    torch.testing.assert_close(torch.tensor(report.retained_fraction), torch.tensor([1, 0.75, 0.5, 0.25, 0.0]),
+                               atol=1e-5, rtol=0)
+
+
+def test_single_step_models_are_never_flagged():
+    model = x_blind(tiny_model(RANDOM_FLDD, T=1, K=5, D=3, double=False))
+    assert not model.check_collapse(X).collapsed

@@ -1,0 +1,44 @@
+import pytest
+
+from fldd.config import ConfigError, FLDDConfig
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = FLDDConfig().with_overrides(["process.method=masked", "process.num_steps=8", "train.lr=3e-4"])
+    path = tmp_path / "c.yaml"
+    cfg.to_yaml(path)
+    again = FLDDConfig.from_yaml(path)
+    assert again == cfg
+    assert again.train.lr == pytest.approx(3e-4)
+    assert again.num_states == cfg.vocab_size + 1  # masked adds the MASK state
+
+
+@pytest.mark.parametrize("override, field", [
+    ({"process.num_steps": 0}, "process.num_steps=0"),
+    ({"process.method": "diffusion"}, "process.method='diffusion'"),
+    ({"train.estimator": "loo", "train.num_zt_samples": 1}, "train.num_zt_samples=1"),
+    ({"train.batch_size": 7}, "train.batch_size=7"),
+    ({"reverse_network.arch": "transformer", "reverse_network.heads": 3}, "reverse_network.heads=3"),
+    ({"process.warm_start": "masked", "process.prior": "uniform"}, "process.prior='uniform'"),
+    ({"vocab_size": 1}, "vocab_size=1"),
+])
+def test_invalid_values_name_the_field(override, field):
+    with pytest.raises(ConfigError, match=field.replace("(", r"\(").replace(")", r"\)")):
+        FLDDConfig().with_overrides(override)
+
+
+def test_unknown_and_mistyped_keys():
+    with pytest.raises(ConfigError, match="train.lrr"):
+        FLDDConfig().with_overrides(["train.lrr=1"])
+    with pytest.raises(ConfigError, match="process.num_steps='two'"):
+        FLDDConfig.from_dict({"process": {"num_steps": "two"}})
+    with pytest.raises(ConfigError, match="key=value"):
+        FLDDConfig().with_overrides(["train.lr"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        FLDDConfig.from_yaml("/nonexistent/config.yaml")
+
+
+def test_state_space_follows_method():
+    assert FLDDConfig().with_overrides({"process.method": "uniform"}).num_states == 50
+    assert FLDDConfig().with_overrides({"process.method": "fldd-mask"}).num_states == 51
+    assert FLDDConfig().with_overrides({"process.prior": "mask"}).num_states == 51

@@ -1,0 +1,71 @@
+"""P1: boundaries exact, rows valid, for every forward-process parameterization."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fldd.forward import LOG_ZERO
+from tests.conftest import tiny_model
+
+
+def all_marginals(model, x):
+    T = model.num_steps
+    t = torch.arange(T + 1).expand(x.shape[0], -1)
+    return model.forward_process.log_marginals(x, t)  # (B, T+1, D, S)
+
+
+@pytest.mark.parametrize("T", [1, 2, 5])
+def test_boundaries_exact_and_rows_valid(variant, T):
+    model = tiny_model(variant, T=T, K=4, D=3)
+    x = torch.randint(0, 4, (16, 3))
+    log_u = all_marginals(model, x)
+    u = log_u.exp()
+    assert torch.isfinite(log_u).all() and (log_u >= LOG_ZERO).all()
+    assert (u >= 0).all()
+    torch.testing.assert_close(u.sum(-1), torch.ones_like(u.sum(-1)), atol=1e-12, rtol=0)
+    assert torch.equal(u[:, 0], F.one_hot(x, model.num_states).double())  # u(x,0) = onehot(x), exactly
+    assert torch.equal(u[:, T], model.forward_process.prior.expand_as(u[:, T]))  # u(x,T) = prior, exactly
+
+
+def test_single_step_query_matches_multi_step_query(variant):
+    model = tiny_model(variant, T=3)
+    x = torch.randint(0, 3, (5, 2))
+    t = torch.randint(0, 4, (5,))
+    single = model.forward_process.log_marginals(x, t)
+    multi = model.forward_process.log_marginals(x, torch.stack([t, t], dim=1))
+    torch.testing.assert_close(single, multi[:, 0])
+    torch.testing.assert_close(single, multi[:, 1])
+
+
+def test_masking_variant_is_monotone_and_only_masks():
+    model = tiny_model({"process.method": "fldd-mask"}, T=6, K=4, D=3)
+    torch.nn.init.normal_(model.forward_process.network.output_layer.weight, std=1.0)  # non-trivial schedule
+    x = torch.randint(0, 4, (32, 3))
+    m = model.forward_process.mask_probabilities(x)
+    assert (m[..., 1:] >= m[..., :-1]).all() and (m[..., 0] == 0).all() and (m[..., -1] == 1).all()
+    u = all_marginals(model, x).exp()
+    keep = u.gather(-1, x[:, None, :, None].expand(-1, 7, -1, 1)).squeeze(-1)
+    torch.testing.assert_close(keep + u[..., model.mask_id], torch.ones_like(keep))
+    torch.testing.assert_close(u[..., model.mask_id], m.transpose(1, 2))
+    # data-dependent: different x get different schedules
+    assert m.std(dim=0).max() > 1e-3
+
+
+def test_warm_start_starts_at_the_floored_fixed_marginal():
+    model = tiny_model({"process.method": "fldd", "process.prior": "mask", "process.warm_start": "masked",
+                        "process.forward_init_scale": 0.0}, T=4)
+    x = torch.randint(0, 3, (6, 2))
+    u = all_marginals(model, x).exp()[:, 1:4]
+    alpha = torch.tensor([0.75, 0.5, 0.25], dtype=torch.float64)[None, :, None, None]
+    eps, S = 1e-3, model.num_states
+    fixed = alpha * F.one_hot(x, S).double()[:, None] + (1 - alpha) * F.one_hot(torch.tensor(3), S).double()
+    torch.testing.assert_close(u, (1 - eps) * fixed + eps / S)
+
+
+def test_fixed_masked_schedules():
+    for schedule in ("linear", "cosine"):
+        model = tiny_model({"process.method": "masked", "process.schedule": schedule}, T=4)
+        x = torch.zeros(1, 2, dtype=torch.long)
+        keep = all_marginals(model, x).exp()[0, :, 0, 0]
+        assert keep[0] == 1 and keep[-1] == 0
+        assert (keep[1:] < keep[:-1]).all()

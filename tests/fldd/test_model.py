@@ -1,0 +1,88 @@
+"""The model object: bad input, persistence, non-finite losses."""
+
+import pytest
+import torch
+
+from fldd.config import ConfigError, FLDDConfig
+from fldd.model import CheckpointError, FLDDModel
+from fldd.train import NonFiniteLossError, TrainSchedule, build_optimizer, train_loop
+from tests.conftest import tiny_config, tiny_model
+
+
+@pytest.mark.parametrize("x, message", [
+    (torch.tensor([[0, 3]]), "x holds token 3, outside \\[0, 3\\)"),
+    (torch.tensor([[-1, 0]]), "x holds token -1"),
+    (torch.tensor([[0.0, 1.0]]), "integer token ids"),
+    (torch.tensor([[0, 1, 2]]), "shape \\(batch, 2\\)"),
+    (torch.tensor([0, 1]), "shape \\(batch, 2\\)"),
+])
+def test_bad_tokens_are_rejected_by_name(x, message):
+    model = tiny_model(T=2)
+    with pytest.raises(ValueError, match=message):
+        model(x)
+
+
+def test_bad_configs_raise():
+    with pytest.raises(ConfigError, match="process.num_steps=0"):
+        FLDDModel(tiny_config({"process.num_steps": 0}))
+    cfg = tiny_config()
+    cfg.process.method = "gaussian"  # bypassing with_overrides still validates in the model
+    with pytest.raises(ConfigError, match="process.method='gaussian'"):
+        FLDDModel(cfg)
+
+
+def test_save_load_round_trip(tmp_path, variant):
+    model = tiny_model(variant, T=3, double=False)
+    model.collapsed.fill_(True)
+    path = tmp_path / "model.pt"
+    model.save(path)
+    loaded = FLDDModel.load(path, expected_config=model.config)
+    z, t = torch.tensor([[0, 1], [2, 2]]), torch.tensor([1, 3])
+    torch.testing.assert_close(loaded.reverse_log_probs(z, t), model.reverse_log_probs(z, t))
+    x = torch.tensor([[0, 1], [2, 2]])
+    torch.testing.assert_close(loaded.forward_process.log_marginals(x, t), model.forward_process.log_marginals(x, t))
+    assert bool(loaded.collapsed)
+    assert loaded.config == model.config
+
+
+def test_load_errors(tmp_path):
+    model = tiny_model(T=3, double=False)
+    path = tmp_path / "model.pt"
+    model.save(path)
+    other = tiny_config({"process.num_steps": 4})
+    with pytest.raises(CheckpointError, match="process.num_steps: expected 4, found 3"):
+        FLDDModel.load(path, expected_config=other)
+    # train settings may differ: they do not define parameters
+    FLDDModel.load(path, expected_config=tiny_config({"process.num_steps": 3, "train.lr": 0.5}))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        FLDDModel.load(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="could not be read"):
+        FLDDModel.load(tmp_path / "junk.pt")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not an FLDD model checkpoint"):
+        FLDDModel.load(tmp_path / "foreign.pt")
+    wider = FLDDModel(tiny_config({"process.num_steps": 3}, width=32))
+    with pytest.raises(CheckpointError, match="shape mismatches"):
+        wider.load_state(model.state_dict())
+
+
+def test_nan_loss_raises_naming_step_and_term():
+    model = tiny_model({"process.method": "masked"}, T=2, double=False)
+    optimizer = build_optimizer(model, model.config.train)
+    batches = iter([torch.tensor([[0, 1], [1, 2]])] * 5)
+    train_loop(model, batches, optimizer, num_steps=2, schedule=TrainSchedule(model.config.train, False))
+    with torch.no_grad():
+        model.reverse.output_layer.bias.fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match=r"step 2: term\(s\) \['nelbo', 'kl'\]"):
+        train_loop(model, batches, optimizer, num_steps=4, start_step=2,
+                   schedule=TrainSchedule(model.config.train, False))
+
+
+def test_forward_returns_a_loss_dict_for_ddp():
+    model = tiny_model({"process.method": "fldd"}, T=2, double=False)
+    out = model(torch.tensor([[0, 1], [1, 2], [2, 2], [0, 0]]))
+    assert set(out) >= {"loss", "nelbo", "kl", "score"}
+    out["loss"].backward()
+    assert all(p.grad is not None for p in model.reverse_parameters())
+    assert all(p.grad is not None for p in model.forward_parameters())

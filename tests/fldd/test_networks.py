@@ -1,0 +1,36 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fldd.config import NetworkConfig
+from fldd.networks import TokenNetwork
+
+
+@pytest.mark.parametrize("arch", ["mlp", "transformer"])
+@pytest.mark.parametrize("time_in_trunk", [True, False])
+def test_shapes_and_soft_inputs(arch, time_in_trunk):
+    torch.manual_seed(0)
+    net = TokenNetwork(NetworkConfig(arch=arch, width=32, depth=2, heads=4), seq_len=5, num_inputs=7,
+                       num_outputs=6, num_steps=4, time_in_trunk=time_in_trunk)
+    z = torch.randint(0, 7, (3, 5))
+    t = torch.tensor([1, 2, 4])
+    hard = net(z, t)
+    assert hard.shape == (3, 5, 6)
+    torch.testing.assert_close(net(F.one_hot(z, 7).float(), t), hard)  # soft one-hot == hard tokens
+    assert not torch.allclose(net(z, torch.tensor([3, 3, 3])), hard)  # time matters
+    if not time_in_trunk:  # several steps in one call: the trunk runs once
+        multi = net(z, torch.stack([t, t - 1], dim=1))
+        assert multi.shape == (3, 2, 5, 6)
+        torch.testing.assert_close(multi[:, 0], hard)
+        torch.testing.assert_close(multi[:, 1], net(z, t - 1))
+
+
+def test_transformer_is_bidirectional():
+    torch.manual_seed(0)
+    net = TokenNetwork(NetworkConfig(arch="transformer", width=32, depth=2, heads=4), seq_len=4, num_inputs=5,
+                       num_outputs=5, num_steps=2, time_in_trunk=True)
+    z = torch.zeros(1, 4, dtype=torch.long)
+    changed = z.clone()
+    changed[0, 3] = 2  # changing the last position changes the first position's output
+    t = torch.tensor([1])
+    assert not torch.allclose(net(z, t)[0, 0], net(changed, t)[0, 0])

@@ -1,0 +1,117 @@
+"""P13, P16: the float64 few-step sampler."""
+
+import pytest
+import torch
+
+from fldd.exact import enumerate_states, exact_sample_distribution
+from fldd.objective import sample_categorical
+from fldd.sampler import sample
+from tests.conftest import RANDOM_FLDD, tiny_model
+
+
+class CallRecorder:
+    def __init__(self, network):
+        self.network, self.inputs, self.steps = network, [], []
+        self.original = network.forward
+
+    def __call__(self, z, t):
+        self.inputs.append(z.clone())
+        self.steps.append(t.clone())
+        return self.original(z, t)
+
+
+def record_reverse_calls(model):
+    recorder = CallRecorder(model.reverse)
+    model.reverse.forward = recorder
+    return recorder
+
+
+@pytest.mark.parametrize("T", [1, 3, 8])
+def test_exactly_T_reverse_calls_from_the_prior(T):  # P13
+    model = tiny_model({"process.method": "masked"}, T=T, double=False)
+    recorder = record_reverse_calls(model)
+    out = sample(model, 50, generator=torch.Generator().manual_seed(0))
+    assert len(recorder.inputs) == T
+    assert [int(t[0]) for t in recorder.steps] == list(range(T, 0, -1))
+    assert (recorder.inputs[0] == model.mask_id).all()  # z_T ~ pi = all MASK
+    assert out.shape == (50, 2) and out.dtype == torch.long
+
+
+def test_uniform_prior_start_is_uniform():
+    model = tiny_model({"process.method": "uniform"}, T=2, K=3, double=False)
+    recorder = record_reverse_calls(model)
+    sample(model, 3000, generator=torch.Generator().manual_seed(0))
+    first = recorder.inputs[0].flatten()
+    counts = torch.bincount(first, minlength=3).double() / first.numel()
+    assert (counts - 1 / 3).abs().max() < 0.03
+
+
+def test_no_mask_left_at_z0():  # P13
+    model = tiny_model({"process.method": "masked"}, T=2, double=False)
+    with torch.no_grad():  # push the reverse hard toward predicting MASK
+        model.reverse.output_layer.bias.view(2, -1)[:, model.mask_id] += 50.0
+    out = sample(model, 500, generator=torch.Generator().manual_seed(0))
+    assert (out < model.config.vocab_size).all()
+
+
+def test_categorical_sampling_is_float64():  # P13
+    # p(1) = 3e-8 is below float32's resolution next to 1: a float32 CDF would never return 1
+    probs = torch.tensor([1 - 3e-8, 3e-8], dtype=torch.float64)
+    logits = torch.log(probs).float()  # even from float32 logits, the CDF is built in float64
+    u = torch.tensor([1 - 1e-8], dtype=torch.float64)
+    assert sample_categorical(logits, uniforms=u).item() == 1
+    assert sample_categorical(logits, uniforms=torch.tensor([0.5], dtype=torch.float64)).item() == 0
+
+
+def test_samples_follow_the_exact_model_distribution():
+    model = tiny_model({**RANDOM_FLDD, "process.forward_init_scale": 3.0}, T=3, double=False)
+    with torch.no_grad():
+        for p in model.reverse.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    exact = exact_sample_distribution(model).float()
+    n = 40_000
+    out = sample(model, n, generator=torch.Generator().manual_seed(1), batch_size=4096)
+    index = out[:, 0] * 3 + out[:, 1]
+    empirical = torch.bincount(index, minlength=9).float() / n
+    assert (empirical - exact).abs().sum() / 2 < 0.02  # total variation
+    assert exact.max() < 0.9  # non-trivial distribution
+
+
+def test_seeded_and_batched_reproducibly():
+    model = tiny_model({"process.method": "masked"}, T=4, double=False)
+    a = sample(model, 64, generator=torch.Generator().manual_seed(7))
+    b = sample(model, 64, generator=torch.Generator().manual_seed(7))
+    c = sample(model, 64, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_conditioning_clamps_positions_at_every_step():
+    model = tiny_model({"process.method": "masked"}, T=4, K=5, D=3, double=False)
+    recorder = record_reverse_calls(model)
+    condition = torch.tensor([4, 0, 0])
+    mask = torch.tensor([True, False, False])
+    out = sample(model, 100, generator=torch.Generator().manual_seed(0), condition=condition, condition_mask=mask)
+    assert (out[:, 0] == 4).all()
+    assert all((z[:, 0] == 4).all() for z in recorder.inputs)
+    assert out[:, 1:].unique().numel() > 1
+    with pytest.raises(ValueError, match="condition holds token 7"):
+        sample(model, 2, condition=torch.tensor([7, 0, 0]), condition_mask=mask)
+    with pytest.raises(ValueError, match="together"):
+        sample(model, 2, condition=condition)
+
+
+def test_sampler_never_uses_the_forward_network():  # P16
+    model = tiny_model({"process.method": "fldd"}, T=3, double=False)
+
+    def broken(*args, **kwargs):
+        raise AssertionError("the sampler called the forward network")
+
+    model.forward_process.network.forward = broken
+    out = sample(model, 10, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (10, 2)
+
+
+def test_reverse_network_never_sees_x():  # P16: v_theta(z_t, t) has no x input
+    import inspect
+    params = list(inspect.signature(tiny_model(T=2).reverse_log_probs).parameters)
+    assert params == ["z_t", "t"]

@@ -1,0 +1,94 @@
+"""The one training loop: schedule phases, optimizer groups, callbacks."""
+
+import pytest
+import torch
+
+from fldd.config import FLDDConfig
+from fldd.data import infinite_batches, load_builtin
+from fldd.train import TrainSchedule, build_optimizer, fit, train_loop
+from tests.conftest import tiny_config, tiny_model
+
+DATA = torch.randint(0, 3, (64, 2), generator=torch.Generator().manual_seed(0))
+
+
+def test_schedule_phases():
+    cfg = tiny_config({"train.steps": 100, "train.forward_freeze_fraction": 0.2, "train.concrete_warmup_steps": 10,
+                       "train.tau_start": 1.0, "train.tau_end": 0.01}).train
+    schedule = TrainSchedule(cfg, learns_forward=True)
+    assert schedule.phase(0).name == "reverse-only" and not schedule.phase(19).train_forward
+    assert schedule.phase(20).name == "concrete-warmup" and schedule.phase(20).tau == pytest.approx(1.0)
+    assert schedule.phase(29).tau == pytest.approx(0.01)
+    assert schedule.phase(30).name == "reinforce" and schedule.phase(30).tau is None
+    assert TrainSchedule(cfg, learns_forward=False).phase(0).name == "fixed-forward"
+
+
+def test_optimizer_has_separate_forward_learning_rate():
+    model = tiny_model({"train.lr": 1e-3, "train.forward_lr": 3e-4}, T=2, double=False)
+    groups = {g["name"]: g for g in build_optimizer(model, model.config.train).param_groups}
+    assert groups["reverse"]["lr"] == 1e-3 and groups["forward"]["lr"] == 3e-4
+    masked = tiny_model({"process.method": "masked"}, T=2, double=False)
+    assert [g["name"] for g in build_optimizer(masked, masked.config.train).param_groups] == ["reverse"]
+
+
+def run_steps(model, steps, **kwargs):
+    optimizer = build_optimizer(model, model.config.train)
+    batches = infinite_batches(DATA, model.config.train.batch_size // model.samples_per_x, torch.Generator())
+    return train_loop(model, batches, optimizer, num_steps=steps,
+                      schedule=TrainSchedule(model.config.train, model.config.learns_forward), **kwargs)
+
+
+def test_reverse_only_phase_freezes_the_forward():
+    model = tiny_model({"train.steps": 10, "train.forward_freeze_fraction": 0.5}, T=2, double=False)
+    before_f = [p.clone() for p in model.forward_parameters()]
+    before_r = [p.clone() for p in model.reverse_parameters()]
+    run_steps(model, 5)
+    assert all(torch.equal(a, b) for a, b in zip(before_f, model.forward_parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(before_r, model.reverse_parameters()))
+    run_steps(model, 10)  # fresh optimizer, same schedule: steps 0..9 include the forward phase
+    assert not all(torch.equal(a, b) for a, b in zip(before_f, model.forward_parameters()))
+
+
+@pytest.mark.parametrize("overrides", [
+    {"train.estimator": "ema", "train.num_zt_samples": 1},
+    {"train.estimator": "loo", "train.num_zt_samples": 4},
+    {"train.concrete_warmup_steps": 3},
+    {"process.method": "fldd-mask"},
+])
+def test_estimators_and_warmup_train(overrides):
+    model = tiny_model({"train.forward_freeze_fraction": 0.0, **overrides, "train.steps": 6}, T=3, double=False)
+    seen = []
+    run_steps(model, 6, log_every=2, on_metrics=lambda step, m: seen.append((step, m)))
+    assert [s for s, _ in seen] == [2, 4, 6]
+    if "train.concrete_warmup_steps" in overrides:
+        assert seen[0][1]["phase"] == "concrete-warmup" and "relaxed_loss" in seen[0][1]
+        assert "nelbo" not in seen[0][1]  # the relaxed loss is never reported as a bound
+        assert seen[-1][1]["phase"] == "reinforce" and "nelbo" in seen[-1][1]
+    if overrides.get("train.estimator") == "ema":
+        assert bool(model.baseline_seen[1:].any())
+
+
+def test_callbacks_checkpoint_and_evaluate():
+    model = tiny_model({"train.steps": 7}, T=2, double=False)
+    checkpoints, evaluations = [], []
+    run_steps(model, 7, checkpoint_every=3, on_checkpoint=checkpoints.append,
+              eval_every=2, evaluate=lambda step: evaluations.append(step) or {"score": 1.0})
+    assert checkpoints == [3, 6, 7] and evaluations == [2, 4, 6]
+
+
+def test_fit_on_builtin_toy_returns_nelbo_and_collapse_report():
+    cfg = FLDDConfig().with_overrides({"data.name": "mixture8", "vocab_size": 8, "train.steps": 20,
+                                       "train.batch_size": 32, "train.log_every": 10, "data.num_train": 256,
+                                       "data.num_valid": 64, "reverse_network.width": 32,
+                                       "forward_network.width": 32})
+    train, valid = load_builtin(cfg)
+    result = fit(cfg, train, valid, eval_passes=2)
+    assert result.valid_nelbo.num_examples == 64 and result.valid_nelbo.bits_per_token > 0
+    assert result.collapse is not None and len(result.collapse.information_bits) == 3
+    assert [h["step"] for h in result.history] == [10, 20]
+
+
+def test_builtin_data_checks_shape():
+    with pytest.raises(ValueError, match="vocab_size=8"):
+        load_builtin(FLDDConfig().with_overrides({"data.name": "mixture8"}))
+    with pytest.raises(ValueError, match="data.name='nope'"):
+        load_builtin(FLDDConfig().with_overrides({"data.name": "nope"}))

@@ -1,0 +1,1 @@
+"""tune: placeholder package; see README roadmap."""
