@@ -41,43 +41,37 @@ def make_config(overrides: dict, args: argparse.Namespace) -> FLDDConfig:
          "data.name": "random", **overrides})
 
 
-def time_training(cfg: FLDDConfig, args: argparse.Namespace) -> float:
-    """Median seconds per optimizer step over `repeats` timed blocks (after a warm-up block)."""
-    torch.manual_seed(0)
-    model = FLDDModel(cfg)
-    optimizer = build_optimizer(model, cfg.train)
-    x_per_step = cfg.train.batch_size // model.samples_per_x
-    data = torch.randint(0, cfg.vocab_size, (x_per_step, cfg.seq_len))
-    batches = iter(lambda: data, None)
-    schedule = TrainSchedule(cfg.train, cfg.learns_forward)
-    block = args.steps
-    train_loop(model, batches, optimizer, num_steps=3, schedule=schedule, log_every=10**9)  # warm-up
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        train_loop(model, batches, optimizer, num_steps=block, schedule=schedule, log_every=10**9)
-        times.append((time.perf_counter() - start) / block)
-    return statistics.median(times)
+class Variant:
+    """One model + optimizer, timed in blocks interleaved with the other variants (drift cancels)."""
 
+    def __init__(self, cfg: FLDDConfig):
+        torch.manual_seed(0)
+        self.cfg = cfg
+        self.model = FLDDModel(cfg)
+        self.optimizer = build_optimizer(self.model, cfg.train)
+        data = torch.randint(0, cfg.vocab_size, (cfg.train.batch_size // self.model.samples_per_x, cfg.seq_len))
+        self.batches = iter(lambda: data, None)
+        self.schedule = TrainSchedule(cfg.train, cfg.learns_forward)
+        self.step_seconds: list[float] = []
+        self.sample_rates: list[float] = []
 
-def time_sampling(cfg: FLDDConfig, args: argparse.Namespace) -> float:
-    """Median samples per second of the T-step sampler."""
-    torch.manual_seed(0)
-    model = FLDDModel(cfg).eval()
-    sample(model, 16, generator=torch.Generator().manual_seed(0))  # warm-up
-    rates = []
-    for repeat in range(args.repeats):
+    def time_training(self, steps: int) -> None:
         start = time.perf_counter()
-        sample(model, args.num_samples, generator=torch.Generator().manual_seed(repeat), batch_size=args.num_samples)
-        rates.append(args.num_samples / (time.perf_counter() - start))
-    return statistics.median(rates)
+        train_loop(self.model, self.batches, self.optimizer, num_steps=steps, schedule=self.schedule,
+                   log_every=10**9)
+        self.step_seconds.append((time.perf_counter() - start) / steps)
+
+    def time_sampling(self, num_samples: int, seed: int) -> None:
+        start = time.perf_counter()
+        sample(self.model, num_samples, generator=torch.Generator().manual_seed(seed), batch_size=num_samples)
+        self.sample_rates.append(num_samples / (time.perf_counter() - start))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=64, help="reverse-network batch per step")
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per timed block")
-    parser.add_argument("--repeats", type=int, default=3, help="timed blocks; the median is reported")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds; the median is reported")
     parser.add_argument("--T", type=int, default=8, help="sampling steps")
     parser.add_argument("--num-samples", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
@@ -85,15 +79,22 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    variants = {name: Variant(make_config(overrides, args)) for name, overrides in VARIANTS.items()}
+    for variant in variants.values():  # warm-up
+        variant.time_training(3)
+        variant.time_sampling(16, seed=0)
+    for repeat in range(args.repeats):
+        for variant in variants.values():
+            variant.time_training(args.steps)
+            variant.time_sampling(args.num_samples, seed=repeat)
+        print(f"round {repeat + 1}/{args.repeats} done", flush=True)
     rows = []
-    for name, overrides in VARIANTS.items():
-        cfg = make_config(overrides, args)
-        step_seconds = time_training(cfg, args)
-        rate = time_sampling(cfg, args)
+    for name, variant in variants.items():
+        step_seconds = statistics.median(variant.step_seconds)
+        rate = statistics.median(variant.sample_rates)
         rows.append({"variant": name, "train_step_ms": 1000 * step_seconds, "train_steps_per_s": 1 / step_seconds,
                      "samples_per_s": rate})
-        print(f"{name:<22} train {1000 * step_seconds:7.1f} ms/step   sample {rate:8.1f} samples/s (T={args.T})",
-              flush=True)
+        print(f"{name:<22} train {1000 * step_seconds:7.1f} ms/step   sample {rate:8.1f} samples/s (T={args.T})")
     masked = rows[0]
     for row in rows:
         row["train_cost_vs_masked"] = row["train_step_ms"] / masked["train_step_ms"]
