@@ -76,10 +76,14 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "toy2d"  # built-in data set
-    num_train: int = 20000
+    name: str = "toy2d"  # built-in data set, used when `path` is empty
+    num_train: int = 20000  # built-in data sets: rows generated per split
     num_valid: int = 2000
     seed: int = 0
+    path: str = ""  # a Parquet token table (file or directory); with train.parquet + valid.parquet inside
+    column: str = "tokens"  # its fixed-length integer list column
+    vocab_size: int = 0  # 0: read from the table's metadata
+    valid_fraction: float = 0.1  # held out when `path` has no valid.parquet (rows split with data.seed)
 
 
 @dataclass
@@ -153,6 +157,10 @@ class FLDDConfig:
         require(0 < tr.tau_end <= tr.tau_start, "train.tau_end", tr.tau_end, "need 0 < tau_end <= tau_start")
         require(tr.log_every >= 1, "train.log_every", tr.log_every, "must be >= 1")
         require(tr.eval_every >= 0, "train.eval_every", tr.eval_every, "must be >= 0")
+        d = self.data
+        require(d.vocab_size >= 0, "data.vocab_size", d.vocab_size, "must be >= 0 (0: from the table)")
+        require(0.0 < d.valid_fraction < 1.0, "data.valid_fraction", d.valid_fraction, "must be in (0, 1)")
+        require(d.num_train >= 1 and d.num_valid >= 1, "data.num_train", d.num_train, "both splits need rows")
         return self
 
     # ---- serialisation ------------------------------------------------------------------

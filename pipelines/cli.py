@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from fldd.config import ConfigError, FLDDConfig
-from fldd.data import BUILTIN_PMFS, data_pmf, load_builtin
+from fldd.data import BUILTIN_PMFS, data_pmf, load_splits
 from fldd.metrics import exact_distribution_metrics
 from fldd.model import CheckpointError, FLDDModel
 from fldd.objective import evaluate_nelbo
@@ -61,13 +61,13 @@ def format_samples(tokens: torch.Tensor) -> str:
 
 def exact_metrics_if_enumerable(model: FLDDModel) -> dict[str, float]:
     name = model.config.data.name
-    if name in BUILTIN_PMFS and model.config.seq_len == 2:
+    if not model.config.data.path and name in BUILTIN_PMFS and model.config.seq_len == 2:
         return exact_distribution_metrics(model, data_pmf(name))
     return {}
 
 
 def train_and_report(cfg: FLDDConfig, out_dir: Path, quiet: bool = False) -> dict:
-    train_data, valid_data = load_builtin(cfg)
+    train_data, valid_data = load_splits(cfg)
     print(f"training {cfg.process.method} (T={cfg.process.num_steps}) on {cfg.data.name}: "
           f"{cfg.train.steps} steps, batch {cfg.train.batch_size}, seed {cfg.train.seed}", flush=True)
     result = fit(cfg, train_data, valid_data, on_metrics=None if quiet else print_progress(cfg.train.steps))
@@ -116,7 +116,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     model = FLDDModel.load(args.model)
-    _, valid = load_builtin(model.config)
+    _, valid = load_splits(model.config)
     estimate = evaluate_nelbo(model, valid, num_passes=args.passes, generator=torch.Generator().manual_seed(0))
     metrics = {"valid_nelbo_bits": estimate.bits_per_token, "valid_nelbo_stderr": estimate.stderr_bits_per_token,
                "collapsed": bool(model.collapsed), **exact_metrics_if_enumerable(model)}

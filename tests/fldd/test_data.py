@@ -1,0 +1,69 @@
+"""Parquet token tables: round trip, splits, and validation that names the file, row and column."""
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from fldd.config import FLDDConfig
+from fldd.data import DataError, load_splits, read_token_table, write_token_table
+
+
+def write_raw(path, values, type_=None, metadata={b"fldd.vocab_size": b"5"}, column="tokens"):
+    table = pa.table({column: pa.array(values, type=type_)})
+    pq.write_table(table.replace_schema_metadata(metadata), path)
+    return path
+
+
+def test_round_trip_and_directory(tmp_path):
+    tokens = torch.randint(0, 7, (20, 4))
+    write_token_table(tmp_path / "d" / "a.parquet", tokens[:10], vocab_size=7)
+    write_token_table(tmp_path / "d" / "b.parquet", tokens[10:], vocab_size=7)
+    again, vocab = read_token_table(tmp_path / "d")
+    assert vocab == 7 and torch.equal(again, tokens)
+
+
+@pytest.mark.parametrize("values, type_, message", [
+    ([[0, 1], [2]], pa.list_(pa.int64()), r"row 1, column 'tokens': ragged row of length 1"),
+    ([[0, 1], [2, 5]], pa.list_(pa.int64()), r"row 1, column 'tokens': token outside \[0, vocab_size\) 5"),
+    ([[0, 1], [-1, 2]], pa.list_(pa.int64()), r"row 1, column 'tokens': negative token -1"),
+    ([[0.0, 1.0]], pa.list_(pa.float64()), r"column 'tokens' has type list<.*double>; expected a list of integers"),
+    ([[0, 1], None], pa.list_(pa.int64()), r"row 1, column 'tokens': null row"),
+    ([], pa.list_(pa.int64()), r"column 'tokens': the table is empty"),
+])
+def test_bad_tables_are_named(tmp_path, values, type_, message):
+    path = write_raw(tmp_path / "bad.parquet", values, type_)
+    with pytest.raises(DataError, match=message) as info:
+        read_token_table(path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_column_vocab_and_file(tmp_path):
+    path = write_raw(tmp_path / "t.parquet", [[0, 1]], pa.list_(pa.int32()), column="ids")
+    with pytest.raises(DataError, match=r"column 'tokens' is missing \(columns: \['ids'\]\)"):
+        read_token_table(path)
+    assert read_token_table(path, column="ids")[0].tolist() == [[0, 1]]
+    nometa = write_raw(tmp_path / "n.parquet", [[0, 1]], pa.list_(pa.int64()), metadata={})
+    with pytest.raises(DataError, match="set data.vocab_size"):
+        read_token_table(nometa)
+    assert read_token_table(nometa, vocab_size=3)[1] == 3
+    with pytest.raises(DataError, match="no such file"):
+        read_token_table(tmp_path / "missing.parquet")
+
+
+def test_load_splits_from_a_user_table(tmp_path):
+    tokens = torch.randint(0, 5, (100, 3))
+    write_token_table(tmp_path / "all.parquet", tokens, vocab_size=5)
+    cfg = FLDDConfig(seq_len=3, vocab_size=5).with_overrides({"data.path": str(tmp_path / "all.parquet")})
+    train, valid = load_splits(cfg)
+    assert len(train) == 90 and len(valid) == 10
+    assert sorted(map(tuple, torch.cat([train, valid]).tolist())) == sorted(map(tuple, tokens.tolist()))
+    with pytest.raises(DataError, match="seq_len=4"):
+        load_splits(FLDDConfig(seq_len=4, vocab_size=5).with_overrides({"data.path": str(tmp_path / "all.parquet")}))
+    with pytest.raises(DataError, match="vocab_size=6"):
+        load_splits(FLDDConfig(seq_len=3, vocab_size=6).with_overrides({"data.path": str(tmp_path / "all.parquet")}))
+    split_dir = tmp_path / "split"
+    write_token_table(split_dir / "train.parquet", tokens[:80], 5)
+    write_token_table(split_dir / "valid.parquet", tokens[80:], 5)
+    train, valid = load_splits(cfg.with_overrides({"data.path": str(split_dir)}))
+    assert torch.equal(train, tokens[:80]) and torch.equal(valid, tokens[80:])
