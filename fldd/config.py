@@ -69,8 +69,10 @@ class TrainConfig:
     concrete_warmup_steps: int = 0  # relaxed (Concrete) warm-up; off by default (spec 5b)
     tau_start: float = 1.0
     tau_end: float = 1e-3
+    grad_accum_steps: int = 1  # micro-batches per optimizer step (batch_size is split into them)
     log_every: int = 100
     eval_every: int = 0  # 0: evaluate only at the end
+    checkpoint_every: int = 500  # distributed runs: checkpoint (and validate) every N steps, and at the end
     seed: int = 0
 
 
@@ -148,8 +150,11 @@ class FLDDConfig:
         if tr.estimator == "loo":
             require(tr.num_zt_samples >= 2, "train.num_zt_samples", tr.num_zt_samples,
                     "leave-one-out needs M >= 2 samples of z_t per (x, t)")
-        require(tr.batch_size % tr.num_zt_samples == 0, "train.batch_size", tr.batch_size,
-                f"must be a multiple of train.num_zt_samples={tr.num_zt_samples}")
+        require(tr.grad_accum_steps >= 1, "train.grad_accum_steps", tr.grad_accum_steps, "must be >= 1")
+        require(tr.checkpoint_every >= 1, "train.checkpoint_every", tr.checkpoint_every, "must be >= 1")
+        micro = tr.num_zt_samples * tr.grad_accum_steps
+        require(tr.batch_size % micro == 0, "train.batch_size", tr.batch_size,
+                f"must be a multiple of train.num_zt_samples x train.grad_accum_steps = {micro}")
         require(0.0 < tr.ema_decay < 1.0, "train.ema_decay", tr.ema_decay, "must be in (0, 1)")
         require(0.0 <= tr.forward_freeze_fraction < 1.0, "train.forward_freeze_fraction",
                 tr.forward_freeze_fraction, "must be in [0, 1)")

@@ -137,4 +137,5 @@ class TokenNetwork(nn.Module):
             temb = self.time(t if multi else t[:, None])  # (B, n, W)
             out = self.head(h.unsqueeze(1), temb)  # (B, n, D or 1, out)
             out = out if multi else out[:, 0]
-        return out.reshape(*out.shape[:-2], self.seq_len, self.num_outputs)
+        out = out.reshape(*out.shape[:-2], self.seq_len, self.num_outputs)
+        return out.to(torch.promote_types(out.dtype, torch.float32))  # bf16 autocast -> fp32 logits

@@ -6,6 +6,7 @@ Concrete warm-up (relaxed z_t, tau annealed geometrically), then exact REINFORCE
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -63,7 +64,15 @@ def build_optimizer(model: FLDDModel, cfg: TrainConfig) -> torch.optim.Optimizer
 
 
 def _check_finite(out: dict[str, Tensor], step: int) -> None:
-    if torch.isfinite(out["loss"]):
+    finite = bool(torch.isfinite(out["loss"]))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # collective: every rank stops at the same step, so none waits forever in an all-reduce
+        flag = torch.tensor(float(finite), device=out["loss"].device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        if flag.item() < 1 and finite:
+            raise NonFiniteLossError(f"non-finite loss on another worker at step {step}")
+        finite = flag.item() >= 1
+    if finite:
         return
     bad = [name for name, value in out.items() if name != "loss" and not torch.isfinite(value).all()]
     raise NonFiniteLossError(f"non-finite loss at step {step}: term(s) {bad or ['loss']} are NaN/inf "
@@ -76,30 +85,39 @@ def train_loop(model: nn.Module, batches: Iterator[Tensor], optimizer: torch.opt
                checkpoint_every: int = 0, on_checkpoint: Callable[[int], None] | None = None,
                eval_every: int = 0, evaluate: Callable[[int], dict[str, float]] | None = None,
                information_batch: Callable[[], Tensor] | None = None,
+               accumulation_steps: int = 1, autocast_dtype: torch.dtype | None = None,
                device: torch.device | str = "cpu") -> dict[str, float]:
     """Run steps [start_step, num_steps). `model` is an FLDDModel (or a DDP wrapper of one) whose
-    forward returns {"loss": ...}. Callbacks receive the 1-based count of finished steps.
+    forward returns {"loss": ...}; `batches` yields micro-batches, `accumulation_steps` per step.
+    `autocast_dtype` (e.g. bfloat16 on GPU) runs the networks in reduced precision; the posterior
+    and the KL stay in fp32. Callbacks receive the 1-based count of finished steps.
     Returns the last logged metrics."""
     core: FLDDModel = getattr(model, "module", model)
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    device_type = torch.device(device).type
     sums: dict[str, float] = {}
     count, last_metrics, tick = 0, {}, time.perf_counter()
     collapse_warned = False
     model.train()
     for step in range(start_step, num_steps):
         phase = schedule.phase(step)
-        x = next(batches).to(device, non_blocking=True)
-        out = model(x, train_forward=phase.train_forward, tau=phase.tau)
-        _check_finite(out, step)
         optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
+        for micro in range(accumulation_steps):
+            x = next(batches).to(device, non_blocking=True)
+            # DDP: all-reduce gradients only on the last micro-batch
+            sync = contextlib.nullcontext() if micro == accumulation_steps - 1 or not hasattr(model, "no_sync") \
+                else model.no_sync()
+            with sync, torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16,
+                                      enabled=autocast_dtype is not None):
+                out = model(x, train_forward=phase.train_forward, tau=phase.tau)
+                _check_finite(out, step)
+                (out["loss"] / accumulation_steps).backward()
+            for name, value in out.items():
+                sums[name] = sums.get(name, 0.0) + float(value.detach()) / accumulation_steps
         grad_norm = nn.utils.clip_grad_norm_(params, grad_clip)
         if not torch.isfinite(grad_norm):
             raise NonFiniteLossError(f"non-finite gradient norm at step {step} (phase {phase.name})")
         optimizer.step()
-
-        for name, value in out.items():
-            sums[name] = sums.get(name, 0.0) + float(value.detach())
         sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
         count += 1
         done = step + 1
@@ -154,8 +172,8 @@ def fit(cfg: FLDDConfig, train_data: Tensor, valid_data: Tensor, *, on_metrics: 
     model = FLDDModel(cfg).to(device)
     optimizer = build_optimizer(model, cfg.train)
     batch_generator = torch.Generator().manual_seed(cfg.train.seed)
-    x_per_step = cfg.train.batch_size // model.samples_per_x
-    batches = infinite_batches(train_data, x_per_step, batch_generator)
+    x_per_micro_batch = cfg.train.batch_size // (model.samples_per_x * cfg.train.grad_accum_steps)
+    batches = infinite_batches(train_data, x_per_micro_batch, batch_generator)
     probe = valid_data[:1024]
     history: list[dict] = []
 
@@ -173,7 +191,8 @@ def fit(cfg: FLDDConfig, train_data: Tensor, valid_data: Tensor, *, on_metrics: 
     train_loop(model, batches, optimizer, num_steps=cfg.train.steps,
                schedule=TrainSchedule(cfg.train, cfg.learns_forward), grad_clip=cfg.train.grad_clip,
                log_every=cfg.train.log_every, on_metrics=record, eval_every=cfg.train.eval_every,
-               evaluate=evaluate, information_batch=lambda: probe, device=device)
+               evaluate=evaluate, information_batch=lambda: probe,
+               accumulation_steps=cfg.train.grad_accum_steps, device=device)
     train_seconds = time.perf_counter() - start
     model.eval()
     nelbo = evaluate_nelbo(model, valid_data, num_passes=eval_passes)

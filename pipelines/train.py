@@ -1,0 +1,350 @@
+"""Ray Train: the worker function that wraps fldd's one training loop, and its launcher.
+
+Scale is a launch option, not a second trainer: `workers=0` runs the loop in the driver (local
+mode), N CPU workers use DDP over gloo, `gpu=True` one GPU per worker with bf16 autocast for the
+networks (posterior, KL and sampling stay fp32/fp64).
+
+Global batch semantics: `train.batch_size` is the global reverse-network batch per optimizer step.
+It is split evenly across workers, then into `train.grad_accum_steps` micro-batches; with M z_t
+samples per data point, each micro-batch holds batch_size / (workers x accum x M) data points.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.data
+import ray.train
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer, get_device, prepare_model
+
+from fldd.config import ConfigError, FLDDConfig
+from fldd.data import load_splits
+from fldd.model import CheckpointError, FLDDModel, config_differences
+from fldd.objective import evaluate_nelbo
+from fldd.train import NonFiniteLossError, TrainSchedule, build_optimizer, print_progress, train_loop
+from pipelines import reports
+from pipelines.tracking import Tracker, git_commit, log_sampler_model, project_home, start_run
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"  # full training state inside each Ray checkpoint
+MODEL_FILE = "model.pt"  # the inference model (FLDDModel.save format)
+RUN_CONFIG_FILE = "fldd_config.yaml"  # written beside the Ray run, checked on resume
+SCORE = "valid_nelbo_bits"
+VALID_ROWS_PER_CHECKPOINT = 2000  # validation NELBO at checkpoints: rows x 2 passes (final: all rows x 10)
+
+
+class TrainingError(RuntimeError):
+    """A training run failed; the MLflow run is marked FAILED."""
+
+
+@dataclass
+class LaunchOptions:
+    workers: int = 0  # 0: local mode, the loop runs in this process
+    gpu: bool = False
+    address: str | None = None  # join this Ray cluster (else RAY_ADDRESS, else start a local one)
+    storage: str | None = None  # checkpoints: a local path or URI (default $FLDD_HOME/ray_results)
+    name: str | None = None  # run name: rerunning with the same name resumes
+    max_failures: int = 2
+    cpus_per_worker: float = 1.0
+    keep_checkpoints: int = 2
+    quiet: bool = False
+    inject_failure_at_step: int | None = None  # tests: the last worker dies once at this step
+
+
+@dataclass
+class TrainOutcome:
+    run_name: str
+    run_id: str
+    resumed: bool
+    model_path: Path
+    model_uri: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def default_run_name(cfg: FLDDConfig) -> str:
+    data = Path(cfg.data.path).stem if cfg.data.path else cfg.data.name
+    return f"{data}-{cfg.process.method}-T{cfg.process.num_steps}-seed{cfg.train.seed}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker
+# ---------------------------------------------------------------------------------------------
+
+def train_worker(loop_config: dict) -> dict:
+    """Runs on every Ray Train worker (or in the driver in local mode)."""
+    cfg = FLDDConfig.from_dict(loop_config["config"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = get_device()
+    on_gpu = device.type == "cuda"
+    if not on_gpu:
+        torch.set_num_threads(max(1, int(loop_config.get("threads_per_worker", 1))))
+
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    model = FLDDModel(cfg).to(device)
+    optimizer = build_optimizer(model, cfg.train)
+    start_step = 0
+    local_checkpoints = Path(loop_config["local_checkpoint_dir"]) if world == 1 and loop_config["local_mode"] else None
+    checkpoint = ray.train.get_checkpoint() or _latest_local_checkpoint(local_checkpoints)
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = torch.load(Path(directory) / STATE_FILE, map_location=device, weights_only=True)
+        saved = FLDDConfig.from_dict(state["config"])
+        differences = config_differences(cfg, saved)
+        if differences:
+            raise CheckpointError("the run's checkpoint does not match this config: " + "; ".join(differences))
+        model.load_state(state["model"], source="checkpoint")
+        optimizer.load_state_dict(state["optimizer"])
+        start_step = int(state["step"])
+        if rank == 0:
+            torch.set_rng_state(state["rng"])
+        else:
+            torch.manual_seed(cfg.train.seed + 7919 * rank + start_step)
+        if rank == 0:
+            print(f"resuming from step {start_step}", flush=True)
+    else:
+        torch.manual_seed(cfg.train.seed + 7919 * rank)  # different z_t and t draws per rank
+
+    freezes_forward = cfg.learns_forward and cfg.train.forward_freeze_fraction > 0
+    ddp_model = prepare_model(model, move_to_device=False,
+                              parallel_strategy_kwargs={"find_unused_parameters": freezes_forward})
+
+    tracker = Tracker(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
+    valid = torch.cat([b["data"] for b in ray.train.get_dataset_shard("valid").iter_torch_batches(
+        batch_size=8192)]).long() if rank == 0 else None
+    progress = print_progress(cfg.train.steps) if rank == 0 and not loop_config.get("quiet") else None
+
+    accumulation = cfg.train.grad_accum_steps
+    x_per_micro_batch = cfg.train.batch_size // (world * accumulation * model.samples_per_x)
+    batches = _shard_batches(ray.train.get_dataset_shard("train"), x_per_micro_batch)
+    batches = _maybe_inject_failure(batches, loop_config, rank, world, start_step, accumulation)
+
+    def on_metrics(step: int, metrics: dict) -> None:
+        if rank != 0:
+            return
+        if progress is not None:
+            progress(step, metrics)
+        tracker.log_metrics(step, {k: v for k, v in metrics.items() if k != "phase"})
+
+    def on_checkpoint(step: int) -> None:
+        metrics: dict[str, Any] = {"step": step}
+        if rank != 0:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        estimate = evaluate_nelbo(model, valid[:VALID_ROWS_PER_CHECKPOINT], num_passes=2,
+                                  generator=torch.Generator(device=device).manual_seed(step))
+        model.train()
+        metrics[SCORE] = estimate.bits_per_token
+        tracker.log_metrics(step, {SCORE: estimate.bits_per_token, "valid_nelbo_stderr": estimate.stderr_bits_per_token})
+        # local mode persists nothing itself: keep checkpoints under the run's storage directory
+        directory = (local_checkpoints / f"checkpoint_{step:08d}" if local_checkpoints is not None
+                     else Path(tempfile.mkdtemp(prefix="fldd-ckpt-")))
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {"config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "step": step, "rng": torch.get_rng_state()}
+        torch.save(state, directory / STATE_FILE)
+        model.save(directory / MODEL_FILE)
+        (directory / "metrics.json").write_text(json.dumps(metrics))
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(directory)))
+        if local_checkpoints is None:
+            shutil.rmtree(directory, ignore_errors=True)  # Ray copied it to storage
+        else:
+            _prune_local_checkpoints(local_checkpoints, int(loop_config["keep_checkpoints"]))
+
+    try:
+        train_loop(ddp_model, batches, optimizer, num_steps=cfg.train.steps, start_step=start_step,
+                   schedule=TrainSchedule(cfg.train, cfg.learns_forward), grad_clip=cfg.train.grad_clip,
+                   log_every=cfg.train.log_every, on_metrics=on_metrics,
+                   checkpoint_every=cfg.train.checkpoint_every, on_checkpoint=on_checkpoint,
+                   information_batch=(lambda: valid[:1024]) if rank == 0 else None,
+                   accumulation_steps=accumulation, autocast_dtype=torch.bfloat16 if on_gpu else None,
+                   device=device)
+    except NonFiniteLossError as error:
+        # every rank raised at the same step (collective check); a retry would hit it again
+        return {"error": str(error)}
+    if start_step >= cfg.train.steps and rank == 0:
+        print(f"run already complete at step {start_step}", flush=True)
+    return {"steps": cfg.train.steps, "start_step": start_step, "world_size": world}
+
+
+def _latest_local_checkpoint(directory: Path | None) -> Checkpoint | None:
+    if directory is None or not directory.is_dir():
+        return None
+    found = sorted(p for p in directory.glob("checkpoint_*") if (p / STATE_FILE).is_file())
+    return Checkpoint.from_directory(str(found[-1])) if found else None
+
+
+def _prune_local_checkpoints(directory: Path, keep: int) -> None:
+    """Keep the latest checkpoint, the best by validation NELBO, and the most recent up to `keep`."""
+    found = sorted(p for p in directory.glob("checkpoint_*") if (p / "metrics.json").is_file())
+    best = min(found, key=lambda p: json.loads((p / "metrics.json").read_text()).get(SCORE, float("inf")))
+    kept = {found[-1], best, *found[-max(keep, 1):]}
+    for path in found:
+        if path not in kept:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _shard_batches(shard, rows: int):
+    """Endless micro-batches of token rows from this worker's Ray Data shard (one pass per epoch)."""
+    while True:
+        seen = 0
+        for batch in shard.iter_torch_batches(batch_size=rows, drop_last=True, local_shuffle_buffer_size=4 * rows):
+            seen += 1
+            yield batch["data"].long()
+        if seen == 0:
+            raise RuntimeError(f"this worker's data shard has fewer than {rows} rows")
+
+
+def _maybe_inject_failure(batches, loop_config: dict, rank: int, world: int, start_step: int, accumulation: int):
+    """Test hook: the last worker's process dies (os._exit) once, when it starts step N."""
+    fail_at, marker = loop_config.get("inject_failure_at_step"), loop_config.get("failure_marker")
+    if fail_at is None or rank != world - 1 or world < 2:
+        yield from batches
+        return
+    for index, batch in enumerate(batches):
+        if start_step + index // accumulation == fail_at and not Path(marker).exists():
+            Path(marker).write_text(f"worker {rank} killed at step {fail_at}\n")
+            os._exit(1)
+        yield batch
+
+
+# ---------------------------------------------------------------------------------------------
+# The launcher (driver)
+# ---------------------------------------------------------------------------------------------
+
+def validate_launch(cfg: FLDDConfig, opts: LaunchOptions) -> None:
+    """Checks that fail fast in the driver, naming the field, before any worker starts."""
+    if opts.workers < 0:
+        raise ConfigError(f"workers={opts.workers}: must be >= 0")
+    world = max(opts.workers, 1)
+    micro = world * cfg.train.grad_accum_steps * (cfg.train.num_zt_samples if cfg.learns_forward else 1)
+    if cfg.train.batch_size % micro:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size}: must split evenly over {world} worker(s) x "
+                          f"{cfg.train.grad_accum_steps} accumulation step(s) x M z_t samples (multiple of {micro})")
+    if opts.name is not None and (not opts.name or "/" in opts.name):
+        raise ConfigError(f"name={opts.name!r}: must be a non-empty name without '/'")
+
+
+def init_ray(address: str | None) -> None:
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:  # a fresh local cluster (never attach to a stale one by accident)
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1")
+
+
+def _storage_path(opts: LaunchOptions, home: Path) -> str:
+    if opts.storage and "://" in opts.storage:
+        return opts.storage
+    return str(Path(opts.storage or home / "ray_results").resolve())
+
+
+def _check_resume_config(cfg: FLDDConfig, storage: str, name: str) -> None:
+    """A rerun with the same name must train the same model; say which field differs, before workers start."""
+    if "://" in storage:
+        return
+    saved_path = Path(storage) / name / RUN_CONFIG_FILE
+    if saved_path.is_file():
+        differences = config_differences(cfg, FLDDConfig.from_yaml(saved_path))
+        if differences:
+            raise CheckpointError(f"run {name!r} exists in {storage} with a different model: "
+                                  + "; ".join(differences) + " (use another --name)")
+    else:
+        saved_path.parent.mkdir(parents=True, exist_ok=True)
+        cfg.to_yaml(saved_path)
+
+
+def launch(cfg: FLDDConfig, opts: LaunchOptions | None = None) -> TrainOutcome:
+    """Train with Ray Train, track in MLflow, log the sampler model. Resumes a run of the same name."""
+    opts = opts or LaunchOptions()
+    cfg.validate()
+    validate_launch(cfg, opts)
+    home = project_home()
+    name = opts.name or default_run_name(cfg)
+    train_data, valid_data = load_splits(cfg)  # validates the data here, in the driver
+    world = max(opts.workers, 1)
+    rows_per_micro = cfg.train.batch_size // (world * cfg.train.grad_accum_steps
+                                              * (cfg.train.num_zt_samples if cfg.learns_forward else 1))
+    if len(train_data) // world < rows_per_micro:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size}: each of {world} worker(s) needs "
+                          f"{rows_per_micro} rows per micro-batch, the training split has {len(train_data)}")
+    storage = _storage_path(opts, home)
+    _check_resume_config(cfg, storage, name)
+
+    init_ray(opts.address)
+    tags = {"git_commit": git_commit(), "ray_version": ray.__version__, "torch_version": torch.__version__,
+            "workers": opts.workers, "device": "gpu" if opts.gpu else "cpu", "method": cfg.process.method,
+            "num_steps_T": cfg.process.num_steps, "storage": storage}
+    tracker, resumed = start_run(cfg, name, tags, home)
+    print(f"MLflow run {tracker.run_id} ({'resumed' if resumed else 'new'}), tracking {tracker.uri}", flush=True)
+
+    marker = Path(tempfile.gettempdir()) / f"fldd-injected-failure-{tracker.run_id}-{opts.inject_failure_at_step}"
+    cpus = max(1, int(opts.cpus_per_worker))
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"config": cfg.to_dict(), "tracking_uri": tracker.uri, "run_id": tracker.run_id,
+                           "quiet": opts.quiet, "threads_per_worker": cpus, "local_mode": opts.workers == 0,
+                           "local_checkpoint_dir": str(Path(storage) / name / "local_checkpoints")
+                           if "://" not in storage else None, "keep_checkpoints": opts.keep_checkpoints,
+                           "inject_failure_at_step": opts.inject_failure_at_step, "failure_marker": str(marker)},
+        scaling_config=ScalingConfig(num_workers=opts.workers, use_gpu=opts.gpu,
+                                     resources_per_worker=None if opts.workers == 0 else
+                                     {"CPU": opts.cpus_per_worker, **({"GPU": 1} if opts.gpu else {})}),
+        run_config=RunConfig(name=name, storage_path=storage,
+                             checkpoint_config=CheckpointConfig(num_to_keep=opts.keep_checkpoints,
+                                                                checkpoint_score_attribute=SCORE,
+                                                                checkpoint_score_order="min"),
+                             failure_config=FailureConfig(max_failures=opts.max_failures)),
+        datasets={"train": ray.data.from_numpy(train_data.numpy()), "valid": ray.data.from_numpy(valid_data.numpy())},
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    start = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except Exception as error:
+        tracker.set_tags({"fldd.error": str(error)[:5000]})
+        tracker.finish("FAILED")
+        raise TrainingError(f"training run {name!r} failed: {error}") from error
+    finally:
+        marker.unlink(missing_ok=True)
+    returned = result.return_value or {}
+    if "error" in returned:
+        tracker.set_tags({"fldd.error": returned["error"][:5000]})
+        tracker.finish("FAILED")
+        raise TrainingError(f"training run {name!r} stopped: {returned['error']}")
+
+    best = result.get_best_checkpoint(SCORE, "min") if result.best_checkpoints else result.checkpoint
+    if best is None:
+        tracker.finish("FAILED")
+        raise TrainingError(f"training run {name!r} produced no checkpoint")
+    run_dir = home / "runs" / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with best.as_directory() as directory:
+        shutil.copy(Path(directory) / MODEL_FILE, run_dir / MODEL_FILE)
+    model = FLDDModel.load(run_dir / MODEL_FILE)
+    metrics = reports.final_report(model, valid_data, run_dir, train_seconds=time.perf_counter() - start,
+                                   workers=opts.workers)
+    tracker.log_metrics(cfg.train.steps, {f"final_{k}": v for k, v in metrics.items()})
+    for artifact in sorted(run_dir.iterdir()):
+        if artifact.suffix in (".yaml", ".json", ".png"):
+            tracker.log_artifact(artifact)
+    model_uri = log_sampler_model(tracker, run_dir / MODEL_FILE, cfg)
+    tracker.set_tags({"model_uri": model_uri, "collapsed": metrics.get("collapsed", False)})
+    tracker.finish("FINISHED")
+    print(f"finished: validation NELBO {metrics['valid_nelbo_bits']:.4f} bits/token; model {model_uri}; "
+          f"files under {run_dir}", flush=True)
+    return TrainOutcome(name, tracker.run_id, resumed, run_dir / MODEL_FILE, model_uri, metrics)
