@@ -90,6 +90,8 @@ def save_forward_schedule(model: FLDDModel, x: torch.Tensor, path: Path) -> Path
         ax.plot(steps, u[..., model.mask_id].mean(dim=(0, 2)).tolist(), "s-", label="P(z_t = MASK), mean")
     ax.plot(steps, retained.tolist(), "^-", label="information about x kept")
     ax.set_xlabel("step t")
+    if T <= 16:
+        ax.set_xticks(steps)
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(f"forward process: {model.config.process.method}, T={T}")
     ax.legend(fontsize=8)

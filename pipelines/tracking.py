@@ -133,36 +133,44 @@ def model_signature(seq_len: int, num_steps: int) -> ModelSignature:
 
 
 def log_sampler_model(tracker: Tracker, model_path: Path, cfg: FLDDConfig) -> str:
-    """Log the sampler as an MLflow pyfunc model (models-from-code; weights + config as artifacts)."""
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracker.uri)
-    try:
-        with mlflow.start_run(run_id=tracker.run_id, log_system_metrics=False):
-            info = mlflow.pyfunc.log_model(
-                name="model", python_model=str(MODEL_CODE), artifacts={"model": str(model_path)},
-                code_paths=[str(PACKAGE_ROOT / "fldd")], signature=model_signature(cfg.seq_len, cfg.process.num_steps),
-                pip_requirements=MODEL_PIP_REQUIREMENTS)
-            # start_run(run_id=...) ends the run as FINISHED on exit; the caller sets the final status
-    finally:
-        mlflow.set_tracking_uri(previous)
-    return info.model_uri
+    """Log the sampler as an MLflow pyfunc model under the run's `model/` artifacts.
+
+    Models-from-code: the code file, the `fldd` package and the weights + config (model.pt) are
+    stored; nothing is pickled. Saved locally then uploaded through the client, so no global MLflow
+    state (tracking URI, active run) is touched. Returns `runs:/<run_id>/model`.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / "model"
+        mlflow.pyfunc.save_model(
+            path=str(local), python_model=str(MODEL_CODE), artifacts={"model": str(model_path)},
+            code_paths=[str(PACKAGE_ROOT / "fldd")], signature=model_signature(cfg.seq_len, cfg.process.num_steps),
+            pip_requirements=MODEL_PIP_REQUIREMENTS)
+        tracker.client.log_artifacts(tracker.run_id, str(local), "model")
+    return f"runs:/{tracker.run_id}/model"
 
 
-def download_model_file(uri: str, model_uri_or_run: str) -> Path:
-    """model.pt of a logged sampler: `models:/NAME@ALIAS`, `models:/m-...`, or a run id."""
-    mlflow.set_tracking_uri(uri)
-    if not model_uri_or_run.startswith(("models:/", "runs:/")):
-        model_uri_or_run = f"runs:/{model_uri_or_run}/model"
-    local = Path(mlflow.artifacts.download_artifacts(model_uri_or_run))
+def resolve_model(uri: str, reference: str) -> tuple[str, str]:
+    """(artifact URI, source run id) for `models:/NAME@ALIAS`, `models:/NAME/VERSION`,
+    `runs:/RUN_ID/PATH`, or a bare run id."""
+    client = MlflowClient(uri)
+    if reference.startswith("models:/"):
+        name, _, rest = reference[len("models:/"):].partition("@")
+        if rest:
+            version = client.get_model_version_by_alias(name, rest)
+        else:
+            name, _, number = reference[len("models:/"):].partition("/")
+            version = client.get_model_version(name, number)
+        return version.source, version.run_id
+    if reference.startswith("runs:/"):
+        return reference, reference[len("runs:/"):].split("/")[0]
+    return f"runs:/{reference}/model", reference
+
+
+def download_model_file(uri: str, reference: str) -> tuple[Path, str]:
+    """model.pt of a logged sampler and its source run id."""
+    artifact_uri, run_id = resolve_model(uri, reference)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, tracking_uri=uri))
     found = sorted(local.rglob("model.pt"))
     if not found:
-        raise FileNotFoundError(f"{model_uri_or_run} holds no model.pt artifact")
-    return found[0]
-
-
-def source_run_id(uri: str, model_uri_or_run: str) -> str:
-    """The run that produced a model URI (or the run id itself)."""
-    if not model_uri_or_run.startswith("models:/"):
-        return model_uri_or_run
-    info = mlflow.models.get_model_info(model_uri_or_run)
-    return info.run_id
+        raise FileNotFoundError(f"{reference} holds no model.pt artifact")
+    return found[0], run_id

@@ -71,6 +71,7 @@ class TrainOutcome:
     model_path: Path
     model_uri: str
     metrics: dict[str, Any] = field(default_factory=dict)
+    start_step: int = 0  # where the last worker group started (0, or the checkpoint it resumed from)
 
 
 def default_run_name(cfg: FLDDConfig) -> str:
@@ -347,4 +348,5 @@ def launch(cfg: FLDDConfig, opts: LaunchOptions | None = None) -> TrainOutcome:
     tracker.finish("FINISHED")
     print(f"finished: validation NELBO {metrics['valid_nelbo_bits']:.4f} bits/token; model {model_uri}; "
           f"files under {run_dir}", flush=True)
-    return TrainOutcome(name, tracker.run_id, resumed, run_dir / MODEL_FILE, model_uri, metrics)
+    return TrainOutcome(name, tracker.run_id, resumed, run_dir / MODEL_FILE, model_uri, metrics,
+                        int(returned.get("start_step", 0)))

@@ -1,0 +1,99 @@
+"""Ray Train + MLflow on a real local cluster: distributed training, fault tolerance, resume,
+the logged model, and input checks that fail before any worker starts."""
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+import fldd.objective
+from fldd.config import ConfigError
+from fldd.data import DataError, write_token_table
+from fldd.model import CheckpointError
+from pipelines.tracking import RUN_NAME_TAG, tracking_uri
+from pipelines.train import LaunchOptions, TrainingError, launch
+from tests.pipelines.conftest import toy_config
+
+
+def metric_history(run_id, key):
+    client = MlflowClient(tracking_uri())
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)]
+
+
+def runs_named(name):
+    client = MlflowClient(tracking_uri())
+    experiment = client.get_experiment_by_name("fldd")
+    return client.search_runs([experiment.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{name}'")
+
+
+def test_two_workers_lower_validation_nelbo(ray_cluster, home):
+    cfg = toy_config(**{"process.method": "masked", "train.steps": 150, "train.checkpoint_every": 50})
+    outcome = launch(cfg, LaunchOptions(workers=2, name="two-workers", quiet=True))
+    history = metric_history(outcome.run_id, "valid_nelbo_bits")
+    assert [step for step, _ in history] == [50, 100, 150]
+    assert history[-1][1] < history[0][1] - 0.05
+    run = MlflowClient(tracking_uri()).get_run(outcome.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["workers"] == "2"
+    assert run.data.params["process.method"] == "masked" and run.data.params["train.batch_size"] == "256"
+    assert {"nelbo", "kl", "grad_norm", "final_valid_nelbo_bits", "final_kl"} <= set(run.data.metrics)
+    artifacts = {a.path for a in MlflowClient(tracking_uri()).list_artifacts(outcome.run_id)}
+    assert {"config.yaml", "metrics.json", "samples.png", "forward_schedule.png"} <= artifacts
+
+
+def test_killed_worker_restarts_from_checkpoint(ray_cluster, home):
+    cfg = toy_config(**{"process.method": "masked", "train.steps": 90, "train.checkpoint_every": 30})
+    outcome = launch(cfg, LaunchOptions(workers=2, name="fault", quiet=True, inject_failure_at_step=45,
+                                        max_failures=2))
+    assert outcome.start_step == 30  # the restarted group resumed from the step-30 checkpoint
+    steps = [step for step, _ in metric_history(outcome.run_id, "valid_nelbo_bits")]
+    assert steps == [30, 60, 90]
+    assert len(runs_named("fault")) == 1
+    state = torch.load(home / "runs" / "fault" / "model.pt", weights_only=True)
+    assert state["config"]["train"]["steps"] == 90
+
+
+def test_rerun_with_the_same_name_resumes(ray_cluster, home):
+    first = launch(toy_config(**{"train.steps": 40}), LaunchOptions(workers=0, name="resume", quiet=True))
+    second = launch(toy_config(**{"train.steps": 80}), LaunchOptions(workers=0, name="resume", quiet=True))
+    assert not first.resumed and second.resumed
+    assert second.run_id == first.run_id and second.start_step == 40
+    assert [s for s, _ in metric_history(first.run_id, "valid_nelbo_bits")] == [20, 40, 60, 80]
+    assert len(runs_named("resume")) == 1
+    with pytest.raises(CheckpointError, match="process.num_steps: expected 4, found 2"):
+        launch(toy_config(**{"process.num_steps": 4}), LaunchOptions(workers=0, name="resume", quiet=True))
+
+    # the logged MLflow model loads and samples
+    mlflow.set_tracking_uri(tracking_uri())
+    sampler = mlflow.pyfunc.load_model(second.model_uri)
+    samples = sampler.predict(None, params={"num_samples": 7, "seed": 3})
+    assert samples.shape == (7, 2) and samples.dtype == np.int64 and (samples < 50).all() and (samples >= 0).all()
+    assert np.array_equal(samples, sampler.predict(None, params={"num_samples": 7, "seed": 3}))
+    with pytest.raises(Exception, match="T=2 grid"):
+        sampler.predict(None, params={"num_samples": 2, "steps": 5})
+
+
+def test_bad_input_fails_in_the_driver(ray_cluster, home, tmp_path):
+    bad = tmp_path / "bad.parquet"
+    write_token_table(bad, np.array([[1, 2], [3, 60]]), vocab_size=50)
+    with pytest.raises(DataError, match=r"bad.parquet: row 1, column 'tokens': token outside"):
+        launch(toy_config(**{"data.path": str(bad)}), LaunchOptions(workers=2, name="bad-data"))
+    with pytest.raises(ConfigError, match="train.batch_size=250"):
+        launch(toy_config(**{"train.batch_size": 250}), LaunchOptions(workers=2, name="bad-batch"))
+    assert not (home / "mlflow.db").exists() or not runs_named("bad-data")
+
+
+def test_nan_loss_stops_the_run_and_marks_it_failed(ray_cluster, home, monkeypatch):
+    real = fldd.objective.step_kl
+    monkeypatch.setattr(fldd.objective, "step_kl", lambda q, log_p: real(q, log_p) * float("nan"))
+    with pytest.raises(TrainingError, match=r"non-finite loss at step 0: term\(s\) \['nelbo', 'kl'"):
+        launch(toy_config(**{"process.method": "masked"}), LaunchOptions(workers=0, name="nan", quiet=True))
+    (run,) = runs_named("nan")
+    assert run.info.status == "FAILED" and "non-finite" in run.data.tags["fldd.error"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_worker_trains_with_bf16(ray_cluster, home):
+    outcome = launch(toy_config(**{"process.method": "masked", "train.steps": 40}),
+                     LaunchOptions(workers=1, gpu=True, name="gpu", quiet=True))
+    assert np.isfinite(outcome.metrics["valid_nelbo_bits"])
