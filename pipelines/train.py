@@ -217,6 +217,9 @@ def _maybe_inject_failure(batches, loop_config: dict, rank: int, world: int, sta
     for index, batch in enumerate(batches):
         if start_step + index // accumulation == fail_at and not Path(marker).exists():
             Path(marker).write_text(f"worker {rank} killed at step {fail_at}\n")
+            # Ray's controller collects reports (and so registers checkpoints) on a ~2 s poll:
+            # die well after the last one, like a real crash some time after a checkpoint
+            time.sleep(5.0)
             os._exit(1)
         yield batch
 
