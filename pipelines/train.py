@@ -201,9 +201,10 @@ def _shard_batches(shard, rows: int):
     """Endless micro-batches of token rows from this worker's Ray Data shard (one pass per epoch)."""
     while True:
         seen = 0
-        for batch in shard.iter_torch_batches(batch_size=rows, drop_last=True, local_shuffle_buffer_size=4 * rows):
+        for batch in shard.iter_batches(batch_size=rows, batch_format="numpy", drop_last=True,
+                                        local_shuffle_buffer_size=2 * rows, prefetch_batches=4):
             seen += 1
-            yield batch["data"].long()
+            yield torch.from_numpy(batch["data"]).long()
         if seen == 0:
             raise RuntimeError(f"this worker's data shard has fewer than {rows} rows")
 

@@ -1,0 +1,84 @@
+"""Ray Train overhead: steps/second of the same config through Ray Train (1 and 2 CPU workers)
+against the bare fldd loop in-process. Throughput is read from the loop's own per-interval
+`steps_per_second` metric (start-up excluded), median over intervals after the first.
+Prints a table and writes docs/results/ray_overhead.json.
+
+    python benchmarks/ray_overhead.py [--steps 600] [--config toy2d]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
+
+import torch  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from fldd.data import load_splits  # noqa: E402
+from fldd.train import fit  # noqa: E402
+from pipelines.cli import resolve_config  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results" / "ray_overhead.json"
+
+
+def steady_rate(history: list[dict]) -> float:
+    rates = [h["steps_per_second"] for h in history if "steps_per_second" in h][1:]
+    return statistics.median(rates)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="toy2d")
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    cfg = resolve_config(args.config).with_overrides(
+        {"train.steps": args.steps, "train.log_every": 50, "train.checkpoint_every": args.steps})
+    os.environ["FLDD_HOME"] = tempfile.mkdtemp(prefix="fldd-bench-")
+
+    torch.set_num_threads(1)  # a Ray worker gets one CPU and one thread; compare like with like
+    train, valid = load_splits(cfg)
+    bare = fit(cfg, train, valid, eval_passes=1)
+    rows = [{"setup": "bare loop, in-process (1 thread)", "steps_per_s": steady_rate(bare.history)}]
+    print(f"{rows[-1]['setup']:<36} {rows[-1]['steps_per_s']:7.1f} steps/s", flush=True)
+
+    from pipelines.train import LaunchOptions, launch  # noqa: E402  (imports Ray)
+
+    for workers in (0, 1, 2):
+        start = time.perf_counter()
+        outcome = launch(cfg, LaunchOptions(workers=workers, name=f"overhead-{workers}", quiet=True))
+        wall = time.perf_counter() - start
+        client = MlflowClient(outcome_uri())
+        history = [{"steps_per_second": m.value} for m in
+                   sorted(client.get_metric_history(outcome.run_id, "steps_per_second"), key=lambda m: m.step)]
+        setup = "Ray Train, local mode (0 workers)" if workers == 0 else f"Ray Train, {workers} CPU worker(s)"
+        rows.append({"setup": setup, "steps_per_s": steady_rate(history),
+                     "wall_seconds_including_startup": wall})
+        print(f"{rows[-1]['setup']:<36} {rows[-1]['steps_per_s']:7.1f} steps/s (wall {wall:.0f} s with start-up)",
+              flush=True)
+    bare_rate, local, one, two = (r["steps_per_s"] for r in rows)
+    rows[1]["ratio_vs_bare"], rows[2]["ratio_vs_bare"] = local / bare_rate, one / bare_rate
+    rows[3]["ratio_vs_1_worker"] = two / one
+    print(f"\nlocal mode / bare loop: {local / bare_rate:.2f}x; 1 worker / bare loop: {one / bare_rate:.2f}x; "
+          f"2 workers / 1 worker: {two / one:.2f}x (global batch {cfg.train.batch_size}, 2 cores)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"command": f"python benchmarks/ray_overhead.py --steps {args.steps} "
+                                               f"--config {args.config}", "rows": rows}, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+def outcome_uri() -> str:
+    from pipelines.tracking import tracking_uri
+    return tracking_uri()
+
+
+if __name__ == "__main__":
+    main()
