@@ -11,6 +11,7 @@ import os
 import subprocess
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +140,9 @@ def log_sampler_model(tracker: Tracker, model_path: Path, cfg: FLDDConfig) -> st
     stored; nothing is pickled. Saved locally then uploaded through the client, so no global MLflow
     state (tracking URI, active run) is touched. Returns `runs:/<run_id>/model`.
     """
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # the sampler takes no input data, only params: MLflow's input-example/type-hint advice does not apply
+        warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
         local = Path(tmp) / "model"
         mlflow.pyfunc.save_model(
             path=str(local), python_model=str(MODEL_CODE), artifacts={"model": str(model_path)},
