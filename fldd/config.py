@@ -172,6 +172,10 @@ class FLDDConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def to_flat_dict(self) -> dict[str, Any]:
+        """{"process.num_steps": 2, ...}: the dotted keys that --set and MLflow params use."""
+        return flatten_dict(self.to_dict())
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FLDDConfig:
         return _build(cls, data, prefix="").validate()
@@ -207,6 +211,16 @@ class FLDDConfig:
                 raise ConfigError(f"unknown config key {key!r}")
             node[leaf] = value
         return FLDDConfig.from_dict(data)
+
+
+def flatten_dict(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            flat.update(flatten_dict(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
 
 
 def _split_override(text: str) -> tuple[str, Any]:

@@ -213,16 +213,6 @@ class FLDDModel(nn.Module):
 
 def config_differences(expected: FLDDConfig, actual: FLDDConfig) -> list[str]:
     """Model-defining fields whose values differ, as 'field: expected X, found Y'."""
-    def flatten(d: dict, prefix: str = "") -> dict:
-        flat = {}
-        for key, value in d.items():
-            if isinstance(value, dict):
-                flat.update(flatten(value, f"{prefix}{key}."))
-            else:
-                flat[prefix + key] = value
-        return flat
-
-    a, b = expected.to_dict(), actual.to_dict()
-    a = flatten({k: a[k] for k in MODEL_DEFINING_KEYS})
-    b = flatten({k: b[k] for k in MODEL_DEFINING_KEYS})
-    return [f"{k}: expected {a[k]!r}, found {b[k]!r}" for k in a if a[k] != b[k]]
+    a, b = expected.to_flat_dict(), actual.to_flat_dict()
+    model_defining = [k for k in a if k.split(".")[0] in MODEL_DEFINING_KEYS]
+    return [f"{k}: expected {a[k]!r}, found {b[k]!r}" for k in model_defining if a[k] != b[k]]

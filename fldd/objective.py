@@ -132,7 +132,6 @@ def training_loss(model, x: Tensor, *, train_forward: bool = True, tau: float | 
     not relaxed), "kl", "score", ...} with everything but "loss" detached.
     tau: Concrete temperature for the relaxed warm-up (None: exact discrete z_t).
     """
-    cfg = model.config
     T, M = model.num_steps, model.samples_per_x
     t = torch.randint(1, T + 1, (x.shape[0],), device=x.device, generator=generator)
     # u(x,t) and u(x,s) in one forward-network call

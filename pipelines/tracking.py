@@ -83,16 +83,6 @@ def ensure_experiment(client: MlflowClient, home: Path, name: str = EXPERIMENT) 
     return client.create_experiment(name)
 
 
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
-
-
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=PACKAGE_ROOT, capture_output=True, text=True,
@@ -118,7 +108,7 @@ def start_run(cfg: FLDDConfig, run_name: str, tags: dict[str, Any], home: Path |
     run = client.create_run(experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name,
                                                                     **{k: str(v) for k, v in tags.items()}})
     tracker = Tracker(uri, run.info.run_id)
-    params = [Param(k, str(v)[:6000]) for k, v in flatten(cfg.to_dict()).items()]
+    params = [Param(k, str(v)[:6000]) for k, v in cfg.to_flat_dict().items()]
     for start in range(0, len(params), 100):
         client.log_batch(run.info.run_id, params=params[start:start + 100])
     return tracker, False

@@ -9,7 +9,8 @@ from fldd.config import FLDDConfig
 from fldd.data import DataError, load_splits, read_token_table, write_token_table
 
 
-def write_raw(path, values, type_=None, metadata={b"fldd.vocab_size": b"5"}, column="tokens"):
+def write_raw(path, values, type_=None, metadata=None, column="tokens"):
+    metadata = {b"fldd.vocab_size": b"5"} if metadata is None else metadata
     table = pa.table({column: pa.array(values, type=type_)})
     pq.write_table(table.replace_schema_metadata(metadata), path)
     return path

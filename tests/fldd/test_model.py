@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fldd.config import ConfigError, FLDDConfig
+from fldd.config import ConfigError
 from fldd.model import CheckpointError, FLDDModel
 from fldd.train import NonFiniteLossError, TrainSchedule, build_optimizer, train_loop
 from tests.conftest import tiny_config, tiny_model

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fldd.exact import enumerate_states, exact_sample_distribution
+from fldd.exact import exact_sample_distribution
 from fldd.objective import sample_categorical
 from fldd.sampler import sample
 from tests.conftest import RANDOM_FLDD, tiny_model
