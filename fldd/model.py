@@ -137,15 +137,18 @@ class FLDDModel(nn.Module):
         no sampling. It is 0 exactly when u(x,t) does not depend on x.
         """
         check_tokens(x, self.config.vocab_size, self.config.seq_len)
-        T = self.num_steps
-        t = torch.arange(T + 1, device=x.device).expand(x.shape[0], -1)
-        u = self.forward_process.log_marginals(x, t).double().exp()  # (B, T+1, D, S)
-
-        def entropy(p: Tensor) -> Tensor:
-            return -(p * torch.log(p.clamp_min(1e-300))).sum(dim=-1)
-
-        mutual = entropy(u.mean(dim=0)) - entropy(u).mean(dim=0)  # (T+1, D)
-        return (mutual.mean(dim=-1) / math.log(2.0)).clamp_min(0.0).float()
+        D, S = self.config.seq_len, self.num_states
+        bits = torch.zeros(self.num_steps + 1)
+        for t_value in range(self.num_steps + 1):  # per step and in chunks: memory ~ chunk x D x S
+            mean_u = torch.zeros(D, S, dtype=torch.float64, device=x.device)
+            mean_entropy = torch.zeros(D, dtype=torch.float64, device=x.device)
+            for chunk in x.split(256):
+                t = torch.full((chunk.shape[0],), t_value, dtype=torch.long, device=x.device)
+                u = self.forward_process.log_marginals(chunk, t).double().exp()  # (b, D, S)
+                mean_u += u.sum(dim=0) / x.shape[0]
+                mean_entropy += _entropy(u).sum(dim=0) / x.shape[0]
+            bits[t_value] = ((_entropy(mean_u) - mean_entropy).mean() / math.log(2.0)).clamp_min(0.0)
+        return bits
 
     @torch.no_grad()
     def check_collapse(self, x: Tensor, threshold: float = 0.01) -> CollapseReport:
@@ -209,6 +212,10 @@ class FLDDModel(nn.Module):
             raise CheckpointError(f"{source} does not fit this model: missing {missing[:5]}, "
                                   f"unexpected {unexpected[:5]}, shape mismatches {shapes[:5]}")
         self.load_state_dict(state_dict)
+
+
+def _entropy(p: Tensor) -> Tensor:
+    return -(p * torch.log(p.clamp_min(1e-300))).sum(dim=-1)
 
 
 def config_differences(expected: FLDDConfig, actual: FLDDConfig) -> list[str]:

@@ -96,6 +96,7 @@ def train_loop(model: nn.Module, batches: Iterator[Tensor], optimizer: torch.opt
     params = [p for group in optimizer.param_groups for p in group["params"]]
     device_type = torch.device(device).type
     sums: dict[str, float] = {}
+    counts: dict[str, int] = {}  # per key: some statistics exist only in some phases
     count, last_metrics, tick = 0, {}, time.perf_counter()
     collapse_warned = False
     model.train()
@@ -119,11 +120,13 @@ def train_loop(model: nn.Module, batches: Iterator[Tensor], optimizer: torch.opt
             raise NonFiniteLossError(f"non-finite gradient norm at step {step} (phase {phase.name})")
         optimizer.step()
         sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
+        for name in (*out, "grad_norm"):
+            counts[name] = counts.get(name, 0) + 1
         count += 1
         done = step + 1
         if done % log_every == 0 or done == num_steps:
             elapsed = time.perf_counter() - tick
-            metrics = {name: total / count for name, total in sums.items()}
+            metrics = {name: total / counts[name] for name, total in sums.items()}
             metrics.update(steps_per_second=count / elapsed, forward_trained=float(phase.train_forward))
             if information_batch is not None and core.forward_process.learned and core.num_steps > 1:
                 bits = core.information_per_step(information_batch().to(device))
@@ -136,7 +139,7 @@ def train_loop(model: nn.Module, batches: Iterator[Tensor], optimizer: torch.opt
             if on_metrics is not None:
                 on_metrics(done, {**metrics, "phase": phase.name})
             last_metrics = metrics
-            sums, count, tick = {}, 0, time.perf_counter()
+            sums, counts, count, tick = {}, {}, 0, time.perf_counter()
         if evaluate is not None and eval_every and done % eval_every == 0 and done != num_steps:
             scores = evaluate(done)
             if on_metrics is not None:

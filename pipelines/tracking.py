@@ -103,7 +103,8 @@ def start_run(cfg: FLDDConfig, run_name: str, tags: dict[str, Any], home: Path |
         run_id = existing[0].info.run_id
         client.update_run(run_id, status="RUNNING")
         tracker = Tracker(uri, run_id)
-        tracker.set_tags({**tags, "fldd.resumed": "true"})
+        # params are immutable in MLflow; the settings a resume may change go in as tags
+        tracker.set_tags({**tags, "fldd.resumed": "true", "fldd.train_steps": cfg.train.steps})
         return tracker, True
     run = client.create_run(experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name,
                                                                     **{k: str(v) for k, v in tags.items()}})

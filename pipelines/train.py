@@ -97,8 +97,11 @@ def train_worker(loop_config: dict) -> dict:
     model = FLDDModel(cfg).to(device)
     optimizer = build_optimizer(model, cfg.train)
     start_step = 0
-    local_checkpoints = Path(loop_config["local_checkpoint_dir"]) if world == 1 and loop_config["local_mode"] else None
-    checkpoint = ray.train.get_checkpoint() or _latest_local_checkpoint(local_checkpoints)
+    run_dir = Path(loop_config["run_storage_dir"]) if loop_config["run_storage_dir"] else None
+    local_checkpoints = run_dir / "local_checkpoints" if loop_config["local_mode"] else None
+    # Ray's own checkpoint, or a newer one on disk (local mode persists its own; a run may switch
+    # between local mode and workers under the same name)
+    checkpoint = _newest_checkpoint(ray.train.get_checkpoint(), run_dir)
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state = torch.load(Path(directory) / STATE_FILE, map_location=device, weights_only=True)
@@ -110,7 +113,9 @@ def train_worker(loop_config: dict) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         start_step = int(state["step"])
         if rank == 0:
-            torch.set_rng_state(state["rng"])
+            torch.set_rng_state(state["rng"].cpu())  # map_location moved it; RNG states live on the CPU
+            if on_gpu and "cuda_rng" in state:
+                torch.cuda.set_rng_state(state["cuda_rng"].cpu())
         else:
             torch.manual_seed(cfg.train.seed + 7919 * rank + start_step)
         if rank == 0:
@@ -154,7 +159,8 @@ def train_worker(loop_config: dict) -> dict:
                      else Path(tempfile.mkdtemp(prefix="fldd-ckpt-")))
         directory.mkdir(parents=True, exist_ok=True)
         state = {"config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "step": step, "rng": torch.get_rng_state()}
+                 "step": step, "rng": torch.get_rng_state(),
+                 **({"cuda_rng": torch.cuda.get_rng_state(device)} if on_gpu else {})}
         torch.save(state, directory / STATE_FILE)
         model.save(directory / MODEL_FILE)
         (directory / "metrics.json").write_text(json.dumps(metrics))
@@ -180,11 +186,32 @@ def train_worker(loop_config: dict) -> dict:
     return {"steps": cfg.train.steps, "start_step": start_step, "world_size": world}
 
 
-def _latest_local_checkpoint(directory: Path | None) -> Checkpoint | None:
-    if directory is None or not directory.is_dir():
-        return None
-    found = sorted(p for p in directory.glob("checkpoint_*") if (p / STATE_FILE).is_file())
-    return Checkpoint.from_directory(str(found[-1])) if found else None
+def _checkpoint_step(directory: Path) -> int:
+    try:
+        return int(json.loads((directory / "metrics.json").read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        return -1
+
+
+def checkpoints_on_disk(run_dir: Path | None) -> list[Path]:
+    """Checkpoint directories of a run in local storage: Ray's and local mode's, oldest first."""
+    if run_dir is None or not run_dir.is_dir():
+        return []
+    found = [p for pattern in ("checkpoint_*", "local_checkpoints/checkpoint_*") for p in run_dir.glob(pattern)
+             if (p / STATE_FILE).is_file() and (p / MODEL_FILE).is_file()]
+    return sorted(found, key=_checkpoint_step)
+
+
+def _newest_checkpoint(from_ray: Checkpoint | None, run_dir: Path | None) -> Checkpoint | None:
+    on_disk = checkpoints_on_disk(run_dir)
+    if not on_disk:
+        return from_ray
+    newest = on_disk[-1]
+    if from_ray is not None:
+        with from_ray.as_directory() as directory:
+            if _checkpoint_step(Path(directory)) >= _checkpoint_step(newest):
+                return from_ray
+    return Checkpoint.from_directory(str(newest))
 
 
 def _prune_local_checkpoints(directory: Path, keep: int) -> None:
@@ -201,8 +228,9 @@ def _shard_batches(shard, rows: int):
     """Endless micro-batches of token rows from this worker's Ray Data shard (one pass per epoch)."""
     while True:
         seen = 0
+        # rows were shuffled once in the driver; the buffer reshuffles locally every epoch
         for batch in shard.iter_batches(batch_size=rows, batch_format="numpy", drop_last=True,
-                                        local_shuffle_buffer_size=2 * rows, prefetch_batches=4):
+                                        local_shuffle_buffer_size=max(8 * rows, 4096), prefetch_batches=4):
             seen += 1
             yield torch.from_numpy(batch["data"]).long()
         if seen == 0:
@@ -240,6 +268,9 @@ def validate_launch(cfg: FLDDConfig, opts: LaunchOptions) -> None:
                           f"{cfg.train.grad_accum_steps} accumulation step(s) x M z_t samples (multiple of {micro})")
     if opts.name is not None and (not opts.name or "/" in opts.name):
         raise ConfigError(f"name={opts.name!r}: must be a non-empty name without '/'")
+    if opts.workers == 0 and opts.storage and "://" in opts.storage:
+        raise ConfigError(f"storage={opts.storage!r}: local mode (workers=0) keeps checkpoints on a local path; "
+                          "use a directory, or workers >= 1 for remote storage")
 
 
 def init_ray(address: str | None) -> None:
@@ -258,19 +289,26 @@ def _storage_path(opts: LaunchOptions, home: Path) -> str:
     return str(Path(opts.storage or home / "ray_results").resolve())
 
 
+# settings a resumed run may change: how long it trains and how often it logs and checkpoints
+RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every")
+
+
 def _check_resume_config(cfg: FLDDConfig, storage: str, name: str) -> None:
-    """A rerun with the same name must train the same model; say which field differs, before workers start."""
+    """A rerun with the same name continues the same run: only RESUMABLE_CHANGES may differ.
+    Anything else (model, data, optimizer settings) is refused here, naming the field, before any
+    worker starts or the MLflow run is touched."""
     if "://" in storage:
-        return
+        return  # remote storage: the workers check the model-defining fields against the checkpoint
     saved_path = Path(storage) / name / RUN_CONFIG_FILE
     if saved_path.is_file():
-        differences = config_differences(cfg, FLDDConfig.from_yaml(saved_path))
+        saved, current = FLDDConfig.from_yaml(saved_path).to_flat_dict(), cfg.to_flat_dict()
+        differences = [f"{k}: run has {saved[k]!r}, now {current[k]!r}" for k in current
+                       if current[k] != saved[k] and k not in RESUMABLE_CHANGES]
         if differences:
-            raise CheckpointError(f"run {name!r} exists in {storage} with a different model: "
-                                  + "; ".join(differences) + " (use another --name)")
-    else:
-        saved_path.parent.mkdir(parents=True, exist_ok=True)
-        cfg.to_yaml(saved_path)
+            raise CheckpointError(f"run {name!r} exists in {storage} with different settings: "
+                                  + "; ".join(differences) + ". Use another --name for a new run.")
+    saved_path.parent.mkdir(parents=True, exist_ok=True)
+    cfg.to_yaml(saved_path)
 
 
 def launch(cfg: FLDDConfig, opts: LaunchOptions | None = None) -> TrainOutcome:
@@ -291,20 +329,26 @@ def launch(cfg: FLDDConfig, opts: LaunchOptions | None = None) -> TrainOutcome:
     _check_resume_config(cfg, storage, name)
 
     init_ray(opts.address)
+    if opts.workers > 0 and len(ray.nodes()) > 1 and ("://" not in storage or "MLFLOW_TRACKING_URI" not in os.environ):
+        log.warning("this Ray cluster has %d nodes: --storage must be shared by all of them (now %s) and "
+                    "MLFLOW_TRACKING_URI should name a tracking server (README: running on a cluster)",
+                    len(ray.nodes()), storage)
     tags = {"git_commit": git_commit(), "ray_version": ray.__version__, "torch_version": torch.__version__,
             "workers": opts.workers, "device": "gpu" if opts.gpu else "cpu", "method": cfg.process.method,
             "num_steps_T": cfg.process.num_steps, "storage": storage}
     tracker, resumed = start_run(cfg, name, tags, home)
     print(f"MLflow run {tracker.run_id} ({'resumed' if resumed else 'new'}), tracking {tracker.uri}", flush=True)
 
+    # a sorted user table must not give sorted batches: shuffle rows once here (seeded)
+    shuffled = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(cfg.data.seed))
     marker = Path(tempfile.gettempdir()) / f"fldd-injected-failure-{tracker.run_id}-{opts.inject_failure_at_step}"
     cpus = max(1, int(opts.cpus_per_worker))
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.to_dict(), "tracking_uri": tracker.uri, "run_id": tracker.run_id,
                            "quiet": opts.quiet, "threads_per_worker": cpus, "local_mode": opts.workers == 0,
-                           "local_checkpoint_dir": str(Path(storage) / name / "local_checkpoints")
-                           if "://" not in storage else None, "keep_checkpoints": opts.keep_checkpoints,
+                           "run_storage_dir": None if "://" in storage else str(Path(storage) / name),
+                           "keep_checkpoints": opts.keep_checkpoints,
                            "inject_failure_at_step": opts.inject_failure_at_step, "failure_marker": str(marker)},
         scaling_config=ScalingConfig(num_workers=opts.workers, use_gpu=opts.gpu,
                                      resources_per_worker=None if opts.workers == 0 else
@@ -314,7 +358,8 @@ def launch(cfg: FLDDConfig, opts: LaunchOptions | None = None) -> TrainOutcome:
                                                                 checkpoint_score_attribute=SCORE,
                                                                 checkpoint_score_order="min"),
                              failure_config=FailureConfig(max_failures=opts.max_failures)),
-        datasets={"train": ray.data.from_numpy(train_data.numpy()), "valid": ray.data.from_numpy(valid_data.numpy())},
+        datasets={"train": ray.data.from_numpy(train_data[shuffled].numpy()),
+                  "valid": ray.data.from_numpy(valid_data.numpy())},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     start = time.perf_counter()
@@ -333,6 +378,9 @@ def launch(cfg: FLDDConfig, opts: LaunchOptions | None = None) -> TrainOutcome:
         raise TrainingError(f"training run {name!r} stopped: {returned['error']}")
 
     best = result.get_best_checkpoint(SCORE, "min") if result.best_checkpoints else result.checkpoint
+    if best is None and "://" not in storage:  # e.g. a rerun of a finished local-mode run: nothing new
+        on_disk = checkpoints_on_disk(Path(storage) / name)
+        best = Checkpoint.from_directory(str(on_disk[-1])) if on_disk else None
     if best is None:
         tracker.finish("FAILED")
         raise TrainingError(f"training run {name!r} produced no checkpoint")

@@ -181,6 +181,22 @@ def test_baselines_do_not_depend_on_their_own_sample():  # P11
     torch.testing.assert_close(second, torch.tensor([4.0, 7.0, 7.0], dtype=torch.float64))
 
 
+def test_training_loss_groups_the_m_samples_of_each_x_and_t(monkeypatch):
+    """Leave-one-out must compare samples of the same (x, t): rows are grouped M at a time."""
+    model = tiny_model({**RANDOM_FLDD, "train.num_zt_samples": 4}, T=5)
+    seen = {}
+    real = model.baseline
+
+    def spy(loss, t):
+        seen["t"] = t.clone()
+        return real(loss, t)
+
+    monkeypatch.setattr(model, "baseline", spy)
+    training_loss(model, torch.randint(0, 3, (16, 2), generator=torch.Generator().manual_seed(0)))
+    groups = seen["t"].view(-1, 4)
+    assert (groups == groups[:, :1]).all() and groups[:, 0].unique().numel() > 1
+
+
 def test_training_loss_value_is_the_nelbo_estimate():
     model = tiny_model({"process.method": "fldd"}, T=3)
     out = training_loss(model, X)

@@ -55,12 +55,16 @@ def test_no_mask_left_at_z0():  # P13
 
 
 def test_categorical_sampling_is_float64():  # P13
-    # p(1) = 3e-8 is below float32's resolution next to 1: a float32 CDF would never return 1
-    probs = torch.tensor([1 - 3e-8, 3e-8], dtype=torch.float64)
-    logits = torch.log(probs).float()  # even from float32 logits, the CDF is built in float64
-    u = torch.tensor([1 - 1e-8], dtype=torch.float64)
+    # the middle category's 3e-8 is below float32's resolution at 0.5: a float32 CDF has cdf[0] ==
+    # cdf[1] and never returns it; a float64 CDF returns it for u in [0.5 - 1.5e-8, 0.5 + 1.5e-8)
+    probs = torch.tensor([0.5 - 1.5e-8, 3e-8, 0.5 - 1.5e-8], dtype=torch.float64)
+    logits = torch.log(probs)
+    u = torch.tensor([0.5], dtype=torch.float64)
     assert sample_categorical(logits, uniforms=u).item() == 1
-    assert sample_categorical(logits, uniforms=torch.tensor([0.5], dtype=torch.float64)).item() == 0
+    assert sample_categorical(logits.float(), uniforms=u).item() == 1  # float32 logits: CDF still float64
+    cdf32 = torch.cumsum(probs.float(), dim=0)
+    assert torch.searchsorted(cdf32, u.float(), right=True).item() == 2  # what float32 would have done
+    assert sample_categorical(logits, uniforms=torch.tensor([0.25], dtype=torch.float64)).item() == 0
 
 
 def test_samples_follow_the_exact_model_distribution():

@@ -60,8 +60,14 @@ def test_rerun_with_the_same_name_resumes(ray_cluster, home):
     assert second.run_id == first.run_id and second.start_step == 40
     assert [s for s, _ in metric_history(first.run_id, "valid_nelbo_bits")] == [20, 40, 60, 80]
     assert len(runs_named("resume")) == 1
-    with pytest.raises(CheckpointError, match="process.num_steps: expected 4, found 2"):
+    with pytest.raises(CheckpointError, match="process.num_steps: run has 2, now 4"):
         launch(toy_config(**{"process.num_steps": 4}), LaunchOptions(workers=0, name="resume", quiet=True))
+    with pytest.raises(CheckpointError, match="train.lr: run has 0.001, now 0.0003"):
+        launch(toy_config(**{"train.steps": 80, "train.lr": 3e-4}), LaunchOptions(workers=0, name="resume"))
+    # rerunning a finished run is a no-op that keeps it FINISHED
+    third = launch(toy_config(**{"train.steps": 80}), LaunchOptions(workers=0, name="resume", quiet=True))
+    assert third.start_step == 80 and third.run_id == first.run_id
+    assert MlflowClient(tracking_uri()).get_run(first.run_id).info.status == "FINISHED"
 
     # the logged MLflow model loads and samples
     mlflow.set_tracking_uri(tracking_uri())
