@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from fldd.config import FLDDConfig
-from fldd.data import data_pmf, load_builtin
+from fldd.data import load_splits
+from fldd.datasets import data_pmf
 from fldd.metrics import exact_distribution_metrics
 from fldd.train import fit
 
@@ -41,7 +42,7 @@ def run_one(job: tuple[str, int, int]) -> dict:
     torch.set_num_threads(1)
     cfg = FLDDConfig.from_yaml(ROOT / "configs" / "toy2d.yaml").with_overrides(
         {**RECIPES[name], "train.steps": steps, "train.seed": seed})
-    train, valid = load_builtin(cfg)
+    train, valid = load_splits(cfg)
     result = fit(cfg, train, valid)
     exact = exact_distribution_metrics(result.model, data_pmf("toy2d"))
     return {"recipe": name, "seed": seed, "steps": steps, "valid_nelbo_bits": result.valid_nelbo.bits_per_token,

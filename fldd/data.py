@@ -5,9 +5,8 @@ A token table is a Parquet file (or a directory of them) with a fixed-length int
 the caller. `read_token_table` validates everything before any training starts and names the
 file, row and column of the first problem.
 
-toy2d (EVALUATION.md): D=2, K=50, pmf on {0..49}^2 proportional to an equal mixture of two
-isotropic Gaussians with means (12,12) and (37,37) and std 4, normalised over the grid. Its exact
-pmf is known, so quality can be measured exactly.
+The built-in data sets (fldd.datasets) are produced as Arrow token tables and validated by the
+same code.
 """
 
 from __future__ import annotations
@@ -31,14 +30,18 @@ class DataError(ValueError):
     """A token table is malformed; the message names the file, and the row and column if any."""
 
 
+def token_table(tokens: Tensor | np.ndarray, vocab_size: int, column: str = "tokens") -> pa.Table:
+    """(N, D) integer tokens as an Arrow token table (fixed-size list column + vocabulary metadata)."""
+    array = np.asarray(tokens, dtype=np.int64)
+    if array.ndim != 2 or array.shape[1] == 0:
+        raise DataError(f"tokens must be 2-D (rows, positions >= 1), got shape {array.shape}")
+    column_array = pa.FixedSizeListArray.from_arrays(pa.array(array.reshape(-1)), array.shape[1])
+    return pa.table({column: column_array}).replace_schema_metadata({VOCAB_KEY: str(vocab_size).encode()})
+
+
 def write_token_table(path: str | Path, tokens: Tensor | np.ndarray, vocab_size: int, column: str = "tokens") -> Path:
     """Write (N, D) integer tokens as a Parquet token table with its vocabulary size."""
-    array = np.asarray(tokens, dtype=np.int64)
-    if array.ndim != 2:
-        raise DataError(f"tokens must be 2-D (rows, positions), got shape {array.shape}")
-    values = pa.array(array.reshape(-1))
-    column_array = pa.FixedSizeListArray.from_arrays(values, array.shape[1]) if array.shape[1] else None
-    table = pa.table({column: column_array}).replace_schema_metadata({VOCAB_KEY: str(vocab_size).encode()})
+    table = token_table(tokens, vocab_size, column)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path)
@@ -77,13 +80,28 @@ def read_token_table(path: str | Path, column: str = "tokens", vocab_size: int =
     if not vocab_size:
         raise DataError(f"{path}: vocabulary size unknown: no {VOCAB_KEY.decode()!r} metadata; set data.vocab_size")
     for file, tokens in chunks:
-        bad_rows = np.nonzero(((tokens < 0) | (tokens >= vocab_size)).any(axis=1))[0]
-        if bad_rows.size:
-            row = int(bad_rows[0])
-            value = int(tokens[row][(tokens[row] < 0) | (tokens[row] >= vocab_size)][0])
-            kind = "negative token" if value < 0 else "token outside [0, vocab_size)"
-            raise DataError(f"{file}: row {row}, column {column!r}: {kind} {value} (vocab_size={vocab_size})")
+        _check_range(tokens, vocab_size, file, column)
     return torch.from_numpy(np.concatenate([t for _, t in chunks])), vocab_size
+
+
+def tokens_from_table(table: pa.Table, source: str, column: str = "tokens") -> tuple[Tensor, int]:
+    """Validate an in-memory Arrow token table (built-in data sets take this path too)."""
+    metadata = table.schema.metadata or {}
+    if VOCAB_KEY not in metadata:
+        raise DataError(f"{source}: no {VOCAB_KEY.decode()!r} metadata")
+    vocab_size = int(metadata[VOCAB_KEY])
+    tokens = _validate_column(table, Path(source), column)
+    _check_range(tokens, vocab_size, Path(source), column)
+    return torch.from_numpy(tokens), vocab_size
+
+
+def _check_range(tokens: np.ndarray, vocab_size: int, file: Path, column: str) -> None:
+    bad_rows = np.nonzero(((tokens < 0) | (tokens >= vocab_size)).any(axis=1))[0]
+    if bad_rows.size:
+        row = int(bad_rows[0])
+        value = int(tokens[row][(tokens[row] < 0) | (tokens[row] >= vocab_size)][0])
+        kind = "negative token" if value < 0 else "token outside [0, vocab_size)"
+        raise DataError(f"{file}: row {row}, column {column!r}: {kind} {value} (vocab_size={vocab_size})")
 
 
 def _validate_column(table: pa.Table, file: Path, column: str) -> np.ndarray:
@@ -109,52 +127,6 @@ def _validate_column(table: pa.Table, file: Path, column: str) -> np.ndarray:
     return flat.reshape(table.num_rows, int(lengths[0]))
 
 
-def gaussian_mixture_pmf(vocab_size: int, means: list[tuple[float, float]], std: float) -> Tensor:
-    """(K*K,) float64 pmf of an equal mixture of isotropic 2-D Gaussians on the K x K grid,
-    indexed as a * K + b for the sequence (a, b)."""
-    grid = torch.arange(vocab_size, dtype=torch.float64)
-    a, b = torch.meshgrid(grid, grid, indexing="ij")
-    density = sum(torch.exp(-((a - ma) ** 2 + (b - mb) ** 2) / (2 * std ** 2)) for ma, mb in means)
-    return (density / density.sum()).flatten()
-
-
-def toy2d_pmf() -> Tensor:
-    return gaussian_mixture_pmf(50, [(12, 12), (37, 37)], 4.0)
-
-
-def sample_from_pmf(pmf: Tensor, vocab_size: int, num_samples: int, generator: torch.Generator) -> Tensor:
-    """Draw (num_samples, 2) sequences from a pmf over the K x K grid."""
-    index = torch.multinomial(pmf, num_samples, replacement=True, generator=generator)
-    return torch.stack([index // vocab_size, index % vocab_size], dim=1)
-
-
-BUILTIN_PMFS = {
-    "toy2d": (50, toy2d_pmf),
-    # a small two-mode toy for fast tests: K=8
-    "mixture8": (8, lambda: gaussian_mixture_pmf(8, [(1.5, 1.5), (5.5, 5.5)], 1.0)),
-}
-
-
-def data_pmf(name: str) -> Tensor:
-    if name not in BUILTIN_PMFS:
-        raise ValueError(f"data.name={name!r}: unknown built-in data set; expected one of {sorted(BUILTIN_PMFS)}")
-    return BUILTIN_PMFS[name][1]()
-
-
-def load_builtin(cfg: FLDDConfig) -> tuple[Tensor, Tensor]:
-    """(train, valid) token tensors for the config's built-in data set, seeded by data.seed."""
-    name = cfg.data.name
-    if name not in BUILTIN_PMFS:
-        raise ValueError(f"data.name={name!r}: unknown built-in data set; expected one of {sorted(BUILTIN_PMFS)}")
-    vocab_size, pmf = BUILTIN_PMFS[name]
-    if (cfg.seq_len, cfg.vocab_size) != (2, vocab_size):
-        raise ValueError(f"data.name={name!r} has seq_len=2 and vocab_size={vocab_size}; the config says "
-                         f"seq_len={cfg.seq_len}, vocab_size={cfg.vocab_size}")
-    generator = torch.Generator().manual_seed(cfg.data.seed)
-    data = sample_from_pmf(pmf(), vocab_size, cfg.data.num_train + cfg.data.num_valid, generator)
-    return data[:cfg.data.num_train], data[cfg.data.num_train:]
-
-
 def infinite_batches(data: Tensor, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
     """Shuffled minibatches of rows, reshuffled every epoch, forever."""
     if data.shape[0] < batch_size:
@@ -173,7 +145,7 @@ def load_splits(cfg: FLDDConfig) -> tuple[Tensor, Tensor]:
     """
     d = cfg.data
     if not d.path:
-        return load_builtin(cfg)
+        return load_builtin_split(cfg, "train"), load_builtin_split(cfg, "valid")
     root = Path(d.path)
     if root.is_dir() and (root / "train.parquet").is_file() and (root / "valid.parquet").is_file():
         train, vocab = read_token_table(root / "train.parquet", d.column, d.vocab_size)
@@ -190,3 +162,25 @@ def load_splits(cfg: FLDDConfig) -> tuple[Tensor, Tensor]:
     if train.shape[1] != cfg.seq_len:
         raise DataError(f"{root}: rows have length {train.shape[1]}, the config's seq_len={cfg.seq_len}")
     return train, valid
+
+
+def load_builtin_split(cfg: FLDDConfig, split: str) -> Tensor:
+    """One split (train, valid, test) of a built-in data set, through the token-table validation."""
+    from fldd.datasets import builtin_table
+
+    table = builtin_table(cfg.data, split)
+    tokens, vocab = tokens_from_table(table, f"built-in {cfg.data.name}/{split}")
+    if (tokens.shape[1], vocab) != (cfg.seq_len, cfg.vocab_size):
+        raise DataError(f"data.name={cfg.data.name!r} has seq_len={tokens.shape[1]} and vocab_size={vocab}; the "
+                        f"config says seq_len={cfg.seq_len}, vocab_size={cfg.vocab_size}")
+    return tokens
+
+
+def load_test_split(cfg: FLDDConfig) -> Tensor:
+    """The held-out test split: built-ins have one; a Parquet directory needs test.parquet."""
+    if not cfg.data.path:
+        return load_builtin_split(cfg, "test")
+    test = Path(cfg.data.path) / "test.parquet"
+    if not test.is_file():
+        raise DataError(f"{cfg.data.path}: no test.parquet (only directories with a test split have one)")
+    return read_token_table(test, cfg.data.column, cfg.vocab_size)[0]

@@ -12,7 +12,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from fldd.data import BUILTIN_PMFS, data_pmf  # noqa: E402
+from fldd.datasets import data_pmf  # noqa: E402
 from fldd.metrics import exact_distribution_metrics  # noqa: E402
 from fldd.model import FLDDModel  # noqa: E402
 from fldd.objective import evaluate_nelbo  # noqa: E402
@@ -27,8 +27,9 @@ def evaluate_model(model: FLDDModel, valid: torch.Tensor, *, passes: int = 10, s
     for t, bits in enumerate(estimate.kl_per_step_bits_per_token, start=1):
         metrics[f"valid_kl_t{t}_bits"] = bits
     cfg = model.config
-    if not cfg.data.path and cfg.data.name in BUILTIN_PMFS and cfg.seq_len == 2:
-        metrics.update(exact_distribution_metrics(model, data_pmf(cfg.data.name)))
+    pmf = None if cfg.data.path else data_pmf(cfg.data.name)
+    if pmf is not None:
+        metrics.update(exact_distribution_metrics(model, pmf))
     if cfg.learns_forward:
         report = model.check_collapse(valid[:1024])
         metrics["collapsed"] = report.collapsed

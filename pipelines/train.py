@@ -86,6 +86,9 @@ def default_run_name(cfg: FLDDConfig) -> str:
 def train_worker(loop_config: dict) -> dict:
     """Runs on every Ray Train worker (or in the driver in local mode)."""
     cfg = FLDDConfig.from_dict(loop_config["config"])
+    # one line of progress per log interval is ours; Ray Data's per-epoch progress reports are noise here
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = get_device()

@@ -68,3 +68,32 @@ def test_load_splits_from_a_user_table(tmp_path):
     write_token_table(split_dir / "valid.parquet", tokens[80:], 5)
     train, valid = load_splits(cfg.with_overrides({"data.path": str(split_dir)}))
     assert torch.equal(train, tokens[:80]) and torch.equal(valid, tokens[80:])
+
+
+@pytest.mark.parametrize("name, shape, vocab, sizes", [
+    ("toy2d", 2, 50, (20000, 2000, 2000)),
+    ("digits", 64, 17, (1350, 150, 297)),
+    ("digits-binary", 64, 2, (1350, 150, 297)),
+    ("text", 64, 27, (4754, 529, 588)),
+])
+def test_builtin_data_sets(name, shape, vocab, sizes):
+    from fldd.data import load_test_split
+
+    cfg = FLDDConfig(seq_len=shape, vocab_size=vocab).with_overrides({"data.name": name})
+    train, valid = load_splits(cfg)
+    test = load_test_split(cfg)
+    assert (len(train), len(valid), len(test)) == sizes
+    for split in (train, valid, test):
+        assert split.shape[1] == shape and split.min() >= 0 and split.max() < vocab
+    assert torch.equal(load_splits(cfg)[0], train)  # deterministic
+    if name.startswith("digits"):  # a fixed partition of all 1797 images
+        assert sum(sizes) == 1797
+
+
+def test_text_is_text8_style():
+    from fldd.datasets import text_to_tokens, tokens_to_text
+
+    assert tokens_to_text(text_to_tokens("Hello,  World!\n42 x")[None])[0] == "hello world x"
+    cfg = FLDDConfig(seq_len=64, vocab_size=27).with_overrides({"data.name": "text"})
+    text = "".join(tokens_to_text(load_splits(cfg)[0][:200]))
+    assert "  " not in text and set(text) <= set("abcdefghijklmnopqrstuvwxyz ")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fldd.config import FLDDConfig
-from fldd.data import load_builtin
+from fldd.data import load_splits
 from fldd.exact import exact_nelbo
 from fldd.train import fit
 
@@ -24,7 +24,7 @@ def mixture_config(method: str, seed: int, T: int = 2, steps: int = 1500) -> FLD
 
 def held_out_bits(method: str, seed: int, **kwargs) -> tuple[float, object]:
     cfg = mixture_config(method, seed, **kwargs)
-    train, valid = load_builtin(cfg)
+    train, valid = load_splits(cfg)
     result = fit(cfg, train, valid, eval_passes=1)
     with torch.no_grad():
         bits = exact_nelbo(result.model, valid).mean().item() / (2 * math.log(2))
@@ -41,7 +41,7 @@ def test_learned_forward_beats_frozen_masked_at_two_steps(seed):
 
 def test_one_step_models_are_at_best_the_product_of_marginals():
     bits, result = held_out_bits("masked", 0, T=1, steps=400)
-    _, valid = load_builtin(result.model.config)
+    _, valid = load_splits(result.model.config)
     marginal_entropy = 0.0
     for i in range(2):
         p = torch.bincount(valid[:, i], minlength=8).double() / len(valid)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fldd.config import FLDDConfig
-from fldd.data import infinite_batches, load_builtin
+from fldd.data import DataError, infinite_batches, load_splits
 from fldd.train import TrainSchedule, build_optimizer, fit, train_loop
 from tests.conftest import tiny_config, tiny_model
 
@@ -80,7 +80,7 @@ def test_fit_on_builtin_toy_returns_nelbo_and_collapse_report():
                                        "train.batch_size": 32, "train.log_every": 10, "data.num_train": 256,
                                        "data.num_valid": 64, "reverse_network.width": 32,
                                        "forward_network.width": 32})
-    train, valid = load_builtin(cfg)
+    train, valid = load_splits(cfg)
     result = fit(cfg, train, valid, eval_passes=2)
     assert result.valid_nelbo.num_examples == 64 and result.valid_nelbo.bits_per_token > 0
     assert result.collapse is not None and len(result.collapse.information_bits) == 3
@@ -88,7 +88,7 @@ def test_fit_on_builtin_toy_returns_nelbo_and_collapse_report():
 
 
 def test_builtin_data_checks_shape():
-    with pytest.raises(ValueError, match="vocab_size=8"):
-        load_builtin(FLDDConfig().with_overrides({"data.name": "mixture8"}))
-    with pytest.raises(ValueError, match="data.name='nope'"):
-        load_builtin(FLDDConfig().with_overrides({"data.name": "nope"}))
+    with pytest.raises(DataError, match="vocab_size=8"):
+        load_splits(FLDDConfig().with_overrides({"data.name": "mixture8"}))
+    with pytest.raises(DataError, match="data.name='nope'"):
+        load_splits(FLDDConfig().with_overrides({"data.name": "nope"}))

@@ -1,0 +1,243 @@
+"""Quality against the number of sampling steps T: FLDD against fixed-forward diffusion at equal T,
+the same reverse network, optimizer steps and batch (EVALUATION.md). The table the paper lacks.
+
+Every run goes through the project's one training loop (fldd.train.fit); selection-free: each
+cell is the configured recipe, evaluated once on the *test* split.
+
+    python benchmarks/quality_vs_steps.py                          # toy2d + digits-binary, 3 seeds
+    python benchmarks/quality_vs_steps.py --datasets text          # text, a separate invocation
+    python benchmarks/quality_vs_steps.py --quick                  # < 3 minutes, writes under .fldd/
+
+Writes docs/results/quality_vs_steps.json (records {"dataset", "method", "steps", "seed", "metric",
+"value"}), docs/results/quality_vs_steps.md (tables), docs/plots/quality_vs_steps_<data>.png and
+sample pictures docs/plots/samples_<data>_<method>_T<T>.png (text: excerpts in the markdown).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import time
+from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from fldd.config import FLDDConfig  # noqa: E402
+from fldd.data import load_splits, load_test_split  # noqa: E402
+from fldd.datasets import builtin, data_pmf, tokens_to_text  # noqa: E402
+from fldd.metrics import exact_distribution_metrics  # noqa: E402
+from fldd.objective import evaluate_nelbo  # noqa: E402
+from fldd.sample_metrics import CharNGram, digits_metrics, text_metrics  # noqa: E402
+from fldd.sampler import sample  # noqa: E402
+from fldd.train import fit  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = {"toy2d": "toy2d.yaml", "digits-binary": "digits.yaml", "digits": "digits.yaml", "text": "text.yaml"}
+PRIMARY = {"toy2d": "kl", "digits-binary": "digits_fd", "digits": "digits_fd", "text": "gen_bpc"}
+LEARNED = ("fldd", "fldd-mask")
+FIXED = ("masked", "uniform")
+
+
+def grid(datasets: list[str], steps_list: list[int], many_steps: int | None, seeds: list[int]) -> list[dict]:
+    jobs = []
+    for dataset in datasets:
+        for method in LEARNED + FIXED:
+            budgets = steps_list + ([many_steps] if many_steps and method in FIXED else [])
+            for T in budgets:
+                for seed in seeds:
+                    jobs.append({"dataset": dataset, "method": method, "steps": T, "seed": seed})
+    return jobs
+
+
+def config_for(job: dict, train_steps: int | None) -> FLDDConfig:
+    cfg = FLDDConfig.from_yaml(ROOT / "configs" / CONFIGS[job["dataset"]])
+    spec = builtin(job["dataset"])
+    overrides = {"data.name": job["dataset"], "seq_len": spec.seq_len, "vocab_size": spec.vocab_size,
+                 "process.method": job["method"], "process.num_steps": job["steps"], "train.seed": job["seed"],
+                 "train.log_every": 10**6}
+    if train_steps:
+        overrides["train.steps"] = train_steps
+    return cfg.with_overrides(overrides)
+
+
+def run_job(job: dict, train_steps: int | None, num_samples: int, plot_dir: str | None) -> list[dict]:
+    torch.set_num_threads(1)
+    cfg = config_for(job, train_steps)
+    train, valid = load_splits(cfg)
+    test = load_test_split(cfg)
+    result = fit(cfg, train, valid, eval_passes=1)
+    model = result.model.eval()
+    values = {"train_seconds": result.train_seconds, "seconds_per_step": result.train_seconds / cfg.train.steps}
+    nelbo = evaluate_nelbo(model, test, num_passes=10, generator=torch.Generator().manual_seed(job["seed"]))
+    values.update(nelbo_bits=nelbo.bits_per_token, nelbo_stderr=nelbo.stderr_bits_per_token)
+    if result.collapse is not None:
+        values["collapsed"] = float(result.collapse.collapsed)
+    pmf = data_pmf(job["dataset"])
+    if pmf is not None:
+        values.update(exact_distribution_metrics(model, pmf))
+    start = time.perf_counter()
+    samples = sample(model, num_samples, generator=torch.Generator().manual_seed(1000 + job["seed"]))
+    values["sample_seconds_per_sample"] = (time.perf_counter() - start) / num_samples
+    if job["dataset"].startswith("digits"):
+        values.update(digits_metrics(samples, test, train, cfg.vocab_size))
+    if job["dataset"] == "text":
+        values.update(text_metrics(samples, CharNGram(train, cfg.vocab_size)))
+    if plot_dir and job["seed"] == 0:
+        save_samples(job, samples, cfg.vocab_size, Path(plot_dir))
+    return [{**job, "metric": k, "value": float(v)} for k, v in values.items()]
+
+
+def save_samples(job: dict, samples: torch.Tensor, vocab: int, plot_dir: Path) -> None:
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    name = f"samples_{job['dataset']}_{job['method']}_T{job['steps']}"
+    if job["dataset"] == "text":
+        (plot_dir / f"{name}.txt").write_text("\n".join(tokens_to_text(samples[:8])) + "\n")
+        return
+    fig, ax = plt.subplots(figsize=(3.2, 3.2))
+    if samples.shape[1] == 2:
+        counts = torch.zeros(vocab, vocab)
+        counts.index_put_((samples[:, 0], samples[:, 1]), torch.ones(len(samples)), accumulate=True)
+        ax.imshow(counts.numpy(), origin="lower", cmap="magma")
+    else:  # an 8 x 8 grid of 8x8 digits
+        grid_image = samples[:64].view(8, 8, 8, 8).permute(0, 2, 1, 3).reshape(64, 64)
+        ax.imshow(grid_image.numpy(), cmap="gray_r", vmin=0, vmax=vocab - 1)
+    ax.set_title(f"{job['method']}, T={job['steps']}", fontsize=9)
+    ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(plot_dir / f"{name}.png", dpi=90)
+    plt.close(fig)
+
+
+def summarize(records: list[dict]) -> dict:
+    cells: dict = defaultdict(list)
+    for r in records:
+        cells[(r["dataset"], r["method"], r["steps"], r["metric"])].append(r["value"])
+    return cells
+
+
+def mean_spread(values: list[float]) -> str:
+    if not values:
+        return ""
+    mean = statistics.mean(values)
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.4f} ± {spread:.4f}" if abs(mean) < 10 else f"{mean:.2f} ± {spread:.2f}"
+
+
+def markdown(records: list[dict], command: str, seeds: list[int]) -> str:
+    cells = summarize(records)
+    lines = [f"# Quality vs steps\n\nCommand: `{command}`; seeds {seeds}; mean ± standard deviation over seeds, "
+             "test split.\n"]
+    for dataset in sorted({r["dataset"] for r in records}):
+        steps = sorted({r["steps"] for r in records if r["dataset"] == dataset})
+        methods = [m for m in LEARNED + FIXED if any(r["method"] == m and r["dataset"] == dataset for r in records)]
+        metrics = [PRIMARY[dataset], "nelbo_bits"] + (["tv"] if dataset == "toy2d" else []) \
+            + (["classifier_confidence", "copy_rate"] if dataset.startswith("digits") else []) \
+            + (["entropy", "distinct4"] if dataset == "text" else [])
+        for metric in metrics:
+            lines.append(f"\n## {dataset}: {metric}\n")
+            lines.append("| method | " + " | ".join(f"T={T}" for T in steps) + " |")
+            lines.append("|---|" + "---|" * len(steps))
+            for method in methods:
+                row = [mean_spread(cells.get((dataset, method, T, metric), [])) for T in steps]
+                lines.append(f"| {method} | " + " | ".join(row) + " |")
+        lines.append(f"\n## {dataset}: cost and collapse\n")
+        lines.append("| method | train s/step (mean) | cost vs masked | collapsed runs |")
+        lines.append("|---|---|---|---|")
+        masked = [v for T in steps for v in cells.get((dataset, "masked", T, "seconds_per_step"), [])]
+        for method in methods:
+            per_step = [v for T in steps for v in cells.get((dataset, method, T, "seconds_per_step"), [])]
+            collapsed = [v for T in steps if T > 1 for v in cells.get((dataset, method, T, "collapsed"), [])]
+            ratio = statistics.mean(per_step) / statistics.mean(masked) if masked and per_step else math.nan
+            collapse = f"{int(sum(collapsed))}/{len(collapsed)} (T>1)" if collapsed else "n/a (fixed forward)"
+            lines.append(f"| {method} | {statistics.mean(per_step):.4f} | {ratio:.2f}x | {collapse} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(records: list[dict], plot_dir: Path) -> list[Path]:
+    cells = summarize(records)
+    paths = []
+    for dataset in sorted({r["dataset"] for r in records}):
+        metric = PRIMARY[dataset]
+        fig, ax = plt.subplots(figsize=(5, 3.6))
+        for method in LEARNED + FIXED:
+            steps = sorted({r["steps"] for r in records if r["dataset"] == dataset and r["method"] == method})
+            if not steps:
+                continue
+            means = [statistics.mean(cells[(dataset, method, T, metric)]) for T in steps]
+            lows = [min(cells[(dataset, method, T, metric)]) for T in steps]
+            highs = [max(cells[(dataset, method, T, metric)]) for T in steps]
+            ax.plot(steps, means, "o-", label=method)
+            ax.fill_between(steps, lows, highs, alpha=0.2)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sampling steps T")
+        ax.set_ylabel(metric)
+        if metric == "kl":
+            ax.set_yscale("log")
+        ax.set_title(f"{dataset}: {metric} vs T (band: min-max over seeds)", fontsize=9)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = plot_dir / f"quality_vs_steps_{dataset}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", default=["toy2d", "digits-binary"], choices=sorted(CONFIGS))
+    parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="sampling steps T")
+    parser.add_argument("--many-steps", type=int, default=64, help="extra T for the fixed baselines (0: none)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--train-steps", type=int, help="optimizer steps (default: each data set's config)")
+    parser.add_argument("--num-samples", type=int, default=2000, help="generated samples per run (digits, text)")
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="T in {1, 2}, 1 seed, 150 steps: a smoke run")
+    parser.add_argument("--out-dir", type=Path, help="default: docs/ (full) or .fldd/quality-quick/ (--quick)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.steps, args.many_steps, args.seeds = [1, 2], 0, [0]
+        args.train_steps, args.num_samples = args.train_steps or 150, min(args.num_samples, 300)
+    out = args.out_dir or (ROOT / ".fldd" / "quality-quick" if args.quick else ROOT / "docs")
+    results_dir, plot_dir = out / "results", out / "plots"
+    results_dir.mkdir(parents=True, exist_ok=True)
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    command = "python benchmarks/quality_vs_steps.py " + " ".join(argv if argv is not None else os.sys.argv[1:])
+
+    jobs = grid(args.datasets, args.steps, args.many_steps, args.seeds)
+    print(f"{len(jobs)} runs on {args.processes} processes: {args.datasets}, T={args.steps} "
+          f"(+{args.many_steps} for fixed), seeds {args.seeds}", flush=True)
+    records: list[dict] = []
+    start = time.perf_counter()
+    with ProcessPoolExecutor(args.processes) as pool:
+        futures = {pool.submit(run_job, job, args.train_steps, args.num_samples, str(plot_dir)): job for job in jobs}
+        for done, future in enumerate(as_completed(futures), 1):
+            job = futures[future]
+            rows = future.result()
+            records.extend(rows)
+            value = next(r["value"] for r in rows if r["metric"] == PRIMARY[job["dataset"]])
+            elapsed = time.perf_counter() - start
+            print(f"[{done}/{len(jobs)}] {job['dataset']} {job['method']} T={job['steps']} seed {job['seed']}: "
+                  f"{PRIMARY[job['dataset']]}={value:.4f}  ({elapsed / 60:.1f} min, "
+                  f"~{elapsed / done * (len(jobs) - done) / 60:.1f} min left)", flush=True)
+            # write as we go: a long run that stops early still leaves its results
+            (results_dir / "quality_vs_steps.json").write_text(json.dumps(sorted(
+                records, key=lambda r: (r["dataset"], r["method"], r["steps"], r["seed"], r["metric"])), indent=1))
+    (results_dir / "quality_vs_steps.md").write_text(markdown(records, command, args.seeds))
+    for path in plot(records, plot_dir):
+        print(f"wrote {path}")
+    print(f"wrote {results_dir / 'quality_vs_steps.json'} and {results_dir / 'quality_vs_steps.md'} "
+          f"in {(time.perf_counter() - start) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
