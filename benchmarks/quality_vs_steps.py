@@ -155,6 +155,8 @@ def markdown(records: list[dict], command: str, seeds: list[int]) -> str:
         masked = [v for T in steps for v in cells.get((dataset, "masked", T, "seconds_per_step"), [])]
         for method in methods:
             per_step = [v for T in steps for v in cells.get((dataset, method, T, "seconds_per_step"), [])]
+            if not per_step:
+                continue
             collapsed = [v for T in steps if T > 1 for v in cells.get((dataset, method, T, "collapsed"), [])]
             ratio = statistics.mean(per_step) / statistics.mean(masked) if masked and per_step else math.nan
             collapse = f"{int(sum(collapsed))}/{len(collapsed)} (T>1)" if collapsed else "n/a (fixed forward)"
@@ -203,6 +205,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="T in {1, 2}, 1 seed, 150 steps: a smoke run")
     parser.add_argument("--out-dir", type=Path, help="default: docs/ (full) or .fldd/quality-quick/ (--quick)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rebuild the tables and plots from the existing results JSON, without training")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.many_steps, args.seeds = [1, 2], 0, [0]
@@ -213,6 +217,16 @@ def main(argv: list[str] | None = None) -> None:
     plot_dir.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/quality_vs_steps.py " + " ".join(argv if argv is not None else os.sys.argv[1:])
 
+    if args.report_only:
+        records = json.loads((results_dir / "quality_vs_steps.json").read_text())
+        seeds = sorted({r["seed"] for r in records})
+        datasets = sorted({r["dataset"] for r in records})
+        command = (f"python benchmarks/quality_vs_steps.py --datasets {' '.join(datasets)} "
+                   f"--seeds {' '.join(map(str, seeds))}")
+        (results_dir / "quality_vs_steps.md").write_text(markdown(records, command, seeds))
+        for path in plot(records, plot_dir):
+            print(f"wrote {path}")
+        return
     jobs = grid(args.datasets, args.steps, args.many_steps, args.seeds)
     print(f"{len(jobs)} runs on {args.processes} processes: {args.datasets}, T={args.steps} "
           f"(+{args.many_steps} for fixed), seeds {args.seeds}", flush=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from fldd.config import ConfigError, FLDDConfig
-from fldd.data import DataError, load_splits
+from fldd.data import DataError, load_splits, load_test_split
 from fldd.model import CheckpointError, FLDDModel
 from fldd.sampler import sample
 
@@ -79,12 +79,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipelines.reports import evaluate_model
 
     model, run_id = load_model(args)
-    _, valid = load_splits(model.config)
-    metrics = evaluate_model(model, valid, passes=args.passes, seed=args.seed)
+    held_out = load_splits(model.config)[1] if args.split == "valid" else load_test_split(model.config)
+    metrics = {**evaluate_model(model, held_out, passes=args.passes, seed=args.seed), "split": args.split}
     if run_id is not None:
         from pipelines.tracking import Tracker, tracking_uri
 
-        Tracker(tracking_uri(), run_id).log_metrics(model.config.train.steps, {f"eval_{k}": v for k, v in metrics.items()})
+        Tracker(tracking_uri(), run_id).log_metrics(model.config.train.steps,
+                                                    {f"eval_{args.split}_{k}": v for k, v in metrics.items()})
         print(f"logged to MLflow run {run_id}", file=sys.stderr)
     print(json.dumps(metrics, indent=2))
     return 0
@@ -169,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="held-out metrics of a trained model, logged back to its MLflow run")
     add_model_args(p)
     p.add_argument("--passes", type=int, default=10, help="Monte Carlo passes over z_t per example")
+    p.add_argument("--split", choices=["valid", "test"], default="valid",
+                   help="held-out split: valid for choosing among models, test for the final report")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_evaluate)
 

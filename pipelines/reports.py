@@ -12,15 +12,20 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from fldd.data import load_splits  # noqa: E402
 from fldd.datasets import data_pmf  # noqa: E402
 from fldd.metrics import exact_distribution_metrics  # noqa: E402
 from fldd.model import FLDDModel  # noqa: E402
 from fldd.objective import evaluate_nelbo  # noqa: E402
+from fldd.sample_metrics import CharNGram, digits_metrics, text_metrics  # noqa: E402
 from fldd.sampler import sample  # noqa: E402
 
 
-def evaluate_model(model: FLDDModel, valid: torch.Tensor, *, passes: int = 10, seed: int = 0) -> dict[str, Any]:
-    """Held-out NELBO (bits/token, sum over t), exact KL/TV on 2-D built-in toys, collapse flag."""
+def evaluate_model(model: FLDDModel, valid: torch.Tensor, *, passes: int = 10, seed: int = 0,
+                   num_samples: int = 2000) -> dict[str, Any]:
+    """Held-out metrics (EVALUATION.md) on `valid` (any held-out split): NELBO (bits/token, sum over
+    t), exact KL/TV on the 2-D toys, digits-FD / confidence / copy rate on digits, gen-BPC with
+    unigram entropy and distinct-4-grams on text, and the collapse flag."""
     estimate = evaluate_nelbo(model, valid, num_passes=passes, generator=torch.Generator().manual_seed(seed))
     metrics: dict[str, Any] = {"valid_nelbo_bits": estimate.bits_per_token,
                                "valid_nelbo_stderr": estimate.stderr_bits_per_token}
@@ -30,6 +35,13 @@ def evaluate_model(model: FLDDModel, valid: torch.Tensor, *, passes: int = 10, s
     pmf = None if cfg.data.path else data_pmf(cfg.data.name)
     if pmf is not None:
         metrics.update(exact_distribution_metrics(model, pmf))
+    if not cfg.data.path and cfg.data.name in ("digits", "digits-binary", "text"):
+        train, _ = load_splits(cfg)
+        samples = sample(model, num_samples, generator=torch.Generator().manual_seed(1000 + seed))
+        if cfg.data.name == "text":
+            metrics.update(text_metrics(samples, CharNGram(train, cfg.vocab_size)))
+        else:
+            metrics.update(digits_metrics(samples, valid, train, cfg.vocab_size))
     if cfg.learns_forward:
         report = model.check_collapse(valid[:1024])
         metrics["collapsed"] = report.collapsed
