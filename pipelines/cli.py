@@ -8,6 +8,7 @@ MLFLOW_TRACKING_URI overrides), checkpoints under $FLDD_HOME/ray_results (--stor
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -117,7 +118,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for method in ("fldd", "masked"):
         cfg = base.with_overrides({"process.method": method})
         print(f"\n=== {method}, T={cfg.process.num_steps} ===", flush=True)
-        outcome = launch(cfg, LaunchOptions(workers=0, name=f"demo-{cfg.data.name}-{method}-T{cfg.process.num_steps}"))
+        # named by a hash of the config: rerunning the same demo resumes it, a changed one starts afresh
+        digest = hashlib.sha1(cfg.to_yaml().encode()).hexdigest()[:8]
+        name = f"demo-{cfg.data.name}-{method}-T{cfg.process.num_steps}-{digest}"
+        outcome = launch(cfg, LaunchOptions(workers=0, name=name))
         rows.append((method, cfg.process.num_steps, outcome))
     print(f"\n{'method':<8} {'T':>3} {'NELBO bits/token':>18} {'exact KL':>9} {'TV':>7}  MLflow run")
     for method, T, outcome in rows:
