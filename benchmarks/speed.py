@@ -49,7 +49,7 @@ class Variant:
         self.cfg = cfg
         self.model = FLDDModel(cfg)
         self.optimizer = build_optimizer(self.model, cfg.train)
-        data = torch.randint(0, cfg.vocab_size, (cfg.train.batch_size // self.model.samples_per_x, cfg.seq_len))
+        data = torch.randint(0, cfg.vocab_size, (cfg.rows_per_micro_batch(), cfg.seq_len))
         self.batches = iter(lambda: data, None)
         self.schedule = TrainSchedule(cfg.train, cfg.learns_forward)
         self.step_seconds: list[float] = []

@@ -113,6 +113,16 @@ class FLDDConfig:
     def learns_forward(self) -> bool:
         return self.process.method in ("fldd", "fldd-mask")
 
+    @property
+    def samples_per_x(self) -> int:
+        """M: z_t samples per (x, t); only a learned forward needs more than one (leave-one-out)."""
+        return self.train.num_zt_samples if self.learns_forward else 1
+
+    def rows_per_micro_batch(self, workers: int = 1) -> int:
+        """Data points per micro-batch: the global reverse batch split over workers, accumulation
+        steps and the M z_t samples drawn per data point."""
+        return self.train.batch_size // (workers * self.train.grad_accum_steps * self.samples_per_x)
+
     # ---- validation ---------------------------------------------------------------------
     def validate(self) -> FLDDConfig:
         def require(ok: bool, name: str, value: Any, why: str) -> None:

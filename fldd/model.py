@@ -79,8 +79,7 @@ class FLDDModel(nn.Module):
 
     @property
     def samples_per_x(self) -> int:
-        """M: z_t samples per (x, t); only a learned forward needs more than one (leave-one-out)."""
-        return self.config.train.num_zt_samples if self.forward_process.learned else 1
+        return self.config.samples_per_x
 
     def forward_parameters(self) -> list[nn.Parameter]:
         return list(self.forward_process.parameters())

@@ -175,8 +175,7 @@ def fit(cfg: FLDDConfig, train_data: Tensor, valid_data: Tensor, *, on_metrics: 
     model = FLDDModel(cfg).to(device)
     optimizer = build_optimizer(model, cfg.train)
     batch_generator = torch.Generator().manual_seed(cfg.train.seed)
-    x_per_micro_batch = cfg.train.batch_size // (model.samples_per_x * cfg.train.grad_accum_steps)
-    batches = infinite_batches(train_data, x_per_micro_batch, batch_generator)
+    batches = infinite_batches(train_data, cfg.rows_per_micro_batch(), batch_generator)
     probe = valid_data[:1024]
     history: list[dict] = []
 

@@ -136,8 +136,7 @@ def train_worker(loop_config: dict) -> dict:
     progress = print_progress(cfg.train.steps) if rank == 0 and not loop_config.get("quiet") else None
 
     accumulation = cfg.train.grad_accum_steps
-    x_per_micro_batch = cfg.train.batch_size // (world * accumulation * model.samples_per_x)
-    batches = _shard_batches(ray.train.get_dataset_shard("train"), x_per_micro_batch)
+    batches = _shard_batches(ray.train.get_dataset_shard("train"), cfg.rows_per_micro_batch(world))
     batches = _maybe_inject_failure(batches, loop_config, rank, world, start_step, accumulation)
 
     def on_metrics(step: int, metrics: dict) -> None:
@@ -265,7 +264,7 @@ def validate_launch(cfg: FLDDConfig, opts: LaunchOptions) -> None:
     if opts.workers < 0:
         raise ConfigError(f"workers={opts.workers}: must be >= 0")
     world = max(opts.workers, 1)
-    micro = world * cfg.train.grad_accum_steps * (cfg.train.num_zt_samples if cfg.learns_forward else 1)
+    micro = world * cfg.train.grad_accum_steps * cfg.samples_per_x
     if cfg.train.batch_size % micro:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size}: must split evenly over {world} worker(s) x "
                           f"{cfg.train.grad_accum_steps} accumulation step(s) x M z_t samples (multiple of {micro})")
@@ -323,8 +322,7 @@ def launch(cfg: FLDDConfig, opts: LaunchOptions | None = None) -> TrainOutcome:
     name = opts.name or default_run_name(cfg)
     train_data, valid_data = load_splits(cfg)  # validates the data here, in the driver
     world = max(opts.workers, 1)
-    rows_per_micro = cfg.train.batch_size // (world * cfg.train.grad_accum_steps
-                                              * (cfg.train.num_zt_samples if cfg.learns_forward else 1))
+    rows_per_micro = cfg.rows_per_micro_batch(world)
     if len(train_data) // world < rows_per_micro:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size}: each of {world} worker(s) needs "
                           f"{rows_per_micro} rows per micro-batch, the training split has {len(train_data)}")
