@@ -31,7 +31,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from fldd.config import FLDDConfig  # noqa: E402
+from fldd.config import ConfigError, FLDDConfig  # noqa: E402
 from fldd.data import load_splits, load_test_split  # noqa: E402
 from fldd.datasets import builtin, data_pmf, tokens_to_text  # noqa: E402
 from fldd.metrics import exact_distribution_metrics  # noqa: E402
@@ -47,10 +47,11 @@ LEARNED = ("fldd", "fldd-mask")
 FIXED = ("masked", "uniform")
 
 
-def grid(datasets: list[str], steps_list: list[int], many_steps: int | None, seeds: list[int]) -> list[dict]:
+def grid(datasets: list[str], steps_list: list[int], many_steps: int | None, seeds: list[int],
+         methods: tuple[str, ...] = LEARNED + FIXED) -> list[dict]:
     jobs = []
     for dataset in datasets:
-        for method in LEARNED + FIXED:
+        for method in methods:
             budgets = steps_list + ([many_steps] if many_steps and method in FIXED else [])
             for T in budgets:
                 for seed in seeds:
@@ -58,7 +59,7 @@ def grid(datasets: list[str], steps_list: list[int], many_steps: int | None, see
     return jobs
 
 
-def config_for(job: dict, train_steps: int | None) -> FLDDConfig:
+def config_for(job: dict, train_steps: int | None, learned_overrides: list[str] | None = None) -> FLDDConfig:
     cfg = FLDDConfig.from_yaml(ROOT / "configs" / CONFIGS[job["dataset"]])
     spec = builtin(job["dataset"])
     overrides = {"data.name": job["dataset"], "seq_len": spec.seq_len, "vocab_size": spec.vocab_size,
@@ -66,18 +67,23 @@ def config_for(job: dict, train_steps: int | None) -> FLDDConfig:
                  "train.log_every": 10**6}
     if train_steps:
         overrides["train.steps"] = train_steps
-    return cfg.with_overrides(overrides)
+    cfg = cfg.with_overrides(overrides)
+    if job["method"] in LEARNED:  # tuning knobs of the learned forward; fixed baselines keep the config
+        cfg = cfg.with_overrides(learned_overrides or [])
+    return cfg
 
 
-def run_job(job: dict, train_steps: int | None, num_samples: int, plot_dir: str | None) -> list[dict]:
+def run_job(job: dict, train_steps: int | None, num_samples: int, plot_dir: str | None,
+            split: str = "test", learned_overrides: list[str] | None = None) -> list[dict]:
     torch.set_num_threads(1)
-    cfg = config_for(job, train_steps)
+    cfg = config_for(job, train_steps, learned_overrides)
     train, valid = load_splits(cfg)
-    test = load_test_split(cfg)
+    # tuning evaluates on the validation split; the reported tables on the test split
+    held_out = load_test_split(cfg) if split == "test" else valid
     result = fit(cfg, train, valid, eval_passes=1)
     model = result.model.eval()
     values = {"train_seconds": result.train_seconds, "seconds_per_step": result.train_seconds / cfg.train.steps}
-    nelbo = evaluate_nelbo(model, test, num_passes=10, generator=torch.Generator().manual_seed(job["seed"]))
+    nelbo = evaluate_nelbo(model, held_out, num_passes=10, generator=torch.Generator().manual_seed(job["seed"]))
     values.update(nelbo_bits=nelbo.bits_per_token, nelbo_stderr=nelbo.stderr_bits_per_token)
     if result.collapse is not None:
         values["collapsed"] = float(result.collapse.collapsed)
@@ -88,7 +94,7 @@ def run_job(job: dict, train_steps: int | None, num_samples: int, plot_dir: str 
     samples = sample(model, num_samples, generator=torch.Generator().manual_seed(1000 + job["seed"]))
     values["sample_seconds_per_sample"] = (time.perf_counter() - start) / num_samples
     if job["dataset"].startswith("digits"):
-        values.update(digits_metrics(samples, test, train, cfg.vocab_size))
+        values.update(digits_metrics(samples, held_out, train, cfg.vocab_size))
     if job["dataset"] == "text":
         values.update(text_metrics(samples, CharNGram(train, cfg.vocab_size)))
     if plot_dir and job["seed"] == 0:
@@ -132,10 +138,10 @@ def mean_spread(values: list[float]) -> str:
     return f"{mean:.4f} ± {spread:.4f}" if abs(mean) < 10 else f"{mean:.2f} ± {spread:.2f}"
 
 
-def markdown(records: list[dict], command: str, seeds: list[int]) -> str:
+def markdown(records: list[dict], command: str, seeds: list[int], split: str = "test") -> str:
     cells = summarize(records)
     lines = [f"# Quality vs steps\n\nCommand: `{command}`; seeds {seeds}; mean ± standard deviation over seeds, "
-             "test split.\n"]
+             f"{split} split.\n"]
     for dataset in sorted({r["dataset"] for r in records}):
         steps = sorted({r["steps"] for r in records if r["dataset"] == dataset})
         methods = [m for m in LEARNED + FIXED if any(r["method"] == m and r["dataset"] == dataset for r in records)]
@@ -203,8 +209,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-steps", type=int, help="optimizer steps (default: each data set's config)")
     parser.add_argument("--num-samples", type=int, default=2000, help="generated samples per run (digits, text)")
     parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--methods", nargs="+", default=list(LEARNED + FIXED), choices=LEARNED + FIXED)
+    parser.add_argument("--split", choices=["test", "valid"], default="test",
+                        help="where runs are evaluated: tune on valid, report on test")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for the learned methods only (tuning), e.g. train.forward_lr=1e-4")
     parser.add_argument("--quick", action="store_true", help="T in {1, 2}, 1 seed, 150 steps: a smoke run")
     parser.add_argument("--out-dir", type=Path, help="default: docs/ (full) or .fldd/quality-quick/ (--quick)")
+    parser.add_argument("--merge", action="store_true",
+                        help="add to the existing results JSON, replacing only the cells this run trains")
     parser.add_argument("--report-only", action="store_true",
                         help="rebuild the tables and plots from the existing results JSON, without training")
     args = parser.parse_args(argv)
@@ -227,13 +240,25 @@ def main(argv: list[str] | None = None) -> None:
         for path in plot(records, plot_dir):
             print(f"wrote {path}")
         return
-    jobs = grid(args.datasets, args.steps, args.many_steps, args.seeds)
+    jobs = grid(args.datasets, args.steps, args.many_steps, args.seeds, tuple(args.methods))
+    try:  # fail before any training on an unknown key or a bad value
+        for job in jobs:
+            config_for(job, args.train_steps, args.overrides)
+    except ConfigError as err:
+        parser.error(str(err))
     print(f"{len(jobs)} runs on {args.processes} processes: {args.datasets}, T={args.steps} "
           f"(+{args.many_steps} for fixed), seeds {args.seeds}", flush=True)
     records: list[dict] = []
+    results_path = results_dir / "quality_vs_steps.json"
+    if args.merge and results_path.is_file():  # keep other cells' records; this run's cells are replaced
+        ran = {(j["dataset"], j["method"], j["steps"], j["seed"]) for j in jobs}
+        records = [r for r in json.loads(results_path.read_text())
+                   if (r["dataset"], r["method"], r["steps"], r["seed"]) not in ran]
+        command = "several invocations of python benchmarks/quality_vs_steps.py (see docs/benchmarks.md)"
     start = time.perf_counter()
     with ProcessPoolExecutor(args.processes) as pool:
-        futures = {pool.submit(run_job, job, args.train_steps, args.num_samples, str(plot_dir)): job for job in jobs}
+        futures = {pool.submit(run_job, job, args.train_steps, args.num_samples, str(plot_dir), args.split,
+                               args.overrides): job for job in jobs}
         for done, future in enumerate(as_completed(futures), 1):
             job = futures[future]
             rows = future.result()
@@ -244,9 +269,10 @@ def main(argv: list[str] | None = None) -> None:
                   f"{PRIMARY[job['dataset']]}={value:.4f}  ({elapsed / 60:.1f} min, "
                   f"~{elapsed / done * (len(jobs) - done) / 60:.1f} min left)", flush=True)
             # write as we go: a long run that stops early still leaves its results
-            (results_dir / "quality_vs_steps.json").write_text(json.dumps(sorted(
+            results_path.write_text(json.dumps(sorted(
                 records, key=lambda r: (r["dataset"], r["method"], r["steps"], r["seed"], r["metric"])), indent=1))
-    (results_dir / "quality_vs_steps.md").write_text(markdown(records, command, args.seeds))
+    seeds = sorted({r["seed"] for r in records})
+    (results_dir / "quality_vs_steps.md").write_text(markdown(records, command, seeds, args.split))
     for path in plot(records, plot_dir):
         print(f"wrote {path}")
     print(f"wrote {results_dir / 'quality_vs_steps.json'} and {results_dir / 'quality_vs_steps.md'} "

@@ -59,7 +59,11 @@ class TrainConfig:
     steps: int = 2000
     batch_size: int = 256  # (x, z_t) pairs per step: the reverse network's batch
     lr: float = 1e-3  # reverse network
-    forward_lr: float = 3e-4  # learned forward network
+    forward_lr: float = 3e-4  # learned forward network (at T <= forward_lr_ref_steps)
+    # Above this many steps T the forward learning rate shrinks as forward_lr * (ref/T)^2: the
+    # REINFORCE signal per marginal thins out with T, and at 3e-4 toy2d T=16 drifted off its warm
+    # start and collapsed on 1 of 3 seeds (docs/training_recipe.md). 0: forward_lr at every T.
+    forward_lr_ref_steps: int = 4
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     estimator: str = "loo"  # REINFORCE baseline: loo (leave-one-out over M z_t) | ema (per t)
@@ -118,6 +122,12 @@ class FLDDConfig:
         """M: z_t samples per (x, t); only a learned forward needs more than one (leave-one-out)."""
         return self.train.num_zt_samples if self.learns_forward else 1
 
+    @property
+    def forward_lr(self) -> float:
+        """The learned forward network's learning rate at this config's T (train.forward_lr_ref_steps)."""
+        ref, T = self.train.forward_lr_ref_steps, self.process.num_steps
+        return self.train.forward_lr * (min(1.0, ref / T) ** 2 if ref else 1.0)
+
     def rows_per_micro_batch(self, workers: int = 1) -> int:
         """Data points per micro-batch: the global reverse batch split over workers, accumulation
         steps and the M z_t samples drawn per data point."""
@@ -154,6 +164,7 @@ class FLDDConfig:
         require(tr.batch_size >= 1, "train.batch_size", tr.batch_size, "must be >= 1")
         require(tr.lr > 0, "train.lr", tr.lr, "must be > 0")
         require(tr.forward_lr >= 0, "train.forward_lr", tr.forward_lr, "must be >= 0")
+        require(tr.forward_lr_ref_steps >= 0, "train.forward_lr_ref_steps", tr.forward_lr_ref_steps, "must be >= 0")
         require(tr.grad_clip > 0, "train.grad_clip", tr.grad_clip, "must be > 0")
         require(tr.estimator in ESTIMATORS, "train.estimator", tr.estimator, f"must be one of {ESTIMATORS}")
         require(tr.num_zt_samples >= 1, "train.num_zt_samples", tr.num_zt_samples, "must be >= 1")

@@ -56,10 +56,11 @@ class TrainSchedule:
 
 
 def build_optimizer(model: FLDDModel, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with separate learning rates for the reverse and the learned forward network."""
+    """AdamW with separate learning rates for the reverse and the learned forward network (the
+    latter scaled for the model's T: FLDDConfig.forward_lr)."""
     groups = [{"params": model.reverse_parameters(), "lr": cfg.lr, "name": "reverse"}]
     if model.forward_parameters():
-        groups.append({"params": model.forward_parameters(), "lr": cfg.forward_lr, "name": "forward"})
+        groups.append({"params": model.forward_parameters(), "lr": model.config.forward_lr, "name": "forward"})
     return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
 
 

@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -48,3 +49,34 @@ def test_one_step_models_are_no_better_than_the_product_of_marginals(quick_resul
     records = json.loads((quick_results / "results" / "quality_vs_steps.json").read_text())
     one_step = [r["value"] for r in records if r["dataset"] == "toy2d" and r["steps"] == 1 and r["metric"] == "kl"]
     assert len(one_step) == 4 and all(kl >= floor - 1e-6 for kl in one_step)
+
+
+def run_benchmark(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality_vs_steps.py"), *args],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
+def test_merge_replaces_only_the_cells_it_trains(quick_results, tmp_path):
+    shutil.copytree(quick_results, tmp_path, dirs_exist_ok=True)
+    before = json.loads((tmp_path / "results" / "quality_vs_steps.json").read_text())
+    result = run_benchmark("--datasets", "toy2d", "--methods", "masked", "--steps", "2", "--many-steps", "0",
+                           "--seeds", "0", "--train-steps", "20", "--split", "valid", "--merge",
+                           "--out-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-4000:]
+    after = json.loads((tmp_path / "results" / "quality_vs_steps.json").read_text())
+
+    def cell(r):
+        return r["dataset"], r["method"], r["steps"], r["seed"]
+
+    retrained = ("toy2d", "masked", 2, 0)
+    assert [r for r in after if cell(r) != retrained] == [r for r in before if cell(r) != retrained]
+    old = {r["metric"]: r["value"] for r in before if cell(r) == retrained}
+    new = {r["metric"]: r["value"] for r in after if cell(r) == retrained}
+    assert new.keys() == old.keys() and new["kl"] != old["kl"]  # replaced (20 steps, not 150), not duplicated
+    assert "valid split" in (tmp_path / "results" / "quality_vs_steps.md").read_text()
+
+
+def test_unknown_override_fails_before_training(tmp_path):
+    result = run_benchmark("--quick", "--set", "train.no_such_knob=1", "--out-dir", str(tmp_path))
+    assert result.returncode == 2 and "unknown config key 'train.no_such_knob'" in result.stderr
+    assert not (tmp_path / "results" / "quality_vs_steps.json").exists()

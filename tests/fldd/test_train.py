@@ -30,6 +30,15 @@ def test_optimizer_has_separate_forward_learning_rate():
     assert [g["name"] for g in build_optimizer(masked, masked.config.train).param_groups] == ["reverse"]
 
 
+def test_forward_learning_rate_shrinks_above_the_reference_steps():
+    for T, expected in [(2, 3e-4), (4, 3e-4), (8, 3e-4 / 4), (16, 3e-4 / 16)]:
+        model = tiny_model({"train.forward_lr": 3e-4, "train.forward_lr_ref_steps": 4}, T=T, double=False)
+        groups = {g["name"]: g for g in build_optimizer(model, model.config.train).param_groups}
+        assert groups["forward"]["lr"] == pytest.approx(expected)
+    fixed = tiny_model({"train.forward_lr": 3e-4, "train.forward_lr_ref_steps": 0}, T=16, double=False)
+    assert fixed.config.forward_lr == pytest.approx(3e-4)
+
+
 def run_steps(model, steps, **kwargs):
     optimizer = build_optimizer(model, model.config.train)
     batches = infinite_batches(DATA, model.config.train.batch_size // model.samples_per_x, torch.Generator())
