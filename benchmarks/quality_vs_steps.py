@@ -233,9 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.report_only:
         records = json.loads((results_dir / "quality_vs_steps.json").read_text())
         seeds = sorted({r["seed"] for r in records})
-        datasets = sorted({r["dataset"] for r in records})
-        command = (f"python benchmarks/quality_vs_steps.py --datasets {' '.join(datasets)} "
-                   f"--seeds {' '.join(map(str, seeds))}")
+        command = "python benchmarks/quality_vs_steps.py --report-only  # training invocations: docs/benchmarks.md"
         (results_dir / "quality_vs_steps.md").write_text(markdown(records, command, seeds))
         for path in plot(records, plot_dir):
             print(f"wrote {path}")
@@ -254,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
         ran = {(j["dataset"], j["method"], j["steps"], j["seed"]) for j in jobs}
         records = [r for r in json.loads(results_path.read_text())
                    if (r["dataset"], r["method"], r["steps"], r["seed"]) not in ran]
-        command = "several invocations of python benchmarks/quality_vs_steps.py (see docs/benchmarks.md)"
+        command += "  # merged into earlier records; all invocations: docs/benchmarks.md"
     start = time.perf_counter()
     with ProcessPoolExecutor(args.processes) as pool:
         futures = {pool.submit(run_job, job, args.train_steps, args.num_samples, str(plot_dir), args.split,

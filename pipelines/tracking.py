@@ -109,7 +109,8 @@ def start_run(cfg: FLDDConfig, run_name: str, tags: dict[str, Any], home: Path |
     run = client.create_run(experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name,
                                                                     **{k: str(v) for k, v in tags.items()}})
     tracker = Tracker(uri, run.info.run_id)
-    params = [Param(k, str(v)[:6000]) for k, v in cfg.to_flat_dict().items()]
+    derived = {"train.forward_lr_at_T": cfg.forward_lr} if cfg.learns_forward else {}  # what the optimizer uses
+    params = [Param(k, str(v)[:6000]) for k, v in {**cfg.to_flat_dict(), **derived}.items()]
     for start in range(0, len(params), 100):
         client.log_batch(run.info.run_id, params=params[start:start + 100])
     return tracker, False

@@ -57,6 +57,8 @@ def test_rerun_with_the_same_name_resumes(ray_cluster, home):
     first = launch(toy_config(**{"train.steps": 40}), LaunchOptions(workers=0, name="resume", quiet=True))
     second = launch(toy_config(**{"train.steps": 80}), LaunchOptions(workers=0, name="resume", quiet=True))
     assert not first.resumed and second.resumed
+    params = MlflowClient(tracking_uri()).get_run(first.run_id).data.params
+    assert float(params["train.forward_lr_at_T"]) == pytest.approx(toy_config().forward_lr)  # the rate in use
     assert second.run_id == first.run_id and second.start_step == 40
     assert [s for s, _ in metric_history(first.run_id, "valid_nelbo_bits")] == [20, 40, 60, 80]
     assert len(runs_named("resume")) == 1
