@@ -7,6 +7,8 @@ cell is the configured recipe, evaluated once on the *test* split.
     python benchmarks/quality_vs_steps.py                          # toy2d + digits-binary, 3 seeds
     python benchmarks/quality_vs_steps.py --datasets text          # text, a separate invocation
     python benchmarks/quality_vs_steps.py --quick                  # < 3 minutes, writes under .fldd/
+    python benchmarks/quality_vs_steps.py --split valid --methods fldd --steps 16 \
+        --set train.forward_lr=3e-5 --out-dir .fldd/tune/x            # tuning: validation split, no docs/
 
 Writes docs/results/quality_vs_steps.json (records {"dataset", "method", "steps", "seed", "metric",
 "value"}), docs/results/quality_vs_steps.md (tables), docs/plots/quality_vs_steps_<data>.png and
@@ -44,7 +46,10 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {"toy2d": "toy2d.yaml", "digits-binary": "digits.yaml", "digits": "digits.yaml", "text": "text.yaml"}
 PRIMARY = {"toy2d": "kl", "digits-binary": "digits_fd", "digits": "digits_fd", "text": "gen_bpc"}
 LEARNED = ("fldd", "fldd-mask")
-FIXED = ("masked", "uniform")
+# masked-x0: the masked forward with MDLM's predict-x reverse parameterization (carry-over), the
+# strongest fixed baseline we have; the others use the direct parameterization FLDD must use
+FIXED = ("masked", "masked-x0", "uniform")
+METHOD_OVERRIDES = {"masked-x0": {"process.method": "masked", "process.reverse_parameterization": "x0"}}
 
 
 def grid(datasets: list[str], steps_list: list[int], many_steps: int | None, seeds: list[int],
@@ -64,7 +69,7 @@ def config_for(job: dict, train_steps: int | None, learned_overrides: list[str] 
     spec = builtin(job["dataset"])
     overrides = {"data.name": job["dataset"], "seq_len": spec.seq_len, "vocab_size": spec.vocab_size,
                  "process.method": job["method"], "process.num_steps": job["steps"], "train.seed": job["seed"],
-                 "train.log_every": 10**6}
+                 "train.log_every": 10**6, **METHOD_OVERRIDES.get(job["method"], {})}
     if train_steps:
         overrides["train.steps"] = train_steps
     cfg = cfg.with_overrides(overrides)

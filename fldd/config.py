@@ -42,6 +42,11 @@ class ProcessConfig:
     # information about x and sits at the collapsed saddle (spec section 5b)
     forward_init_scale: float = 1.0
     schedule: str = "linear"  # alpha_t for fixed processes and warm starts: linear | cosine
+    # How the reverse network's output becomes p(z_s | z_t): "direct" (spec section 3; the only
+    # choice for a learned forward, whose q(x | z_t) is not factorized) or "x0" for the fixed
+    # processes: the network predicts x and p(z_s|z_t) = sum_x q(z_s|z_t,x) p(x|z_t) per position
+    # (MDLM's carry-over parameterization for masked). A stronger fixed baseline at large T.
+    reverse_parameterization: str = "direct"
 
 
 @dataclass
@@ -147,6 +152,11 @@ class FLDDConfig:
         require(p.prior in PRIORS, "process.prior", p.prior, f"must be one of {PRIORS}")
         require(p.warm_start in WARM_STARTS, "process.warm_start", p.warm_start, f"must be one of {WARM_STARTS}")
         require(p.schedule in SCHEDULES, "process.schedule", p.schedule, f"must be one of {SCHEDULES}")
+        require(p.reverse_parameterization in ("direct", "x0"), "process.reverse_parameterization",
+                p.reverse_parameterization, "must be 'direct' or 'x0'")
+        require(p.reverse_parameterization == "direct" or p.method in ("masked", "uniform"),
+                "process.reverse_parameterization", p.reverse_parameterization,
+                "'x0' needs a fixed forward (masked or uniform): a learned forward's q(x | z_t) is not factorized")
         require(p.forward_init_scale >= 0, "process.forward_init_scale", p.forward_init_scale, "must be >= 0")
         require(0.0 < p.warm_start_floor < 1.0, "process.warm_start_floor", p.warm_start_floor, "must be in (0, 1)")
         if p.method == "fldd" and p.warm_start == "masked":

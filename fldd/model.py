@@ -12,9 +12,10 @@ import torch
 from torch import Tensor, nn
 
 from fldd.config import ConfigError, FLDDConfig
-from fldd.forward import LOG_ZERO, ForwardProcess, build_forward_process
+from fldd.forward import LOG_ZERO, ForwardProcess, build_forward_process, safe_log
 from fldd.networks import TokenNetwork
 from fldd.objective import leave_one_out_baseline, training_loss
+from fldd.posterior import max_coupling_matrix
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +95,30 @@ class FLDDModel(nn.Module):
         At t = 1 the MASK logit is removed, so no mass can land on MASK at z_0.
         """
         logits = self.reverse(z_t, t)
+        if self.config.process.reverse_parameterization == "x0":
+            if z_t.dim() == 3:
+                raise ValueError("the x0 parameterization takes hard states z_t (it has no relaxed warm-up)")
+            return self.x0_reverse_log_probs(torch.log_softmax(logits[..., :self.config.vocab_size], dim=-1), z_t, t)
         if self.mask_id is not None:
             is_mask = torch.arange(self.num_states, device=logits.device) == self.mask_id
             logits = torch.where((t == 1)[:, None, None] & is_mask, LOG_ZERO, logits)
         return torch.log_softmax(logits, dim=-1)
+
+    def x0_reverse_log_probs(self, log_p_x: Tensor, z_t: Tensor, t: Tensor) -> Tensor:
+        """p(z_s^i | z_t) = sum_c p(x^i = c | z_t) q(z_s^i | z_t^i, x^i = c) for a fixed forward.
+
+        log_p_x: (B, D, K) predicted data tokens; z_t: (B, D) states -> (B, D, S). Fixed marginals
+        depend on x^i alone, so the posterior is the per-position max coupling of u(c, s), u(c, t).
+        With a point-mass prediction at the true x this is exactly q(z_s | z_t, x).
+        """
+        T, K = self.num_steps, self.config.vocab_size
+        steps = torch.arange(1, T + 1, device=z_t.device)
+        every_token = torch.arange(K, device=z_t.device).expand(T, K)  # each c as a "position"
+        log_u = self.forward_process.log_marginals(every_token, torch.stack([steps, steps - 1], dim=1))  # (T,2,K,S)
+        table = max_coupling_matrix(log_u[:, 1], log_u[:, 0])  # (t, c, from k, to j): small, built per call
+        rows = table.permute(0, 2, 1, 3)[(t - 1)[:, None], z_t]  # (B, D, c, j)
+        probs = torch.einsum("bdc,bdcj->bdj", log_p_x.exp().to(rows.dtype), rows)
+        return safe_log(probs)
 
     # ---- training ------------------------------------------------------------------------
     def forward(self, x: Tensor, *, train_forward: bool = True, tau: float | None = None,

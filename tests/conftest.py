@@ -21,6 +21,8 @@ PROCESS_VARIANTS = {
     "masked": {"process.method": "masked"},
     "masked-cosine": {"process.method": "masked", "process.schedule": "cosine"},
     "uniform": {"process.method": "uniform"},
+    "masked-x0": {"process.method": "masked", "process.reverse_parameterization": "x0"},
+    "uniform-x0": {"process.method": "uniform", "process.reverse_parameterization": "x0"},
 }
 
 

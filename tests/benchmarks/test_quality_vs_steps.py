@@ -21,7 +21,7 @@ def quick_results(tmp_path_factory):
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality_vs_steps.py"), "--quick",
                              "--out-dir", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    assert "[16/16]" in result.stdout  # progress is shown
+    assert "[20/20]" in result.stdout  # progress is shown
     return out
 
 
@@ -29,7 +29,7 @@ def test_quick_run_writes_records_tables_and_plots(quick_results):
     records = json.loads((quick_results / "results" / "quality_vs_steps.json").read_text())
     assert {tuple(sorted(r)) for r in records} == {("dataset", "method", "metric", "seed", "steps", "value")}
     for dataset, metric in (("toy2d", "kl"), ("digits-binary", "digits_fd")):
-        for method in ("fldd", "fldd-mask", "masked", "uniform"):
+        for method in ("fldd", "fldd-mask", "masked", "masked-x0", "uniform"):
             for T in (1, 2):
                 values = [r["value"] for r in records if (r["dataset"], r["method"], r["steps"], r["metric"])
                           == (dataset, method, T, metric)]
@@ -48,7 +48,7 @@ def test_one_step_models_are_no_better_than_the_product_of_marginals(quick_resul
     floor = (pmf * (pmf.log() - product.log())).sum().item()  # KL(data || product of marginals)
     records = json.loads((quick_results / "results" / "quality_vs_steps.json").read_text())
     one_step = [r["value"] for r in records if r["dataset"] == "toy2d" and r["steps"] == 1 and r["metric"] == "kl"]
-    assert len(one_step) == 4 and all(kl >= floor - 1e-6 for kl in one_step)
+    assert len(one_step) == 5 and all(kl >= floor - 1e-6 for kl in one_step)
 
 
 def run_benchmark(*args: str) -> subprocess.CompletedProcess:
