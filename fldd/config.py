@@ -45,7 +45,8 @@ class ProcessConfig:
     # How the reverse network's output becomes p(z_s | z_t): "direct" (spec section 3; the only
     # choice for a learned forward, whose q(x | z_t) is not factorized) or "x0" for the fixed
     # processes: the network predicts x and p(z_s|z_t) = sum_x q(z_s|z_t,x) p(x|z_t) per position
-    # (MDLM's carry-over parameterization for masked). A stronger fixed baseline at large T.
+    # (MDLM's parameterization for masked). A stronger fixed baseline at large T. "carry-over" for
+    # masking-only forwards (masked, fldd-mask): direct, but revealed tokens are kept exactly.
     reverse_parameterization: str = "direct"
 
 
@@ -152,9 +153,15 @@ class FLDDConfig:
         require(p.prior in PRIORS, "process.prior", p.prior, f"must be one of {PRIORS}")
         require(p.warm_start in WARM_STARTS, "process.warm_start", p.warm_start, f"must be one of {WARM_STARTS}")
         require(p.schedule in SCHEDULES, "process.schedule", p.schedule, f"must be one of {SCHEDULES}")
-        require(p.reverse_parameterization in ("direct", "x0"), "process.reverse_parameterization",
-                p.reverse_parameterization, "must be 'direct' or 'x0'")
-        require(p.reverse_parameterization == "direct" or p.method in ("masked", "uniform"),
+        require(p.reverse_parameterization in ("direct", "x0", "carry-over"), "process.reverse_parameterization",
+                p.reverse_parameterization, "must be 'direct', 'x0' or 'carry-over'")
+        require(p.reverse_parameterization != "carry-over" or p.method in ("masked", "fldd-mask"),
+                "process.reverse_parameterization", p.reverse_parameterization,
+                "'carry-over' needs a masking-only forward (masked or fldd-mask): others change revealed tokens")
+        require(p.reverse_parameterization == "direct" or self.train.concrete_warmup_steps == 0,
+                "process.reverse_parameterization", p.reverse_parameterization,
+                "takes hard z_t only: set train.concrete_warmup_steps=0")
+        require(p.reverse_parameterization != "x0" or p.method in ("masked", "uniform"),
                 "process.reverse_parameterization", p.reverse_parameterization,
                 "'x0' needs a fixed forward (masked or uniform): a learned forward's q(x | z_t) is not factorized")
         require(p.forward_init_scale >= 0, "process.forward_init_scale", p.forward_init_scale, "must be >= 0")

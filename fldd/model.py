@@ -102,7 +102,15 @@ class FLDDModel(nn.Module):
         if self.mask_id is not None:
             is_mask = torch.arange(self.num_states, device=logits.device) == self.mask_id
             logits = torch.where((t == 1)[:, None, None] & is_mask, LOG_ZERO, logits)
-        return torch.log_softmax(logits, dim=-1)
+        log_p = torch.log_softmax(logits, dim=-1)
+        if self.config.process.reverse_parameterization == "carry-over":
+            # a masking-only forward never changes a revealed token, so neither does the reverse
+            if z_t.dim() == 3:
+                raise ValueError("the carry-over parameterization takes hard states z_t (no relaxed warm-up)")
+            revealed = (z_t != self.mask_id)[..., None]
+            keep = torch.nn.functional.one_hot(z_t, self.num_states).to(log_p.dtype)
+            log_p = torch.where(revealed, safe_log(keep), log_p)
+        return log_p
 
     def x0_reverse_log_probs(self, log_p_x: Tensor, z_t: Tensor, t: Tensor) -> Tensor:
         """p(z_s^i | z_t) = sum_c p(x^i = c | z_t) q(z_s^i | z_t^i, x^i = c) for a fixed forward.

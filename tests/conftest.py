@@ -23,6 +23,8 @@ PROCESS_VARIANTS = {
     "uniform": {"process.method": "uniform"},
     "masked-x0": {"process.method": "masked", "process.reverse_parameterization": "x0"},
     "uniform-x0": {"process.method": "uniform", "process.reverse_parameterization": "x0"},
+    "masked-carry-over": {"process.method": "masked", "process.reverse_parameterization": "carry-over"},
+    "fldd-mask-carry-over": {"process.method": "fldd-mask", "process.reverse_parameterization": "carry-over"},
 }
 
 

@@ -1,4 +1,5 @@
-"""The x0 (predict-the-data) reverse parameterization for fixed forward processes."""
+"""Reverse parameterizations beyond the direct one: x0 (predict the data; fixed forwards) and
+carry-over (masking-only forwards)."""
 
 import pytest
 import torch
@@ -38,3 +39,20 @@ def test_masked_x0_carries_revealed_tokens_over_and_never_ends_on_mask():
 def test_x0_needs_a_fixed_forward():
     with pytest.raises(ConfigError, match="reverse_parameterization"):
         tiny_config({"process.method": "fldd", "process.reverse_parameterization": "x0"})
+
+
+@pytest.mark.parametrize("method", ["masked", "fldd-mask"])
+def test_carry_over_keeps_revealed_tokens_and_predicts_masked_ones(method):
+    model = tiny_model({"process.method": method, "process.reverse_parameterization": "carry-over"}, T=3, K=3, D=4)
+    mask = model.mask_id
+    z_t = torch.tensor([[0, 2, mask, mask]] * 5)
+    for t_value in (1, 3):
+        p = model.reverse_log_probs(z_t, torch.full((5,), t_value)).exp()
+        torch.testing.assert_close(p.sum(-1), torch.ones(5, 4, dtype=p.dtype))
+        assert torch.all(p[:, 0, 0] > 1 - 1e-9) and torch.all(p[:, 1, 2] > 1 - 1e-9)
+        assert torch.all(p[:, 2:].max(dim=-1).values < 1 - 1e-3)  # masked positions: a real prediction
+
+
+def test_carry_over_needs_a_masking_only_forward():
+    with pytest.raises(ConfigError, match="masking-only"):
+        tiny_config({"process.method": "fldd", "process.reverse_parameterization": "carry-over"})
