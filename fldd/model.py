@@ -94,19 +94,18 @@ class FLDDModel(nn.Module):
 
         At t = 1 the MASK logit is removed, so no mass can land on MASK at z_0.
         """
+        parameterization = self.config.process.reverse_parameterization
+        if parameterization != "direct" and z_t.dim() == 3:
+            raise ValueError(f"the {parameterization} parameterization takes hard states z_t (no relaxed warm-up)")
         logits = self.reverse(z_t, t)
-        if self.config.process.reverse_parameterization == "x0":
-            if z_t.dim() == 3:
-                raise ValueError("the x0 parameterization takes hard states z_t (it has no relaxed warm-up)")
+        if parameterization == "x0":
             return self.x0_reverse_log_probs(torch.log_softmax(logits[..., :self.config.vocab_size], dim=-1), z_t, t)
         if self.mask_id is not None:
             is_mask = torch.arange(self.num_states, device=logits.device) == self.mask_id
             logits = torch.where((t == 1)[:, None, None] & is_mask, LOG_ZERO, logits)
         log_p = torch.log_softmax(logits, dim=-1)
-        if self.config.process.reverse_parameterization == "carry-over":
+        if parameterization == "carry-over":
             # a masking-only forward never changes a revealed token, so neither does the reverse
-            if z_t.dim() == 3:
-                raise ValueError("the carry-over parameterization takes hard states z_t (no relaxed warm-up)")
             revealed = (z_t != self.mask_id)[..., None]
             keep = torch.nn.functional.one_hot(z_t, self.num_states).to(log_p.dtype)
             log_p = torch.where(revealed, safe_log(keep), log_p)
