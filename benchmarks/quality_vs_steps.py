@@ -48,7 +48,7 @@ PRIMARY = {"toy2d": "kl", "digits-binary": "digits_fd", "digits": "digits_fd", "
 # fldd-mask-carry: the learned masking order with a reverse that keeps revealed tokens (not in
 # the default grid; added after it, see docs/benchmarks.md)
 LEARNED = ("fldd", "fldd-mask", "fldd-mask-carry")
-# masked-x0: the masked forward with MDLM's predict-x reverse parameterization (carry-over), the
+# masked-x0: the masked forward with MDLM's predict-x reverse parameterization (x0), the
 # strongest fixed baseline we have; the others use the direct parameterization FLDD must use
 FIXED = ("masked", "masked-x0", "uniform")
 METHOD_OVERRIDES = {"masked-x0": {"process.method": "masked", "process.reverse_parameterization": "x0"},
