@@ -57,24 +57,45 @@ class TimeConditionedHead(nn.Module):
         return self.out(F.silu(self.hidden(F.silu(h))))
 
 
-class Block(nn.Module):
-    """Pre-norm bidirectional self-attention block."""
+def distance_bias(heads: int, seq_len: int) -> Tensor:
+    """(heads, D, D) attention bias -slope_h * |i - j| (bidirectional ALiBi), slopes 1/2 ... 1/2^heads.
 
-    def __init__(self, width: int, heads: int):
+    Without it the attention starts uniform over all positions and a small transformer sat at the
+    unigram entropy on mini-text8 for over 1500 steps: nothing told it that neighbours matter.
+    """
+    slopes = torch.tensor([2.0 ** -(h + 1) for h in range(heads)])
+    distance = (torch.arange(seq_len)[:, None] - torch.arange(seq_len)[None, :]).abs().float()
+    return -slopes[:, None, None] * distance
+
+
+class Block(nn.Module):
+    """Pre-norm bidirectional self-attention block with a distance bias; time, when given, shifts
+    and scales both norms (adaLN, zero-initialised so a block starts time-independent)."""
+
+    def __init__(self, width: int, heads: int, seq_len: int):
         super().__init__()
         self.heads = heads
-        self.norm1 = nn.LayerNorm(width)
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False)
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
-        self.norm2 = nn.LayerNorm(width)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False)
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.modulation = nn.Linear(width, 4 * width)
+        nn.init.zeros_(self.modulation.weight)
+        nn.init.zeros_(self.modulation.bias)
+        self.register_buffer("attn_bias", distance_bias(heads, seq_len), persistent=False)
 
-    def forward(self, h: Tensor) -> Tensor:
+    def forward(self, h: Tensor, temb: Tensor | None = None) -> Tensor:
         B, D, W = h.shape
-        q, k, v = self.qkv(self.norm1(h)).view(B, D, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
-        attn = F.scaled_dot_product_attention(q, k, v)  # no mask: every position sees every other
+        if temb is None:
+            scale1 = shift1 = scale2 = shift2 = h.new_zeros(())
+        else:  # temb (B, W) -> four (B, 1, W) modulations
+            scale1, shift1, scale2, shift2 = self.modulation(F.silu(temb)).unsqueeze(1).chunk(4, dim=-1)
+        a = self.norm1(h) * (1 + scale1) + shift1
+        q, k, v = self.qkv(a).view(B, D, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=self.attn_bias.to(q.dtype))
         h = h + self.proj(attn.transpose(1, 2).reshape(B, D, W))
-        return h + self.mlp(self.norm2(h))
+        return h + self.mlp(self.norm2(h) * (1 + scale2) + shift2)
 
 
 class TokenNetwork(nn.Module):
@@ -90,7 +111,7 @@ class TokenNetwork(nn.Module):
         if cfg.arch == "transformer":
             self.embed = nn.Parameter(torch.randn(num_inputs, W) * 0.02)
             self.pos = nn.Parameter(torch.randn(seq_len, W) * 0.02)
-            self.blocks = nn.ModuleList(Block(W, cfg.heads) for _ in range(cfg.depth))
+            self.blocks = nn.ModuleList(Block(W, cfg.heads, seq_len) for _ in range(cfg.depth))
             self.head = TimeConditionedHead(W, num_outputs)
         else:  # MLP over all positions at once, for tiny D
             self.embed = nn.Parameter(torch.randn(seq_len * num_inputs, W) * (1.0 / math.sqrt(seq_len)))
@@ -114,11 +135,12 @@ class TokenNetwork(nn.Module):
             return soft @ self.embed + self.pos
         return soft.flatten(1) @ self.embed + self.embed_bias
 
-    def _trunk(self, h: Tensor) -> Tensor:
+    def _trunk(self, h: Tensor, temb: Tensor | None = None) -> Tensor:
         if self.arch == "transformer":
             for block in self.blocks:
-                h = block(h)
+                h = block(h, temb)
             return h
+        h = h if temb is None else h + temb
         for layer in self.layers:
             h = h + layer(F.silu(h))
         return h.unsqueeze(1)  # (B, 1, W): one "position" that the head expands to D x out
@@ -128,10 +150,10 @@ class TokenNetwork(nn.Module):
         if self.time_in_trunk:
             if multi:
                 raise ValueError("a network with time in its trunk takes one step per input (t of shape (B,))")
+            # The transformer takes time through adaLN in every block: added to the embedding, it
+            # swamped the small token embedding after the first LayerNorm (unigram-level text).
             temb = self.time(t)
-            h = self._embed(inputs)
-            h = h + (temb[:, None, :] if self.arch == "transformer" else temb)
-            out = self.head(self._trunk(h), temb)
+            out = self.head(self._trunk(self._embed(inputs), temb), temb)
         else:
             h = self._trunk(self._embed(inputs))  # once per input, shared by every queried step
             temb = self.time(t if multi else t[:, None])  # (B, n, W)
