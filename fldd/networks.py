@@ -69,10 +69,11 @@ def distance_bias(heads: int, seq_len: int) -> Tensor:
 
 
 class Block(nn.Module):
-    """Pre-norm bidirectional self-attention block with a distance bias; time, when given, shifts
-    and scales both norms (adaLN, zero-initialised so a block starts time-independent)."""
+    """Pre-norm bidirectional self-attention block with a distance bias. A time-conditioned block
+    shifts and scales both norms by the time embedding (adaLN, zero-initialised so it starts
+    time-independent); the others have no modulation parameters (DDP needs every one used)."""
 
-    def __init__(self, width: int, heads: int, seq_len: int):
+    def __init__(self, width: int, heads: int, seq_len: int, time_conditioned: bool):
         super().__init__()
         self.heads = heads
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False)
@@ -80,22 +81,27 @@ class Block(nn.Module):
         self.proj = nn.Linear(width, width)
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False)
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
-        self.modulation = nn.Linear(width, 4 * width)
-        nn.init.zeros_(self.modulation.weight)
-        nn.init.zeros_(self.modulation.bias)
+        self.modulation = nn.Linear(width, 4 * width) if time_conditioned else None
+        if self.modulation is not None:
+            nn.init.zeros_(self.modulation.weight)
+            nn.init.zeros_(self.modulation.bias)
         self.register_buffer("attn_bias", distance_bias(heads, seq_len), persistent=False)
 
     def forward(self, h: Tensor, temb: Tensor | None = None) -> Tensor:
         B, D, W = h.shape
-        if temb is None:
-            scale1 = shift1 = scale2 = shift2 = h.new_zeros(())
-        else:  # temb (B, W) -> four (B, 1, W) modulations
+        if (temb is None) != (self.modulation is None):
+            raise ValueError("a time-conditioned block needs temb; the others take none")
+        a = self.norm1(h)
+        if temb is not None:  # temb (B, W) -> four (B, 1, W) modulations
             scale1, shift1, scale2, shift2 = self.modulation(F.silu(temb)).unsqueeze(1).chunk(4, dim=-1)
-        a = self.norm1(h) * (1 + scale1) + shift1
+            a = a * (1 + scale1) + shift1
         q, k, v = self.qkv(a).view(B, D, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
         attn = F.scaled_dot_product_attention(q, k, v, attn_mask=self.attn_bias.to(q.dtype))
         h = h + self.proj(attn.transpose(1, 2).reshape(B, D, W))
-        return h + self.mlp(self.norm2(h) * (1 + scale2) + shift2)
+        b = self.norm2(h)
+        if temb is not None:
+            b = b * (1 + scale2) + shift2
+        return h + self.mlp(b)
 
 
 class TokenNetwork(nn.Module):
@@ -111,7 +117,7 @@ class TokenNetwork(nn.Module):
         if cfg.arch == "transformer":
             self.embed = nn.Parameter(torch.randn(num_inputs, W) * 0.02)
             self.pos = nn.Parameter(torch.randn(seq_len, W) * 0.02)
-            self.blocks = nn.ModuleList(Block(W, cfg.heads, seq_len) for _ in range(cfg.depth))
+            self.blocks = nn.ModuleList(Block(W, cfg.heads, seq_len, time_in_trunk) for _ in range(cfg.depth))
             self.head = TimeConditionedHead(W, num_outputs)
         else:  # MLP over all positions at once, for tiny D
             self.embed = nn.Parameter(torch.randn(seq_len * num_inputs, W) * (1.0 / math.sqrt(seq_len)))

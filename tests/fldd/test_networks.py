@@ -60,3 +60,16 @@ def test_transformer_learns_from_neighbours_quickly():
         losses.append(loss.item() / math.log(2))
     recent = sum(losses[-20:]) / 20
     assert recent < 2.2, f"{recent:.2f} bits; best 1.5, log2(K) = 3"
+
+
+@pytest.mark.parametrize("arch", ["mlp", "transformer"])
+@pytest.mark.parametrize("time_in_trunk", [True, False])
+def test_every_parameter_gets_a_gradient(arch, time_in_trunk):
+    """Multi-worker DDP fails on parameters that take no part in the loss (it only looks for unused
+    ones when the forward network is frozen), so neither network may carry any."""
+    torch.manual_seed(0)
+    net = TokenNetwork(NetworkConfig(arch=arch, width=32, depth=2, heads=4), seq_len=5, num_inputs=7,
+                       num_outputs=6, num_steps=4, time_in_trunk=time_in_trunk)
+    net(torch.randint(0, 7, (3, 5)), torch.tensor([1, 2, 4])).square().sum().backward()
+    unused = [name for name, p in net.named_parameters() if p.grad is None]
+    assert not unused, unused
