@@ -21,6 +21,19 @@ WARM_STARTS = ("none", "masked", "uniform")
 SCHEDULES = ("linear", "cosine")
 ARCHITECTURES = ("transformer", "mlp")
 ESTIMATORS = ("loo", "ema")
+# The named methods the benchmarks compare and `fldd train --method` offers: a forward process and
+# the reverse parameterization that goes with it. Every preset sets both keys, so applying one never
+# keeps the other half from the config it is applied to.
+PARAMETERIZATIONS: dict[str, dict[str, Any]] = {
+    "fldd": {"process.method": "fldd", "process.reverse_parameterization": "direct"},
+    "fldd-mask": {"process.method": "fldd-mask", "process.reverse_parameterization": "direct"},
+    # the learned masking order with a reverse that keeps revealed tokens
+    "fldd-mask-carry": {"process.method": "fldd-mask", "process.reverse_parameterization": "carry-over"},
+    "masked": {"process.method": "masked", "process.reverse_parameterization": "direct"},
+    # MDLM: the masked forward with a predict-x reverse, the strongest fixed baseline
+    "masked-x0": {"process.method": "masked", "process.reverse_parameterization": "x0"},
+    "uniform": {"process.method": "uniform", "process.reverse_parameterization": "direct"},
+}
 
 
 class ConfigError(ValueError):
@@ -134,6 +147,15 @@ class FLDDConfig:
         ref, T = self.train.forward_lr_ref_steps, self.process.num_steps
         return self.train.forward_lr * (min(1.0, ref / T) ** 2 if ref else 1.0)
 
+    @property
+    def parameterization(self) -> str:
+        """The PARAMETERIZATIONS name of this config's method and reverse parameterization, or
+        "method+reverse_parameterization" for a valid pair no preset names (e.g. "masked+carry-over")."""
+        p = self.process
+        pair = {"process.method": p.method, "process.reverse_parameterization": p.reverse_parameterization}
+        return next((name for name, preset in PARAMETERIZATIONS.items() if preset == pair),
+                    f"{p.method}+{p.reverse_parameterization}")
+
     def rows_per_micro_batch(self, workers: int = 1) -> int:
         """Data points per micro-batch: the global reverse batch split over workers, accumulation
         steps and the M z_t samples drawn per data point."""
@@ -233,6 +255,12 @@ class FLDDConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping, got {type(data).__name__}")
         return cls.from_dict(data)
+
+    def with_parameterization(self, name: str) -> FLDDConfig:
+        """This config with a PARAMETERIZATIONS preset applied (e.g. "masked-x0"), re-validated."""
+        if name not in PARAMETERIZATIONS:
+            raise ConfigError(f"parameterization={name!r}: must be one of {tuple(PARAMETERIZATIONS)}")
+        return self.with_overrides(PARAMETERIZATIONS[name])
 
     def with_overrides(self, overrides: list[str] | dict[str, Any]) -> FLDDConfig:
         """Apply `key.sub=value` overrides (values parsed as YAML scalars) and re-validate."""

@@ -22,21 +22,8 @@ import torch
 from torch import Tensor
 
 from fldd.config import FLDDConfig
-
-VOCAB_KEY = b"fldd.vocab_size"
-
-
-class DataError(ValueError):
-    """A token table is malformed; the message names the file, and the row and column if any."""
-
-
-def token_table(tokens: Tensor | np.ndarray, vocab_size: int, column: str = "tokens") -> pa.Table:
-    """(N, D) integer tokens as an Arrow token table (fixed-size list column + vocabulary metadata)."""
-    array = np.asarray(tokens, dtype=np.int64)
-    if array.ndim != 2 or array.shape[1] == 0:
-        raise DataError(f"tokens must be 2-D (rows, positions >= 1), got shape {array.shape}")
-    column_array = pa.FixedSizeListArray.from_arrays(pa.array(array.reshape(-1)), array.shape[1])
-    return pa.table({column: column_array}).replace_schema_metadata({VOCAB_KEY: str(vocab_size).encode()})
+from fldd.datasets import builtin_table
+from fldd.token_table import VOCAB_KEY, DataError, token_table  # public here too, for callers
 
 
 def write_token_table(path: str | Path, tokens: Tensor | np.ndarray, vocab_size: int, column: str = "tokens") -> Path:
@@ -166,8 +153,6 @@ def load_splits(cfg: FLDDConfig) -> tuple[Tensor, Tensor]:
 
 def load_builtin_split(cfg: FLDDConfig, split: str) -> Tensor:
     """One split (train, valid, test) of a built-in data set, through the token-table validation."""
-    from fldd.datasets import builtin_table
-
     table = builtin_table(cfg.data, split)
     tokens, vocab = tokens_from_table(table, f"built-in {cfg.data.name}/{split}")
     if (tokens.shape[1], vocab) != (cfg.seq_len, cfg.vocab_size):

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from fldd.config import DataConfig
-from fldd.data import DataError, token_table
+from fldd.token_table import DataError, token_table
 
 SPLITS = ("train", "valid", "test")
 TEXT_ALPHABET = "abcdefghijklmnopqrstuvwxyz "  # token i is TEXT_ALPHABET[i]; space is 26

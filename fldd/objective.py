@@ -15,12 +15,13 @@ the whole sequence's L: per-position credit is biased (every KL_j depends on all
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from fldd.posterior import max_coupling_posterior, relaxed_max_coupling_posterior
+from fldd.tokens import check_tokens
 
 
 def kl_divergence(q: Tensor, log_p: Tensor) -> Tensor:
@@ -76,6 +77,9 @@ class NELBOEstimate:
     kl_per_step_bits_per_token: list[float]  # index t-1: E[KL_t] in bits/token; sums to the NELBO
     num_examples: int
     num_passes: int
+    # (N,) float64 on the CPU: each example's NELBO in bits/token (mean over passes), in data order;
+    # the mean is bits_per_token. Two models evaluated on the same data give paired differences.
+    per_example_bits: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.float64), repr=False)
 
     def __str__(self) -> str:
         return (f"{self.bits_per_token:.4f} +- {self.stderr_bits_per_token:.4f} bits/token "
@@ -89,8 +93,6 @@ def evaluate_nelbo(model, data: Tensor, *, num_passes: int = 10, batch_size: int
 
     Every pass visits every t = 1..T with a fresh z_t ~ q(z_t|x); the bound is the *sum* over t.
     """
-    from fldd.model import check_tokens  # local import: model imports this module
-
     check_tokens(data, model.config.vocab_size, model.config.seq_len, name="data")
     if num_passes < 1:
         raise ValueError(f"num_passes={num_passes!r}: must be >= 1")
@@ -121,6 +123,7 @@ def evaluate_nelbo(model, data: Tensor, *, num_passes: int = 10, batch_size: int
         kl_per_step_bits_per_token=(per_step / n * to_bits).tolist(),
         num_examples=n,
         num_passes=num_passes,
+        per_example_bits=nats * to_bits,
     )
 
 

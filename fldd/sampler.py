@@ -8,8 +8,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fldd.model import FLDDModel, check_tokens
+from fldd.model import FLDDModel
 from fldd.objective import sample_categorical
+from fldd.tokens import check_tokens
 
 
 @torch.no_grad()

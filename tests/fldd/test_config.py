@@ -1,6 +1,6 @@
 import pytest
 
-from fldd.config import ConfigError, FLDDConfig
+from fldd.config import PARAMETERIZATIONS, ConfigError, FLDDConfig
 
 
 def test_yaml_round_trip(tmp_path):
@@ -42,3 +42,35 @@ def test_state_space_follows_method():
     assert FLDDConfig().with_overrides({"process.method": "uniform"}).num_states == 50
     assert FLDDConfig().with_overrides({"process.method": "fldd-mask"}).num_states == 51
     assert FLDDConfig().with_overrides({"process.prior": "mask"}).num_states == 51
+
+
+@pytest.mark.parametrize("name", sorted(PARAMETERIZATIONS))
+def test_parameterization_presets_round_trip(name):
+    cfg = FLDDConfig().with_parameterization(name)
+    assert cfg.parameterization == name
+    assert {"process.method", "process.reverse_parameterization"} <= PARAMETERIZATIONS[name].keys()
+
+
+def test_parameterization_names_the_pair():
+    assert set(PARAMETERIZATIONS) == {"fldd", "fldd-mask", "fldd-mask-carry", "masked", "masked-x0", "uniform"}
+    cfg = FLDDConfig().with_parameterization("masked-x0")
+    assert (cfg.process.method, cfg.process.reverse_parameterization) == ("masked", "x0")
+    # applying a preset replaces both halves: masked-x0 -> fldd does not keep x0 (invalid for fldd)
+    assert cfg.with_parameterization("fldd").process.reverse_parameterization == "direct"
+    odd = FLDDConfig().with_overrides({"process.method": "masked", "process.reverse_parameterization": "carry-over"})
+    assert odd.parameterization == "masked+carry-over"
+
+
+def test_unknown_parameterization_names_the_valid_ones():
+    with pytest.raises(ConfigError, match=r"parameterization='mdlm'.*masked-x0"):
+        FLDDConfig().with_parameterization("mdlm")
+
+
+def test_cli_method_applies_the_preset():
+    from pipelines.cli import build_config, build_parser
+
+    cfg = build_config(build_parser().parse_args(["train", "--method", "masked-x0", "--steps", "4"]))
+    assert (cfg.process.method, cfg.process.reverse_parameterization, cfg.process.num_steps) == ("masked", "x0", 4)
+    assert cfg.parameterization == "masked-x0"
+    with pytest.raises(SystemExit):  # argparse rejects names outside PARAMETERIZATIONS
+        build_parser().parse_args(["train", "--method", "mdlm"])
