@@ -12,20 +12,29 @@ import subprocess
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import numpy as np
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.models import ModelSignature
+from mlflow.entities import LoggedModel, Metric, Param, RunTag
+from mlflow.models import Model, ModelSignature
 from mlflow.tracking import MlflowClient
+from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
 from fldd.config import FLDDConfig
 
 EXPERIMENT = "fldd"
 RUN_NAME_TAG = "fldd.run_name"
+# run tags that training, sweeps and the registry share
+PARAMETERIZATION_TAG, DATASET_TAG = "fldd.parameterization", "fldd.dataset"
+SWEEP_TAG, KIND_TAG, BUDGET_TAG, TRIAL_TAG = "fldd.sweep", "fldd.kind", "fldd.sweep_budget", "fldd.trial_id"
+PARENT_TAG = "mlflow.parentRunId"  # MLflow nests a child run under this parent in its UI
+MODEL_ID_TAG = "fldd.model_id"  # the run's latest LoggedModel (m-...)
+MODEL_NAME = "model"  # the LoggedModel's name: runs:/<run_id>/model
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 MODEL_CODE = Path(__file__).resolve().parent / "mlflow_model.py"
 MODEL_PIP_REQUIREMENTS = ["torch==2.13.0", "numpy", "pyyaml", "pyarrow"]
@@ -59,6 +68,14 @@ class Tracker:
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        entries = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for start in range(0, len(entries), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(self.run_id, params=entries[start:start + 100])
+
+    def log_text(self, name: str, text: str) -> None:
+        self.client.log_text(self.run_id, text, name)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
@@ -97,23 +114,29 @@ def start_run(cfg: FLDDConfig, run_name: str, tags: dict[str, Any], home: Path |
     uri = tracking_uri(home)
     client = MlflowClient(uri)
     experiment_id = ensure_experiment(client, home)
-    existing = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
-                                  max_results=1, order_by=["attributes.start_time DESC"])
-    if existing:
-        run_id = existing[0].info.run_id
-        client.update_run(run_id, status="RUNNING")
-        tracker = Tracker(uri, run_id)
+    run_id, resumed = find_or_create_run(client, experiment_id, run_name, tags)
+    tracker = Tracker(uri, run_id)
+    if resumed:
         # params are immutable in MLflow; the settings a resume may change go in as tags
         tracker.set_tags({**tags, "fldd.resumed": "true", "fldd.train_steps": cfg.train.steps})
         return tracker, True
-    run = client.create_run(experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name,
-                                                                    **{k: str(v) for k, v in tags.items()}})
-    tracker = Tracker(uri, run.info.run_id)
     derived = {"train.forward_lr_at_T": cfg.forward_lr} if cfg.learns_forward else {}  # what the optimizer uses
-    params = [Param(k, str(v)[:6000]) for k, v in {**cfg.to_flat_dict(), **derived}.items()]
-    for start in range(0, len(params), 100):
-        client.log_batch(run.info.run_id, params=params[start:start + 100])
+    tracker.log_params({**cfg.to_flat_dict(), **derived})
     return tracker, False
+
+
+def find_or_create_run(client: MlflowClient, experiment_id: str, run_name: str,
+                       tags: dict[str, Any]) -> tuple[str, bool]:
+    """(run id, resumed): the newest run tagged with this name, set RUNNING again, or a new run.
+    Names are the identity that makes reruns resume instead of duplicating runs."""
+    existing = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
+                                  max_results=1, order_by=["attributes.start_time DESC"])
+    if existing:
+        client.update_run(existing[0].info.run_id, status="RUNNING")
+        return existing[0].info.run_id, True
+    run = client.create_run(experiment_id, run_name=run_name,
+                            tags={RUN_NAME_TAG: run_name, **{k: str(v) for k, v in tags.items()}})
+    return run.info.run_id, False
 
 
 def model_signature(seq_len: int, num_steps: int) -> ModelSignature:
@@ -126,42 +149,85 @@ def model_signature(seq_len: int, num_steps: int) -> ModelSignature:
 
 
 def log_sampler_model(tracker: Tracker, model_path: Path, cfg: FLDDConfig) -> str:
-    """Log the sampler as an MLflow pyfunc model under the run's `model/` artifacts.
+    """Log the sampler as an MLflow LoggedModel of the run and return `runs:/<run_id>/model`.
 
     Models-from-code: the code file, the `fldd` package and the weights + config (model.pt) are
-    stored; nothing is pickled. Saved locally then uploaded through the client, so no global MLflow
-    state (tracking URI, active run) is touched. Returns `runs:/<run_id>/model`.
+    stored; nothing is pickled. The model is the run's output at step train.steps, the run's metrics
+    at that step (final_*) are linked to it, it carries the run's params, and the run gets a
+    `fldd.model_id` tag. The run's status is left alone: the caller finishes the run.
     """
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+    client, run_id = tracker.client, tracker.run_id
+    run = client.get_run(run_id)
+    # Created here, in the run's experiment: log_model would put it in the globally active
+    # experiment (the Default one), where runs:/<run_id>/model does not look.
+    logged = client.create_logged_model(run.info.experiment_id, name=MODEL_NAME, source_run_id=run_id,
+                                        params=run.data.params)
+    with _global_tracking_uri(tracker.uri), warnings.catch_warnings():
         # the sampler takes no input data, only params: MLflow's input-example/type-hint advice does not apply
         warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
-        local = Path(tmp) / "model"
-        mlflow.pyfunc.save_model(
-            path=str(local), python_model=str(MODEL_CODE), artifacts={"model": str(model_path)},
-            code_paths=[str(PACKAGE_ROOT / "fldd")], signature=model_signature(cfg.seq_len, cfg.process.num_steps),
-            pip_requirements=MODEL_PIP_REQUIREMENTS)
-        tracker.client.log_artifacts(tracker.run_id, str(local), "model")
-    return f"runs:/{tracker.run_id}/model"
+        # Model.log rather than mlflow.pyfunc.log_model, which only links the *active* run: a run
+        # activated for it (start_run(run_id=...)) is marked FINISHED when its context exits.
+        Model.log(None, flavor=mlflow.pyfunc, name=MODEL_NAME, model_id=logged.model_id, run_id=run_id,
+                  step=cfg.train.steps, python_model=str(MODEL_CODE), artifacts={"model": str(model_path)},
+                  code_paths=[str(PACKAGE_ROOT / "fldd")],
+                  signature=model_signature(cfg.seq_len, cfg.process.num_steps),
+                  pip_requirements=MODEL_PIP_REQUIREMENTS)
+    tracker.set_tags({MODEL_ID_TAG: logged.model_id})
+    return f"runs:/{run_id}/{MODEL_NAME}"
 
 
-def resolve_model(uri: str, reference: str) -> tuple[str, str]:
-    """(artifact URI, source run id) for `models:/NAME@ALIAS`, `models:/NAME/VERSION`,
-    `runs:/RUN_ID/PATH`, or a bare run id."""
+@contextmanager
+def _global_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's process-wide tracking URI set to `uri` for a block (Model.log reads no other), then
+    restored, MLFLOW_TRACKING_URI included: set_tracking_uri writes (or unsets) it too. MLflow's
+    private helper: the public API cannot put back a URI that was never set."""
+    environment = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        with _use_tracking_uri(uri):
+            yield
+    finally:
+        if environment is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = environment
+
+
+def resolve_model(uri: str, reference: str) -> tuple[str, str | None]:
+    """(artifact URI of the model's files, source run id) for `models:/NAME@ALIAS`,
+    `models:/NAME/VERSION`, `models:/MODEL_ID`, `runs:/RUN_ID/NAME`, or a bare run id.
+
+    Resolved with a client on `uri` down to the LoggedModel's storage location: MLflow resolves
+    `models:/` URIs through the process-wide tracking URI, whatever tracking_uri it is given.
+    """
     client = MlflowClient(uri)
     if reference.startswith("models:/"):
-        name, _, rest = reference[len("models:/"):].partition("@")
-        if rest:
-            version = client.get_model_version_by_alias(name, rest)
-        else:
-            name, _, number = reference[len("models:/"):].partition("/")
-            version = client.get_model_version(name, number)
-        return version.source, version.run_id
-    if reference.startswith("runs:/"):
-        return reference, reference[len("runs:/"):].split("/")[0]
-    return f"runs:/{reference}/model", reference
+        target = reference[len("models:/"):]
+        name, _, alias = target.partition("@")
+        if alias:
+            version = client.get_model_version_by_alias(name, alias)
+        elif "/" in target:
+            version = client.get_model_version(*target.split("/", 1))
+        else:  # models:/m-...: a LoggedModel
+            return _location(client.get_logged_model(target))
+        if version.source.startswith("models:/"):  # MLflow 3 registers a LoggedModel: models:/m-...
+            return resolve_model(uri, version.source)
+        return version.source, version.run_id  # registered before LoggedModels
+    run_id, _, name = reference.removeprefix("runs:/").partition("/")
+    name = name or MODEL_NAME
+    newest = client.search_logged_models(
+        [client.get_run(run_id).info.experiment_id], max_results=1,
+        filter_string=f"name = '{name}' AND source_run_id = '{run_id}'",
+        order_by=[{"field_name": "creation_timestamp", "ascending": False}])  # a resumed run logs again
+    if newest:
+        return _location(newest[0])
+    return f"runs:/{run_id}/{name}", run_id  # logged before LoggedModels: the run's own artifacts
 
 
-def download_model_file(uri: str, reference: str) -> tuple[Path, str]:
+def _location(model: LoggedModel) -> tuple[str, str | None]:
+    return model.artifact_location, model.source_run_id
+
+
+def download_model_file(uri: str, reference: str) -> tuple[Path, str | None]:
     """model.pt of a logged sampler and its source run id."""
     artifact_uri, run_id = resolve_model(uri, reference)
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, tracking_uri=uri))
