@@ -11,10 +11,12 @@ samples per data point, each micro-batch holds batch_size / (workers x accum x M
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -34,7 +36,8 @@ from fldd.model import CheckpointError, FLDDModel, config_differences
 from fldd.objective import evaluate_nelbo
 from fldd.train import NonFiniteLossError, TrainSchedule, build_optimizer, print_progress, train_loop
 from pipelines import reports
-from pipelines.tracking import Tracker, git_commit, log_sampler_model, project_home, start_run
+from pipelines.tracking import (DATASET_TAG, PARAMETERIZATION_TAG, Tracker, git_commit, log_sampler_model, project_home,
+                                start_run)
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,8 @@ class LaunchOptions:
     keep_checkpoints: int = 2
     quiet: bool = False
     inject_failure_at_step: int | None = None  # tests: the last worker dies once at this step
+    callbacks: list = field(default_factory=list)  # Ray Train run callbacks (Tune trials: TuneReportCallback)
+    tags: dict[str, Any] = field(default_factory=dict)  # extra MLflow run tags (a sweep: parent run, budget)
 
 
 @dataclass
@@ -74,9 +79,23 @@ class TrainOutcome:
     start_step: int = 0  # where the last worker group started (0, or the checkpoint it resumed from)
 
 
+def dataset_name(cfg: FLDDConfig) -> str:
+    """The built-in data set's name, or a Parquet table's file/directory stem."""
+    return Path(cfg.data.path).stem if cfg.data.path else cfg.data.name
+
+
+def config_digest(cfg: FLDDConfig) -> str:
+    """8 hex digits of the model-defining config: the settings a resumed run may change
+    (RESUMABLE_CHANGES: length, logging, checkpointing) are left out, so extending a run keeps its name."""
+    flat = {k: v for k, v in cfg.to_flat_dict().items() if k not in RESUMABLE_CHANGES}
+    return hashlib.sha1(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
 def default_run_name(cfg: FLDDConfig) -> str:
-    data = Path(cfg.data.path).stem if cfg.data.path else cfg.data.name
-    return f"{data}-{cfg.process.method}-T{cfg.process.num_steps}-seed{cfg.train.seed}"
+    """data-parameterization-T-seed-digest: two configs that differ in any hyperparameter get two
+    runs (on shared storage they would otherwise resume each other)."""
+    return (f"{dataset_name(cfg)}-{cfg.parameterization}-T{cfg.process.num_steps}-seed{cfg.train.seed}"
+            f"-{config_digest(cfg)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,14 +294,40 @@ def validate_launch(cfg: FLDDConfig, opts: LaunchOptions) -> None:
                           "use a directory, or workers >= 1 for remote storage")
 
 
-def init_ray(address: str | None) -> None:
+def init_ray(address: str | None, log_to_driver: bool = True) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:  # a fresh local cluster (never attach to a stale one by accident)
-        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1")
+    if not address:  # a fresh local cluster (never attach to a stale one by accident)
+        start_local_ray(log_to_driver=log_to_driver)
+        return
+    # tell the cluster's own processes which cluster they are in (see start_local_ray)
+    env = {} if address == "auto" or address.startswith("ray://") else {"env_vars": {"RAY_ADDRESS": address}}
+    ray.init(address=address, log_to_driver=log_to_driver, runtime_env=env or None)
+
+
+def start_local_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> None:
+    """A new local cluster on 127.0.0.1 whose processes know its address.
+
+    Ray Train's placement-group cleaner (it frees a Tune trial's workers when the trial is stopped
+    early) asks the state API with no address; with two local clusters on the machine (a sweep and
+    a server, or tests) that fails with "multiple active Ray instances" and the stopped trial's CPUs
+    leak, so the next trial waits forever. Fixing the GCS port up front lets every worker carry
+    RAY_ADDRESS. The dashboard stays on: without it the same cleanup is skipped (STACK_NOTES).
+    """
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    previous = os.environ.get("RAY_GCS_SERVER_PORT")
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by Ray when it starts the head node
+    try:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 log_to_driver=log_to_driver, runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{port}"}})
+    finally:  # later clusters started from this process (or its children) pick their own port
+        if previous is None:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
+        else:
+            os.environ["RAY_GCS_SERVER_PORT"] = previous
 
 
 def _storage_path(opts: LaunchOptions, home: Path) -> str:
@@ -313,9 +358,23 @@ def _check_resume_config(cfg: FLDDConfig, storage: str, name: str) -> None:
     cfg.to_yaml(saved_path)
 
 
-def launch(cfg: FLDDConfig, opts: LaunchOptions | None = None) -> TrainOutcome:
-    """Train with Ray Train, track in MLflow, log the sampler model. Resumes a run of the same name."""
-    opts = opts or LaunchOptions()
+@dataclass
+class PreparedRun:
+    """Everything a run needs before Ray Train starts: checked config, data, storage, MLflow run."""
+
+    cfg: FLDDConfig
+    opts: LaunchOptions
+    name: str
+    storage: str
+    home: Path
+    tracker: Tracker
+    resumed: bool
+    train_data: torch.Tensor
+    valid_data: torch.Tensor
+
+
+def prepare_run(cfg: FLDDConfig, opts: LaunchOptions) -> PreparedRun:
+    """Validate in the driver (naming the field), join Ray, start or continue the MLflow run."""
     cfg.validate()
     validate_launch(cfg, opts)
     home = project_home()
@@ -336,42 +395,46 @@ def launch(cfg: FLDDConfig, opts: LaunchOptions | None = None) -> TrainOutcome:
                     len(ray.nodes()), storage)
     tags = {"git_commit": git_commit(), "ray_version": ray.__version__, "torch_version": torch.__version__,
             "workers": opts.workers, "device": "gpu" if opts.gpu else "cpu", "method": cfg.process.method,
-            "num_steps_T": cfg.process.num_steps, "storage": storage}
+            PARAMETERIZATION_TAG: cfg.parameterization, DATASET_TAG: dataset_name(cfg),
+            "num_steps_T": cfg.process.num_steps, "storage": storage, **opts.tags}
     tracker, resumed = start_run(cfg, name, tags, home)
-    print(f"MLflow run {tracker.run_id} ({'resumed' if resumed else 'new'}), tracking {tracker.uri}", flush=True)
+    if not opts.quiet:
+        print(f"MLflow run {tracker.run_id} ({'resumed' if resumed else 'new'}), tracking {tracker.uri}", flush=True)
+    return PreparedRun(cfg, opts, name, storage, home, tracker, resumed, train_data, valid_data)
 
+
+def build_trainer(run: PreparedRun, failure_marker: Path) -> TorchTrainer:
+    """The one TorchTrainer for a prepared run; `opts.callbacks` joins its run callbacks (a Tune
+    trial adds TuneReportCallback, so sweeps fit this same trainer)."""
+    cfg, opts = run.cfg, run.opts
     # a sorted user table must not give sorted batches: shuffle rows once here (seeded)
-    shuffled = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(cfg.data.seed))
-    marker = Path(tempfile.gettempdir()) / f"fldd-injected-failure-{tracker.run_id}-{opts.inject_failure_at_step}"
+    shuffled = torch.randperm(len(run.train_data), generator=torch.Generator().manual_seed(cfg.data.seed))
     cpus = max(1, int(opts.cpus_per_worker))
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_worker,
-        train_loop_config={"config": cfg.to_dict(), "tracking_uri": tracker.uri, "run_id": tracker.run_id,
+        train_loop_config={"config": cfg.to_dict(), "tracking_uri": run.tracker.uri, "run_id": run.tracker.run_id,
                            "quiet": opts.quiet, "threads_per_worker": cpus, "local_mode": opts.workers == 0,
-                           "run_storage_dir": None if "://" in storage else str(Path(storage) / name),
+                           "run_storage_dir": None if "://" in run.storage else str(Path(run.storage) / run.name),
                            "keep_checkpoints": opts.keep_checkpoints,
-                           "inject_failure_at_step": opts.inject_failure_at_step, "failure_marker": str(marker)},
+                           "inject_failure_at_step": opts.inject_failure_at_step,
+                           "failure_marker": str(failure_marker)},
         scaling_config=ScalingConfig(num_workers=opts.workers, use_gpu=opts.gpu,
                                      resources_per_worker=None if opts.workers == 0 else
                                      {"CPU": opts.cpus_per_worker, **({"GPU": 1} if opts.gpu else {})}),
-        run_config=RunConfig(name=name, storage_path=storage,
+        run_config=RunConfig(name=run.name, storage_path=run.storage, callbacks=list(opts.callbacks),
                              checkpoint_config=CheckpointConfig(num_to_keep=opts.keep_checkpoints,
                                                                 checkpoint_score_attribute=SCORE,
                                                                 checkpoint_score_order="min"),
                              failure_config=FailureConfig(max_failures=opts.max_failures)),
-        datasets={"train": ray.data.from_numpy(train_data[shuffled].numpy()),
-                  "valid": ray.data.from_numpy(valid_data.numpy())},
+        datasets={"train": ray.data.from_numpy(run.train_data[shuffled].numpy()),
+                  "valid": ray.data.from_numpy(run.valid_data.numpy())},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
-    start = time.perf_counter()
-    try:
-        result = trainer.fit()
-    except Exception as error:
-        tracker.set_tags({"fldd.error": str(error)[:5000]})
-        tracker.finish("FAILED")
-        raise TrainingError(f"training run {name!r} failed: {error}") from error
-    finally:
-        marker.unlink(missing_ok=True)
+
+
+def finish_run(run: PreparedRun, result: ray.train.Result, train_seconds: float) -> TrainOutcome:
+    """Final evaluation of the best checkpoint on validation, artifacts, the logged sampler model."""
+    cfg, tracker, name, storage, home = run.cfg, run.tracker, run.name, run.storage, run.home
     returned = result.return_value or {}
     if "error" in returned:
         tracker.set_tags({"fldd.error": returned["error"][:5000]})
@@ -390,8 +453,8 @@ def launch(cfg: FLDDConfig, opts: LaunchOptions | None = None) -> TrainOutcome:
     with best.as_directory() as directory:
         shutil.copy(Path(directory) / MODEL_FILE, run_dir / MODEL_FILE)
     model = FLDDModel.load(run_dir / MODEL_FILE)
-    metrics = reports.final_report(model, valid_data, run_dir, train_seconds=time.perf_counter() - start,
-                                   workers=opts.workers)
+    metrics = reports.final_report(model, run.valid_data, run_dir, train_seconds=train_seconds,
+                                   workers=run.opts.workers)
     tracker.log_metrics(cfg.train.steps, {f"final_{k}": v for k, v in metrics.items()})
     for artifact in sorted(run_dir.iterdir()):
         if artifact.suffix in (".yaml", ".json", ".png"):
@@ -399,7 +462,27 @@ def launch(cfg: FLDDConfig, opts: LaunchOptions | None = None) -> TrainOutcome:
     model_uri = log_sampler_model(tracker, run_dir / MODEL_FILE, cfg)
     tracker.set_tags({"model_uri": model_uri, "collapsed": metrics.get("collapsed", False)})
     tracker.finish("FINISHED")
-    print(f"finished: validation NELBO {metrics['valid_nelbo_bits']:.4f} bits/token; model {model_uri}; "
-          f"files under {run_dir}", flush=True)
-    return TrainOutcome(name, tracker.run_id, resumed, run_dir / MODEL_FILE, model_uri, metrics,
+    if not run.opts.quiet:
+        print(f"finished: validation NELBO {metrics['valid_nelbo_bits']:.4f} bits/token; model {model_uri}; "
+              f"files under {run_dir}", flush=True)
+    return TrainOutcome(name, tracker.run_id, run.resumed, run_dir / MODEL_FILE, model_uri, metrics,
                         int(returned.get("start_step", 0)))
+
+
+def launch(cfg: FLDDConfig, opts: LaunchOptions | None = None) -> TrainOutcome:
+    """Train with Ray Train, track in MLflow, log the sampler model. Resumes a run of the same name."""
+    run = prepare_run(cfg, opts or LaunchOptions())
+    marker = Path(tempfile.gettempdir()) / f"fldd-injected-failure-{run.tracker.run_id}-{run.opts.inject_failure_at_step}"
+    trainer = build_trainer(run, marker)
+    start = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except BaseException as error:  # a Tune stop or Ctrl-C lands here too: the run must not stay RUNNING
+        run.tracker.set_tags({"fldd.error": f"{type(error).__name__}: {error}"[:5000]})
+        run.tracker.finish("FAILED" if isinstance(error, Exception) else "KILLED")
+        if not isinstance(error, Exception):
+            raise
+        raise TrainingError(f"training run {run.name!r} failed: {error}") from error
+    finally:
+        marker.unlink(missing_ok=True)
+    return finish_run(run, result, train_seconds=time.perf_counter() - start)

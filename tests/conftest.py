@@ -1,12 +1,39 @@
-"""Shared helpers: tiny enumerable models (D=2, K=3, T=2) where exact values are computable."""
+"""Shared helpers: tiny enumerable models (D=2, K=3, T=2) where exact values are computable; one
+real local Ray cluster for the whole session (dashboard on: STACK_NOTES), and a fresh project home
+(MLflow SQLite store, checkpoints) per test."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 
 from fldd.config import FLDDConfig
 from fldd.model import FLDDModel
+
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "180")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    from pipelines.train import start_local_ray
+
+    start_local_ray(num_cpus=2, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLDD_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path / "home"
+
 
 ALL_METHODS = ("fldd", "fldd-mask", "masked", "uniform")
 # every forward-process parameterization the library offers
