@@ -17,13 +17,12 @@ from pathlib import Path
 
 import torch
 
-from fldd.config import ConfigError, FLDDConfig
+from fldd.config import PARAMETERIZATIONS, ConfigError, FLDDConfig
 from fldd.data import DataError, load_splits, load_test_split
 from fldd.model import CheckpointError, FLDDModel
 from fldd.sampler import sample
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-METHODS = ["fldd", "fldd-mask", "masked", "uniform"]
 
 
 def resolve_config(path: str | None) -> FLDDConfig:
@@ -38,9 +37,9 @@ def resolve_config(path: str | None) -> FLDDConfig:
 
 def build_config(args: argparse.Namespace) -> FLDDConfig:
     cfg = resolve_config(args.config)
+    if getattr(args, "method", None):  # a preset: the forward process and its reverse parameterization
+        cfg = cfg.with_parameterization(args.method)
     overrides: dict = {}
-    if getattr(args, "method", None):
-        overrides["process.method"] = args.method
     if getattr(args, "steps", None) is not None:
         overrides["process.num_steps"] = args.steps
     if args.train_steps is not None:
@@ -116,7 +115,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     base = build_config(args)
     rows, start = [], time.perf_counter()
     for method in ("fldd", "masked"):
-        cfg = base.with_overrides({"process.method": method})
+        cfg = base.with_parameterization(method)
         print(f"\n=== {method}, T={cfg.process.num_steps} ===", flush=True)
         # named by a hash of the config: rerunning the same demo resumes it, a changed one starts afresh
         digest = hashlib.sha1(cfg.to_yaml().encode()).hexdigest()[:8]
@@ -133,6 +132,76 @@ def cmd_demo(args: argparse.Namespace) -> int:
           + format_samples(sample(model, 8, generator=torch.Generator().manual_seed(0))))
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s. Browse the runs with:\n"
           f"  mlflow ui --backend-store-uri {tracking_uri()} --host 127.0.0.1")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """A Ray Tune sweep: one experiment per step budget, trials through the one training launcher."""
+    from tune.results import format_table
+    from tune.spec import SweepSpec
+    from tune.sweep import SweepInterrupted, run_sweep
+
+    spec = SweepSpec.from_yaml(args.config, CONFIG_DIR)
+    try:
+        outcome = run_sweep(spec, name=args.name, address=args.address, storage=args.storage, samples=args.samples,
+                            verbose=args.verbose)
+    except SweepInterrupted as error:
+        print(f"fldd sweep: {error}", file=sys.stderr)
+        return 130
+    print(f"\nsweep {outcome.name!r} finished in {outcome.wall_seconds:.0f} s (best per T on the validation split):")
+    print(format_table(outcome))
+    print(f"\nMLflow parent run {outcome.parent_run_id}; trials.csv and quality_vs_steps.png are attached to it.\n"
+          f"Promote the winners: fldd promote --sweep {outcome.name}")
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    """Exit 0: every decision promoted (or already in place); 1: a refusal or an impossible
+    rollback (one line each on stderr); 2: bad input."""
+    from pipelines import registry
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per decision, no bars
+
+    def fail(message: str, code: int) -> int:
+        print(f"fldd promote: {message}", file=sys.stderr)
+        return code
+
+    try:
+        if args.rollback:
+            if args.sweep or args.run or args.margin is not None:
+                return fail("error: --rollback takes only --model-name and --budget", 2)
+            if not args.model_name:
+                return fail("error: --rollback needs --model-name", 2)
+            moved = registry.rollback(args.model_name, args.budget)
+            print(f"rolled back {args.model_name}: " + ", ".join(f"{a} -> version {v}" for a, v in moved.items()))
+            return 0
+        if bool(args.sweep) == bool(args.run):
+            return fail("error: give --sweep NAME [--budget T], --run RUN_ID, or --rollback --model-name NAME", 2)
+        if args.run and args.budget is not None:
+            return fail("error: --budget goes with --sweep (a run has its own T)", 2)
+        decisions = registry.promote(sweep=args.sweep, budget=args.budget, run_id=args.run, model_name=args.model_name,
+                                     margin=args.margin, passes=args.passes, seed=args.seed)
+    except registry.RollbackError as error:
+        return fail(f"refused: {error}", 1)
+    except registry.RegistryError as error:
+        return fail(f"error: {error}", 2)
+    for decision in decisions:
+        print(decision)
+    refused = [d for d in decisions if d.decision == registry.REFUSED]
+    for decision in refused:
+        print(f"fldd promote: refused (T={decision.budget}): {decision.reason}", file=sys.stderr)
+    return 1 if refused else 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from pipelines import registry
+
+    try:
+        rows = registry.list_models(args.name)
+    except registry.RegistryError as error:
+        print(f"fldd models: error: {error}", file=sys.stderr)
+        return 2
+    print(registry.format_models(rows) if rows else "no registered models")
     return 0
 
 
@@ -160,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train with Ray Train. Rerunning with the same --name resumes from the last "
                        "checkpoint and continues the same MLflow run.")
     add_config_args(p)
-    p.add_argument("--method", choices=METHODS, help="forward process")
+    p.add_argument("--method", choices=list(PARAMETERIZATIONS),
+                   help="forward process and reverse parameterization (e.g. masked-x0: masked + x0)")
     p.add_argument("--seed", type=int, help="training seed (train.seed)")
     p.add_argument("--workers", type=int, default=0, help="Ray Train workers; 0 = local mode in this process")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker, bf16 autocast for the networks")
@@ -189,19 +259,83 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="FLDD vs the fixed masked forward at equal T on toy2d (local Ray, MLflow)")
     add_config_args(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "sweep", help="Ray Tune sweep over step budgets and parameterizations (ASHA per budget, MLflow runs)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run a sweep defined in a YAML file (configs/sweep-*.yaml): one Tune experiment per step budget "
+        "T, so early stopping only compares trials of the same T; every trial is an ordinary Ray Train run and an "
+        "MLflow child run of the sweep's parent run. Trials are chosen on validation NELBO (bits/token).\n"
+        "Rerunning the same command with the same --name resumes: finished trials are kept, unfinished ones "
+        "continue from their checkpoints, failed ones start again.",
+        epilog="examples:\n  fldd sweep --config sweep-smoke\n"
+        "  fldd sweep --config configs/sweep-toy2d.yaml --address 10.0.0.1:6379 --storage /mnt/shared/fldd\n"
+        "  fldd sweep --config configs/sweep-digits.yaml --storage s3://bucket/fldd  # with MLFLOW_TRACKING_URI")
+    p.add_argument("--config", required=True, help="sweep YAML path, or a preset name in configs/ (sweep-smoke)")
+    p.add_argument("--name", help="sweep name (default: the file's `name:`); the same name resumes")
+    p.add_argument("--address", help="Ray cluster to join: auto, HOST:PORT or ray://HOST:PORT "
+                   "(default: RAY_ADDRESS, else a new local cluster)")
+    p.add_argument("--storage", help="where Tune and Train keep state: a local path, a directory shared by every "
+                   "node, or s3://... (default $FLDD_HOME/ray_results)")
+    p.add_argument("--samples", type=int, help="override the file's `samples:` (draws per grid point)")
+    p.add_argument("--verbose", action="store_true", help="show Tune's tables and every trial's worker logs")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser(
+        "promote", help="gate a trained model into the MLflow model registry (alias champion-t<T>)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Register a candidate as a version of a registered model and move alias champion-t<T> to it\n"
+        "only if it beats the current holder on the held-out TEST split: both are evaluated in this call\n"
+        "on the same examples with the same seeds, and the paired per-example NELBO difference\n"
+        "(holder - candidate) must exceed the margin (default: 2 x its standard error). Alias champion\n"
+        "moves with champion-t<T> when T is the model's default budget (the T of its first version).\n\n"
+        "Refused, with no alias moved: missing or non-finite final validation metrics, a collapsed learned\n"
+        "forward, a data set / vocabulary / sequence length other than the registered model's (nothing is\n"
+        "registered then), a non-finite test NELBO, or a candidate not better than the holder by more\n"
+        "than the margin. Every decision and its numbers are kept as version tags (fldd.decision,\n"
+        "fldd.test_nelbo_bits, fldd.paired_difference_bits, ...); `fldd models` lists them.",
+        epilog="exit status: 0 promoted (or already champion), 1 refused, 2 bad input.\n"
+        "examples:\n  fldd promote --sweep toy2d-grid --budget 4\n  fldd promote --run 0123abcd --model-name fldd-toy2d\n"
+        "  fldd promote --rollback --model-name fldd-toy2d --budget 4")
+    which = p.add_argument_group("candidate (one of)")
+    which.add_argument("--sweep", metavar="NAME", help="the best finished trial of this sweep by final validation "
+                       "NELBO (collapsed and non-finite runs skipped); one decision per budget")
+    which.add_argument("--run", metavar="RUN_ID", help="this MLflow training run")
+    p.add_argument("--budget", type=int, metavar="T", help="with --sweep: only this step budget; with --rollback: "
+                   "the alias champion-t<T> to roll back (default: the model's default budget)")
+    p.add_argument("--model-name", metavar="NAME",
+                   help="registered model (default fldd-<dataset>: data.name or the Parquet path's stem)")
+    p.add_argument("--margin", type=float, metavar="M", help="absolute margin in bits/token the candidate must win "
+                   "by (default: 2 x the standard error of the paired difference)")
+    p.add_argument("--passes", type=int, default=10, help="Monte Carlo passes over z_t per test example (default 10)")
+    p.add_argument("--seed", type=int, default=0, help="evaluation seed, the same for candidate and holder")
+    p.add_argument("--rollback", action="store_true", help="give champion-t<T> (and champion, if it moved with it) "
+                   "back to its previous holder; repeat to go back further")
+    p.set_defaults(func=cmd_promote)
+
+    p = sub.add_parser("models", help="registered models: versions, aliases, T, test NELBO, gate decisions",
+                       description="List the versions of one registered model (or of all): aliases, step budget T, "
+                       "parameterization, validation and test NELBO (bits/token) and the promotion decision.")
+    p.add_argument("name", nargs="?", help="registered model name (default: all)")
+    p.set_defaults(func=cmd_models)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # MLflow resolves some URIs (LoggedModels, registry sources) through its process-wide store
+    # whatever client is used: point that at the project's store too, never at ./mlflow.db
+    from pipelines.tracking import tracking_uri
+
+    os.environ.setdefault("MLFLOW_TRACKING_URI", tracking_uri())
     try:
         return args.func(args)
     except (ConfigError, CheckpointError, DataError, FileNotFoundError) as error:
         print(f"fldd {args.command}: error: {error}", file=sys.stderr)
         return 2
     except Exception as error:  # training failures: one clear line, details above in the log
-        if type(error).__name__ in ("TrainingError", "NonFiniteLossError", "MlflowException"):
+        if type(error).__name__ in ("TrainingError", "NonFiniteLossError", "MlflowException", "SweepError"):
             print(f"fldd {args.command}: error: {error}", file=sys.stderr)
             return 1
         raise

@@ -1,0 +1,73 @@
+"""Sweep files: parsing, the checks that fail before Ray starts, and what a trial's config becomes."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from fldd.config import ConfigError
+from pipelines.cli import CONFIG_DIR
+from tune.spec import SweepSpec, _Conditional
+
+BASE = {"base": "toy2d", "set": {"train.steps": 100, "train.checkpoint_every": 20}, "budgets": [2, 4]}
+
+
+def spec(**changes) -> SweepSpec:
+    return SweepSpec.from_dict({**BASE, **changes}, CONFIG_DIR)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("sweep-*.yaml")), ids=lambda p: p.name)
+def test_shipped_sweeps_parse(path):
+    loaded = SweepSpec.from_yaml(path, CONFIG_DIR)
+    assert loaded.budgets and loaded.metric == "valid_nelbo_bits" and loaded.trials_per_budget() >= 1
+
+
+def test_trial_config_applies_preset_then_values_then_budget():
+    s = spec(space={"parameterization": {"grid": ["masked-x0", "fldd-mask-carry"]},
+                    "train.lr": {"loguniform": [1e-4, 1e-2]}})
+    cfg = s.trial_config({"parameterization": "masked-x0", "train.lr": 5e-4}, 4)
+    assert (cfg.process.method, cfg.process.reverse_parameterization) == ("masked", "x0")
+    assert cfg.train.lr == 5e-4 and cfg.process.num_steps == 4 and cfg.train.steps == 100
+    assert s.trials_per_budget() == 2 and s.reports_per_trial == 5
+
+
+def test_only_keys_leave_other_parameterizations_at_the_base_value():
+    s = spec(space={"parameterization": {"grid": ["masked-x0", "fldd-mask-carry"]},
+                    "train.forward_lr": {"loguniform": [1e-5, 1e-3], "only": ["fldd-mask-carry"]}})
+    conditional = s.param_space()["train.forward_lr"].func
+    assert isinstance(conditional, _Conditional)
+    assert conditional(SimpleNamespace(config={"parameterization": "masked-x0"})) is None
+    value = conditional(SimpleNamespace(config={"parameterization": "fldd-mask-carry"}))
+    assert 1e-5 <= value <= 1e-3
+    base_lr = s.base.train.forward_lr
+    assert s.trial_config({"parameterization": "masked-x0", "train.forward_lr": None}, 2).train.forward_lr == base_lr
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"metric": "test_nelbo_bits"}, "validation"),
+    ({"budgets": [2, 2]}, "repeats"),
+    ({"budgets": [0]}, "budgets"),
+    ({"space": {"process.num_steps": {"grid": [2, 4]}}}, "budgets"),
+    ({"space": {"parameterization": {"grid": ["mdlm"]}}}, "unknown 'mdlm'"),
+    ({"space": {"parameterization": "mdlm"}}, "unknown 'mdlm'"),
+    ({"space": {"train.lr": {"loguniform": [0, 1]}}}, "0 < low"),
+    ({"space": {"train.lr": {"normal": [0, 1]}}}, "exactly one of"),
+    ({"space": {"train.lr": {"grid": [1e-3], "only": ["fldd"]}}}, "not grid"),
+    ({"space": {"train.nope": {"choice": [1]}}}, "unknown config key 'train.nope'"),
+    # a corner of the space that is no valid config fails before Ray starts, naming the field
+    ({"space": {"parameterization": {"grid": ["fldd", "masked"]},
+                "train.num_zt_samples": {"choice": [1, 2]}}}, "train.num_zt_samples"),
+    ({"scheduler": {"type": "pbt"}}, "scheduler.type"),
+    ({"resources": {"workers_per_trial": 0}}, "workers_per_trial"),
+    ({"resources": {"gpus": 1}}, "resources.gpus"),
+    ({"set": {"train.steps": 10, "train.checkpoint_every": 20}}, "no validation metric"),
+    ({"samples": 0}, "samples"),
+    ({"colour": "blue"}, "unknown key 'colour'"),
+])
+def test_bad_sweeps_fail_naming_the_field(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        spec(**changes)
+
+
+def test_missing_sweep_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        SweepSpec.from_yaml(tmp_path / "nope.yaml", CONFIG_DIR)

@@ -1,0 +1,187 @@
+"""Sweeps on real Ray clusters with a real MLflow store: early stopping inside a budget, a failing
+trial, parent/child runs and their artifacts, interrupt-and-resume, and a separate two-node
+cluster reached with --address."""
+
+import csv
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from ray import tune
+
+from pipelines.cli import CONFIG_DIR
+from pipelines.tracking import ensure_experiment, tracking_uri
+from tune.spec import SweepSpec
+from pipelines.tracking import BUDGET_TAG, KIND_TAG, PARENT_TAG, SWEEP_TAG, TRIAL_TAG
+from tune.sweep import run_sweep
+
+REPO = Path(__file__).resolve().parents[2]
+FLDD = str(Path(sys.executable).parent / "fldd")
+SMALL = {"train.steps": 100, "train.checkpoint_every": 20, "train.log_every": 20, "data.num_train": 4000,
+         "data.num_valid": 500, "reverse_network.width": 64, "forward_network.width": 64}
+
+
+def write_sweep(path: Path, **fields) -> Path:
+    path.write_text(yaml.safe_dump({"base": "toy2d", "set": SMALL, **fields}))
+    return path
+
+
+def child_runs(client: MlflowClient, sweep: str) -> list:
+    experiment = client.get_experiment_by_name("fldd")
+    return client.search_runs([experiment.experiment_id],
+                              filter_string=f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`{KIND_TAG}` = 'trial'")
+
+
+def test_sweep_stops_a_weak_trial_early_and_survives_a_failing_one(ray_cluster, home, tmp_path):
+    # one trial at a time, so the order is fixed: a good trial sets the rungs, the weak one (lr 1e-6)
+    # is stopped at its first rung, the next trial still starts and reports (no leaked placement
+    # group), and lr 1e30 overflows to a non-finite loss at step 1: recorded as failed, the sweep goes on
+    path = write_sweep(tmp_path / "sweep.yaml", budgets=[2],
+                       space={"parameterization": "masked-x0", "train.lr": {"grid": [3e-3, 1e-6, 1e-3, 1e30]}},
+                       scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
+                       resources={"workers_per_trial": 1, "cpus_per_worker": 0.9, "max_concurrent_trials": 1})
+    outcome = run_sweep(SweepSpec.from_yaml(path, CONFIG_DIR), name="early", progress=False)
+
+    by_lr = {row.values["train.lr"]: row for row in outcome.rows}
+    assert by_lr[3e-3].status == "finished" and by_lr[3e-3].steps_trained == 100
+    assert by_lr[1e-6].status == "stopped" and by_lr[1e-6].steps_trained < 100
+    assert by_lr[1e-3].steps_trained >= 20  # started after the stop, and trained (finished or stopped by ASHA)
+    assert by_lr[1e30].status == "error" and "non-finite" in by_lr[1e30].error
+    assert outcome.best[2].values["train.lr"] in (3e-3, 1e-3)
+
+    client = MlflowClient(tracking_uri())
+    parent = client.get_run(outcome.parent_run_id)
+    assert parent.data.tags[KIND_TAG] == "sweep" and parent.info.status == "FINISHED"
+    children = {run.data.tags[TRIAL_TAG]: run for run in child_runs(client, "early")}
+    assert len(children) == 4 and all(run.data.tags[PARENT_TAG] == parent.info.run_id for run in children.values())
+    statuses = {row.values["train.lr"]: children[row.trial_id].info.status for row in outcome.rows}
+    expected_third = "FINISHED" if by_lr[1e-3].status == "finished" else "KILLED"
+    assert statuses == {3e-3: "FINISHED", 1e-6: "KILLED", 1e-3: expected_third, 1e30: "FAILED"}
+    finished = children[by_lr[3e-3].trial_id]
+    assert finished.data.params["train.lr"] == "0.003" and finished.data.params["process.reverse_parameterization"] == "x0"
+    # metrics over steps from the trial's Train worker, and its LoggedModel
+    history = client.get_metric_history(finished.info.run_id, "valid_nelbo_bits")
+    assert sorted(m.step for m in history) == [20, 40, 60, 80, 100]
+    assert "fldd.model_id" in finished.data.tags
+
+    artifacts = {a.path for a in client.list_artifacts(outcome.parent_run_id)}
+    assert {"trials.csv", "quality_vs_steps.png", "sweep.yaml", "base_config.yaml"} <= artifacts
+    local = Path(client.download_artifacts(outcome.parent_run_id, "trials.csv", str(tmp_path)))
+    rows = list(csv.DictReader(local.open()))
+    assert sorted(r["status"] for r in rows) == sorted(row.status for row in outcome.rows)
+    assert {r["run_id"] for r in rows} == {row.run_id for row in outcome.rows}
+    assert float(parent.data.metrics["best_valid_nelbo_bits_T2"]) == pytest.approx(outcome.best[2].valid_nelbo_bits)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sweep_command(path: Path, *extra: str) -> list[str]:
+    return [FLDD, "sweep", "--config", str(path), *extra]
+
+
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(home, tmp_path):
+    """Ctrl-C mid-sweep, then the same command: the finished trial keeps its one MLflow run, the
+    rest run once each, and each budget's Tune experiment holds only trials of that budget."""
+    path = write_sweep(tmp_path / "sweep.yaml", budgets=[2, 4], space={"parameterization": "masked-x0"},
+                       resources={"workers_per_trial": 1, "cpus_per_worker": 0.9, "max_concurrent_trials": 1})
+    env = {**os.environ, "FLDD_HOME": str(home)}
+    client = MlflowClient(tracking_uri())
+    ensure_experiment(client, home)  # the store exists before the sweep starts: polling it races nothing
+    first = subprocess.Popen(sweep_command(path, "--name", "resume"), cwd=REPO, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    finished_before = []
+    while time.time() < deadline and first.poll() is None:
+        time.sleep(2)
+        finished_before = [r for r in child_runs(client, "resume") if r.info.status == "FINISHED"]
+        if finished_before:
+            break
+    assert finished_before, "no trial finished before the deadline:\n" + (first.communicate()[0] or "")
+    first.send_signal(signal.SIGINT)
+    output = first.communicate(timeout=120)[0]
+    assert first.returncode != 0, output  # interrupted, not finished
+    done = finished_before[0]
+
+    second = subprocess.run(sweep_command(path, "--name", "resume"), cwd=REPO, env=env, text=True,
+                            capture_output=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    runs = child_runs(client, "resume")
+    assert sorted(r.data.tags[BUDGET_TAG] for r in runs) == ["2", "4"]  # one child run per trial, no duplicates
+    assert all(r.info.status == "FINISHED" for r in runs)
+    again = client.get_run(done.info.run_id)
+    assert "fldd.resumed" not in again.data.tags and again.info.end_time == done.info.end_time  # not rerun
+    parents = [r for r in client.search_runs([again.info.experiment_id], filter_string=f"tags.`{KIND_TAG}` = 'sweep'")]
+    assert len(parents) == 1
+    for T in (2, 4):  # each budget is its own Tune experiment: ASHA never sees another budget's trials
+        trials = tune.ExperimentAnalysis(str(home / "ray_results" / f"resume-T{T}")).trials
+        budgets = {r.data.tags[BUDGET_TAG] for r in runs if r.data.tags[TRIAL_TAG] in {t.trial_id for t in trials}}
+        assert budgets == {str(T)}
+    assert "2  masked-x0" in second.stdout and "4  masked-x0" in second.stdout
+
+
+@pytest.fixture
+def two_node_cluster():
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True,
+                                                           "dashboard_host": "127.0.0.1"})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    yield cluster
+    cluster.shutdown()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = free_port()
+    store = tmp_path / "server"
+    store.mkdir()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+                               "--port", str(port), "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+                               "--artifacts-destination", str(store / "artifacts"), "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            MlflowClient(uri).search_experiments()
+            break
+        except Exception:
+            time.sleep(1)
+    yield uri
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def test_sweep_on_a_separate_two_node_cluster(two_node_cluster, mlflow_server, tmp_path, monkeypatch):
+    path = write_sweep(tmp_path / "sweep.yaml", budgets=[2], space={"parameterization": "masked-x0"},
+                       resources={"workers_per_trial": 1, "cpus_per_worker": 0.9})
+    env = {**os.environ, "FLDD_HOME": str(tmp_path / "home"), "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    address = two_node_cluster.address
+    # a local SQLite store cannot serve trials on another node: refused before any trial starts
+    refused = subprocess.run(sweep_command(path, "--address", address), cwd=REPO, env=env, text=True,
+                             capture_output=True, timeout=300)
+    assert refused.returncode == 1 and "MLFLOW_TRACKING_URI" in refused.stderr, refused.stderr[-2000:]
+
+    shared = tmp_path / "shared"  # both nodes run on this machine: a directory they both read
+    env["MLFLOW_TRACKING_URI"] = mlflow_server
+    result = subprocess.run(sweep_command(path, "--address", address, "--storage", str(shared), "--name", "cluster"),
+                            cwd=REPO, env=env, text=True, capture_output=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    client = MlflowClient(mlflow_server)
+    runs = child_runs(client, "cluster")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert (shared / "cluster-T2").is_dir()  # Tune's state on the shared storage
+    assert runs[0].info.run_id in result.stdout

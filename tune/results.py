@@ -1,0 +1,125 @@
+"""A sweep's results: the per-trial CSV, the quality-vs-steps picture (every trial a point, the best
+per T joined: the Pareto front over steps and validation NELBO), and the table printed at the end."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from pipelines.tracking import Tracker  # noqa: E402
+
+
+@dataclass
+class TrialRow:
+    budget: int
+    trial_id: str
+    status: str  # finished | stopped (early, by the scheduler) | error | collapsed
+    parameterization: str
+    values: dict[str, Any]
+    run_id: str | None = None
+    valid_nelbo_bits: float = math.nan  # final: all validation rows x 10 passes (pipelines.reports)
+    valid_nelbo_stderr: float = math.nan
+    steps_trained: int = 0
+    train_seconds: float = math.nan  # the training launch's fit() time, from the MLflow run
+    trial_seconds: float = math.nan  # Tune's time_total_s: the whole trial, start-up included
+    error: str = ""
+
+
+@dataclass
+class SweepOutcome:
+    name: str
+    parent_run_id: str
+    rows: list[TrialRow]
+    best: dict[int, TrialRow] = field(default_factory=dict)  # per budget, on validation
+    wall_seconds: float = 0.0
+
+
+def best_per_budget(rows: list[TrialRow]) -> dict[int, TrialRow]:
+    """The lowest final validation NELBO per budget among finished, non-collapsed trials."""
+    best: dict[int, TrialRow] = {}
+    for row in rows:
+        if row.status != "finished" or not math.isfinite(row.valid_nelbo_bits):
+            continue
+        if row.budget not in best or row.valid_nelbo_bits < best[row.budget].valid_nelbo_bits:
+            best[row.budget] = row
+    return best
+
+
+CSV_FIELDS = ("budget", "trial_id", "status", "parameterization", "valid_nelbo_bits", "valid_nelbo_stderr",
+              "steps_trained", "train_seconds", "trial_seconds", "run_id", "values", "error")
+
+
+def write_csv(rows: list[TrialRow], path: Path) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for row in sorted(rows, key=lambda r: (r.budget, r.trial_id)):
+            record = {k: getattr(row, k) for k in CSV_FIELDS}
+            record["values"] = json.dumps(row.values, sort_keys=True, default=str)
+            writer.writerow(record)
+    return path
+
+
+def plot_front(outcome: SweepOutcome, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    parameterizations = sorted({r.parameterization for r in outcome.rows})
+    for index, name in enumerate(parameterizations):
+        points = [(r.budget, r.valid_nelbo_bits) for r in outcome.rows
+                  if r.parameterization == name and r.status == "finished" and math.isfinite(r.valid_nelbo_bits)]
+        if points:
+            ax.scatter(*zip(*points), label=name, alpha=0.7, color=f"C{index}")
+    front = sorted(outcome.best.items())
+    if front:
+        ax.plot([T for T, _ in front], [row.valid_nelbo_bits for _, row in front], "k--", lw=1,
+                label="best per T")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sampling steps T")
+    ax.set_ylabel("validation NELBO (bits/token)")
+    ax.set_title(f"sweep {outcome.name}: quality vs steps")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def log_results(outcome: SweepOutcome, parent: Tracker, home: Path) -> Path:
+    """Write the CSV and the plot under $FLDD_HOME/sweeps/NAME and attach both to the parent run."""
+    directory = home / "sweeps" / outcome.name
+    directory.mkdir(parents=True, exist_ok=True)
+    for path in (write_csv(outcome.rows, directory / "trials.csv"), plot_front(outcome, directory / "quality_vs_steps.png")):
+        parent.log_artifact(path)
+    metrics = {f"best_valid_nelbo_bits_T{T}": row.valid_nelbo_bits for T, row in outcome.best.items()}
+    parent.log_metrics(0, {**metrics, "trials": len(outcome.rows), "wall_seconds": outcome.wall_seconds,
+                           **{f"trials_{status}": sum(r.status == status for r in outcome.rows)
+                              for status in ("finished", "stopped", "error", "collapsed")}})
+    parent.set_tags({f"best_run_T{T}": row.run_id for T, row in outcome.best.items()})
+    return directory
+
+
+def format_table(outcome: SweepOutcome) -> str:
+    """Per T: the best trial on validation, its metric, its MLflow run; and how many trials ran."""
+    lines = [f"{'T':>4}  {'best parameterization':<22} {'valid NELBO bits/token':>24}  {'trials (done/stopped/failed)':>28}"
+             f"  MLflow run"]
+    for T in sorted({r.budget for r in outcome.rows}):
+        rows = [r for r in outcome.rows if r.budget == T]
+        counts = "/".join(str(sum(r.status == s for r in rows)) for s in ("finished", "stopped", "error"))
+        best = outcome.best.get(T)
+        if best is None:
+            lines.append(f"{T:>4}  {'(no finished trial)':<22} {'':>24}  {counts:>28}")
+            continue
+        metric = f"{best.valid_nelbo_bits:.4f} +- {best.valid_nelbo_stderr:.4f}"
+        lines.append(f"{T:>4}  {best.parameterization:<22} {metric:>24}  {counts:>28}  {best.run_id}")
+    failed = [r for r in outcome.rows if r.status == "error"]
+    for row in failed:
+        lines.append(f"  failed: T={row.budget} trial {row.trial_id} ({row.parameterization}): {row.error}")
+    return "\n".join(lines)

@@ -1,0 +1,326 @@
+"""Run a sweep: one Ray Tune experiment per step budget T (so ASHA only ever compares trials of the
+same budget), every trial the project's one training path (`pipelines.train.launch`) with
+`TuneReportCallback` in its Ray Train run callbacks, an MLflow parent run per sweep and a child run
+per trial. Rerunning the same sweep name resumes it with `Tuner.restore`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import ray
+from mlflow.tracking import MlflowClient
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from tqdm.auto import tqdm
+
+from fldd.config import ConfigError
+from pipelines.tracking import (BUDGET_TAG, KIND_TAG, PARENT_TAG, SWEEP_TAG, TRIAL_TAG, Tracker, ensure_experiment,
+                                find_or_create_run, git_commit, project_home, tracking_uri)
+from pipelines.train import SCORE, LaunchOptions, TrainingError, init_ray, launch
+from tune.results import SweepOutcome, TrialRow, best_per_budget, log_results
+from tune.spec import PARAMETERIZATION_KEY, SweepSpec
+
+log = logging.getLogger(__name__)
+
+TRIAL_DRIVER_CPUS = 0.01  # the trial's own process only waits on its Train workers (STACK_NOTES)
+
+
+class SweepError(RuntimeError):
+    """The sweep cannot start or could not finish (not: a trial failed; that is recorded)."""
+
+
+class SweepInterrupted(SweepError):
+    """Ctrl-C or a stop signal: Tune saved its state; the same command resumes."""
+
+
+# ---------------------------------------------------------------------------------------------
+# One trial: the ordinary training launch, reporting to Tune
+# ---------------------------------------------------------------------------------------------
+
+def run_trial(values: dict[str, Any], *, spec: SweepSpec, budget: int, sweep: str, parent_run_id: str,
+              storage: str, home: str, mlflow_uri: str) -> None:
+    # the trial runs in a Ray worker whose CWD is Ray's session directory: absolute home and store
+    os.environ["FLDD_HOME"], os.environ["MLFLOW_TRACKING_URI"] = home, mlflow_uri
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    cfg = spec.trial_config(values, budget)
+    trial_id = tune.get_context().get_trial_id()
+    r = spec.resources
+    launch(cfg, LaunchOptions(
+        workers=r.workers_per_trial, gpu=r.gpus_per_worker > 0, cpus_per_worker=r.cpus_per_worker,
+        storage=storage, name=trial_run_name(sweep, budget, trial_id), quiet=True, max_failures=1,
+        callbacks=[TuneReportCallback()],
+        tags={PARENT_TAG: parent_run_id, SWEEP_TAG: sweep, KIND_TAG: "trial", BUDGET_TAG: budget,
+              TRIAL_TAG: trial_id}))
+
+
+def trial_run_name(sweep: str, budget: int, trial_id: str) -> str:
+    """One name per trial, stable across restores: its Ray Train run and its MLflow child run."""
+    return f"{sweep}-T{budget}-{trial_id}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress: a bar per budget, with running / done / stopped / failed and the best so far
+# ---------------------------------------------------------------------------------------------
+
+class SweepProgress(tune.Callback):
+    def __init__(self, budget: int, total: int, steps: int, enabled: bool = True):
+        self.budget, self.total, self.steps, self.enabled = budget, total, steps, enabled
+        self._bar = None
+        self._best = math.inf
+
+    def __getstate__(self) -> dict:  # Tune saves its callbacks with the experiment; a bar does not pickle
+        return {**self.__dict__, "_bar": None}
+
+    def setup(self, **info) -> None:
+        if self.enabled:
+            self._bar = tqdm(total=self.total, desc=f"T={self.budget} trials", unit="trial", mininterval=2.0)
+
+    def _refresh(self, trials: list) -> None:
+        if self._bar is None:
+            return
+        counts = {"running": 0, "done": 0, "stopped": 0, "failed": 0}
+        for trial in trials:
+            if trial.status == "RUNNING":
+                counts["running"] += 1
+            elif trial.status == "ERROR":
+                counts["failed"] += 1
+            elif trial.status == "TERMINATED":
+                stopped = int((trial.last_result or {}).get("step", self.steps)) < self.steps
+                counts["stopped" if stopped else "done"] += 1
+        finished = counts["done"] + counts["stopped"] + counts["failed"]
+        best = f", best valid {self._best:.4f}" if math.isfinite(self._best) else ""
+        self._bar.set_postfix_str(", ".join(f"{v} {k}" for k, v in counts.items()) + best, refresh=False)
+        self._bar.update(finished - self._bar.n)  # redraws at most every mininterval
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self._refresh(trials)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        value = result.get(SCORE)
+        if value is not None and math.isfinite(value):
+            self._best = min(self._best, value)
+        self._refresh(trials)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._refresh(trials)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._refresh(trials)
+
+    def on_experiment_end(self, trials, **info) -> None:
+        self._refresh(trials)
+        if self._bar is not None:
+            self._bar.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep
+# ---------------------------------------------------------------------------------------------
+
+def sweep_storage(storage: str | None, home: Path) -> str:
+    if storage and "://" in storage:
+        return storage.rstrip("/")
+    return str(Path(storage or home / "ray_results").resolve())
+
+
+def check_cluster(storage: str, mlflow_uri: str, workers: int, cpus: float, gpus: float) -> None:
+    """On a multi-node cluster every node must read the storage and reach the MLflow store: say so
+    before any trial starts, rather than lose checkpoints or metrics on another node."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    total_cpus = ray.cluster_resources().get("CPU", 0.0)
+    if TRIAL_DRIVER_CPUS + workers * cpus > total_cpus + 1e-9:
+        raise SweepError(f"one trial needs {workers} worker(s) x {cpus} CPU + {TRIAL_DRIVER_CPUS} CPU, the cluster "
+                         f"has {total_cpus:g} CPUs: lower resources.cpus_per_worker or workers_per_trial")
+    if gpus and ray.cluster_resources().get("GPU", 0.0) < workers * gpus:
+        raise SweepError(f"one trial needs {workers * gpus:g} GPUs, the cluster has "
+                         f"{ray.cluster_resources().get('GPU', 0.0):g}")
+    if len(nodes) < 2:
+        return
+    if mlflow_uri.startswith("sqlite:") or mlflow_uri.startswith("file:"):
+        raise SweepError(f"this Ray cluster has {len(nodes)} nodes but MLflow tracks to a local store ({mlflow_uri}): "
+                         "start a tracking server (mlflow server ...) and set MLFLOW_TRACKING_URI to it")
+    if "://" in storage:
+        return  # s3:// or another remote file system: shared by construction
+    marker = Path(storage) / f".fldd-shared-check-{uuid.uuid4().hex}"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("shared?")
+    try:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        @ray.remote(num_cpus=0)
+        def sees(path: str) -> bool:
+            return os.path.exists(path)
+
+        blind = [n["NodeManagerAddress"] for n in nodes
+                 if not ray.get(sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+                     n["NodeID"], soft=False)).remote(str(marker)))]
+    finally:
+        marker.unlink(missing_ok=True)
+    if blind:
+        raise SweepError(f"--storage {storage} is not shared: node(s) {', '.join(blind)} cannot read it. Give a "
+                         "directory every node mounts (NFS) or an s3:// URI")
+
+
+def _scheduler(spec: SweepSpec):
+    if spec.scheduler.get("type", "asha") == "fifo":
+        return FIFOScheduler()
+    reports = spec.reports_per_trial
+    # max_t one past the last report: ASHA stops a trial that reaches max_t, which would kill it
+    # before its final evaluation and logged model (the trial's own training ends it instead)
+    return ASHAScheduler(time_attr="training_iteration", max_t=reports + 1,
+                         grace_period=int(spec.scheduler.get("grace_period", max(1, reports // 4))),
+                         reduction_factor=float(spec.scheduler.get("reduction_factor", 2)))
+
+
+def max_concurrent(spec: SweepSpec) -> int:
+    r = spec.resources
+    if r.max_concurrent_trials:
+        return r.max_concurrent_trials
+    # Tune does not count Ray Train workers: cap trials so their workers fit the cluster (STACK_NOTES)
+    per_trial = TRIAL_DRIVER_CPUS + r.workers_per_trial * r.cpus_per_worker
+    return max(1, int(ray.cluster_resources().get("CPU", 1.0) // per_trial))
+
+
+def start_parent_run(spec: SweepSpec, name: str, storage: str, home: Path) -> Tracker:
+    """The sweep's MLflow parent run: found again by name when the sweep resumes."""
+    uri = tracking_uri(home)
+    client = MlflowClient(uri)
+    experiment_id = ensure_experiment(client, home)
+    tags = {SWEEP_TAG: name, KIND_TAG: "sweep", "git_commit": git_commit(), "ray_version": ray.__version__,
+            "storage": storage, "budgets": ",".join(map(str, spec.budgets))}
+    run_id, resumed = find_or_create_run(client, experiment_id, f"sweep-{name}", tags)
+    tracker = Tracker(uri, run_id)
+    if not resumed:
+        params = {"sweep.samples": spec.samples, "sweep.metric": spec.metric, "sweep.budgets": spec.budgets,
+                  "sweep.scheduler": spec.scheduler, "sweep.resources": vars(spec.resources),
+                  **{f"space.{k}": v for k, v in spec.space.items()}}
+        tracker.log_params(params)
+        tracker.log_text("sweep.yaml", spec.source or "")
+        tracker.log_text("base_config.yaml", spec.base.to_yaml())
+    return tracker
+
+
+def run_sweep(spec: SweepSpec, *, name: str | None = None, address: str | None = None, storage: str | None = None,
+              samples: int | None = None, progress: bool = True, verbose: bool = False) -> SweepOutcome:
+    """Run (or resume) every budget's Tune experiment; return per-trial rows and the best per T."""
+    name = name or spec.name
+    if not name or "/" in name:
+        raise ConfigError(f"--name {name!r}: must be a non-empty name without '/'")
+    if samples is not None:
+        if samples < 1:
+            raise ConfigError(f"--samples {samples}: must be >= 1")
+        spec.samples = samples
+    home = project_home()
+    storage = sweep_storage(storage, home)
+    mlflow_uri = tracking_uri(home)
+    MlflowClient(mlflow_uri)  # the store and experiment exist before any trial writes (SQLite races)
+    ensure_experiment(MlflowClient(mlflow_uri), home)
+    # the bars below are the sweep's progress; Tune's own tables and the trials' worker logs are
+    # noise here (a failed trial's error is in the final table and in Tune's error.txt)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    init_ray(address, log_to_driver=verbose)
+    r = spec.resources
+    check_cluster(storage, mlflow_uri, r.workers_per_trial, r.cpus_per_worker, r.gpus_per_worker)
+    parent = start_parent_run(spec, name, storage, home)
+    if progress:
+        print(f"sweep {name!r}: budgets T={spec.budgets}, {spec.trials_per_budget()} trials per budget, "
+              f"{max_concurrent(spec)} at a time; MLflow parent run {parent.run_id} ({mlflow_uri})", flush=True)
+
+    start = time.perf_counter()
+    trials_by_budget: dict[int, list] = {}
+    for budget in spec.budgets:
+        trials_by_budget[budget] = _run_budget(spec, name, budget, storage, home, mlflow_uri, parent, progress)
+    rows = collect_rows(spec, name, trials_by_budget, mlflow_uri)
+    outcome = SweepOutcome(name, parent.run_id, rows, best_per_budget(rows), time.perf_counter() - start)
+    log_results(outcome, parent, home)
+    parent.finish("FINISHED")
+    return outcome
+
+
+def _run_budget(spec: SweepSpec, name: str, budget: int, storage: str, home: Path, mlflow_uri: str,
+                parent: Tracker, progress: bool) -> list:
+    experiment = f"{name}-T{budget}"
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, spec=spec, budget=budget, sweep=name, parent_run_id=parent.run_id,
+                             storage=storage, home=str(home), mlflow_uri=mlflow_uri),
+        {"CPU": TRIAL_DRIVER_CPUS})
+    watcher = SweepProgress(budget, spec.trials_per_budget(), spec.base.train.steps, enabled=progress)
+    path = f"{storage}/{experiment}"
+    if tune.Tuner.can_restore(path):
+        # finished trials stay finished; unfinished ones continue; errored ones start again
+        # (Tune saved the progress callback with the experiment; it draws a fresh bar on setup)
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, restart_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=spec.param_space(),
+            tune_config=tune.TuneConfig(metric=SCORE, mode="min", scheduler=_scheduler(spec), num_samples=spec.samples,
+                                        max_concurrent_trials=max_concurrent(spec)),
+            run_config=tune.RunConfig(name=experiment, storage_path=storage, verbose=0, callbacks=[watcher],
+                                      failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)))
+    tuner.fit()
+    trials = tune.ExperimentAnalysis(path).trials  # every trial of this budget, restored ones included
+    unfinished = [t for t in trials if t.status not in ("TERMINATED", "ERROR")]
+    if unfinished:
+        raise SweepInterrupted(f"sweep {name!r} interrupted at T={budget} with {len(unfinished)} trial(s) unfinished; "
+                               "its state is saved: rerun the same command to resume")
+    return trials
+
+
+def collect_rows(spec: SweepSpec, name: str, trials_by_budget: dict[int, list], mlflow_uri: str) -> list[TrialRow]:
+    """One row per trial: Tune's status joined with the MLflow child run's final validation metrics.
+    Trials the scheduler stopped early have no final metrics; their child runs are closed as KILLED."""
+    client = MlflowClient(mlflow_uri)
+    experiment = client.get_experiment_by_name("fldd")
+    runs = {r.data.tags.get(TRIAL_TAG): r for r in client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{name}' and tags.`{KIND_TAG}` = 'trial'",
+        max_results=10000)}
+    rows = []
+    for budget, trials in trials_by_budget.items():
+        for trial in trials:
+            values = {k: v for k, v in trial.config.items() if v is not None}
+            parameterization = values.get(PARAMETERIZATION_KEY) or spec.base.parameterization
+            last = trial.last_result or {}
+            row = TrialRow(budget, trial.trial_id, "finished", parameterization, values,
+                           steps_trained=int(last.get("step", 0)), trial_seconds=float(last.get("time_total_s", math.nan)))
+            run = runs.get(trial.trial_id)
+            if run is not None:
+                row.run_id = run.info.run_id
+                row.valid_nelbo_bits = run.data.metrics.get("final_valid_nelbo_bits", math.nan)
+                row.valid_nelbo_stderr = run.data.metrics.get("final_valid_nelbo_stderr", math.nan)
+                row.train_seconds = run.data.metrics.get("final_train_seconds", math.nan)
+            if trial.status == "ERROR":
+                row.status = "error"
+                row.error = _trial_error(trial)
+            elif run is None or run.info.status != "FINISHED":
+                # Tune ended it early: stopping a trial kills its Train controller, which the trial's
+                # launch saw as a failure (or never saw, if it was killed first); neither is one
+                row.status = "stopped"
+                if run is not None and run.info.status != "KILLED":
+                    if "fldd.error" in run.data.tags:
+                        client.delete_tag(run.info.run_id, "fldd.error")
+                    client.set_tag(run.info.run_id, "fldd.early_stopped", "true")
+                    client.set_terminated(run.info.run_id, "KILLED")
+            elif run.data.tags.get("collapsed") == "True":
+                row.status = "collapsed"
+            rows.append(row)
+    return rows
+
+
+def _trial_error(trial) -> str:
+    try:
+        text = Path(trial.local_path, "error.txt").read_text()
+    except (OSError, TypeError):
+        text = str(getattr(trial, "error_msg", "") or "")
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][:300] if lines else "failed"
+
+
+__all__ = ["SweepError", "SweepInterrupted", "SweepOutcome", "TrainingError", "TrialRow", "run_sweep"]
