@@ -41,7 +41,7 @@ from mlflow.tracking import MlflowClient
 from fldd.config import FLDDConfig
 from fldd.model import FLDDModel
 from pipelines.tracking import (BUDGET_TAG, DATASET_TAG, EXPERIMENT, KIND_TAG, PARAMETERIZATION_TAG, RUN_NAME_TAG,
-                                SWEEP_TAG, download_model_file, tracking_uri)
+                                SWEEP_TAG, dataset_name, download_model_file, tracking_uri)
 
 SCORE_METRIC, SCORE_STDERR_METRIC = "final_valid_nelbo_bits", "final_valid_nelbo_stderr"
 
@@ -178,26 +178,8 @@ def _not_found(error: MlflowException) -> bool:
     return error.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
 
 
-def parameterization_of(cfg: FLDDConfig) -> str:
-    """The sweep's name for a forward process + reverse parameterization (fldd, fldd-mask,
-    fldd-mask-carry, masked, masked-x0, uniform; other pairs as method+reverse_parameterization)."""
-    named = getattr(cfg, "parameterization", None)  # FLDDConfig.parameterization, where the config has it
-    if isinstance(named, str):
-        return named
-    method, reverse = cfg.process.method, cfg.process.reverse_parameterization
-    if reverse == "direct":
-        return method
-    known = {("fldd-mask", "carry-over"): "fldd-mask-carry", ("masked", "x0"): "masked-x0"}
-    return known.get((method, reverse), f"{method}+{reverse}")
-
-
-def dataset_of(cfg: FLDDConfig) -> str:
-    """The data set's name: data.name for built-ins, the Parquet path's stem otherwise."""
-    return Path(cfg.data.path).stem if cfg.data.path else cfg.data.name
-
-
 def default_model_name(cfg: FLDDConfig) -> str:
-    return f"fldd-{dataset_of(cfg)}"
+    return f"fldd-{dataset_name(cfg)}"
 
 
 def _default_name_from_run(run: Run) -> str:
@@ -209,7 +191,7 @@ def _default_name_from_run(run: Run) -> str:
 
 
 def identity_of(cfg: FLDDConfig) -> dict[str, str]:
-    return {"dataset": dataset_of(cfg), "vocab_size": str(cfg.vocab_size), "seq_len": str(cfg.seq_len)}
+    return {"dataset": dataset_name(cfg), "vocab_size": str(cfg.vocab_size), "seq_len": str(cfg.seq_len)}
 
 
 def _get_registered_model(client: MlflowClient, name: str) -> RegisteredModel | None:
@@ -418,7 +400,7 @@ def _register(client: MlflowClient, name: str, run: Run, cfg: FLDDConfig, model:
     if _get_registered_model(client, name) is None:
         try:
             client.create_registered_model(
-                name, tags={DEFAULT_BUDGET_TAG: str(T), **{f"fldd.{k}": v for k, v in identity.items()}},
+                name, tags={f"fldd.{k}": v for k, v in identity.items()},
                 description=f"FLDD samplers for {identity['dataset']} (fldd promote). Aliases: champion-t<T> "
                 "per step budget T; champion follows champion-t<default budget>.")
         except MlflowException as error:
@@ -428,13 +410,9 @@ def _register(client: MlflowClient, name: str, run: Run, cfg: FLDDConfig, model:
     for key, value in identity.items():  # a model created by other means: adopt the identity
         if f"fldd.{key}" not in registered.tags:
             client.set_registered_model_tag(name, f"fldd.{key}", value)
-    if DEFAULT_BUDGET_TAG not in registered.tags:
-        existing = _versions(client, name)
-        first = existing[0].tags.get("fldd.num_steps_T") if existing else None
-        client.set_registered_model_tag(name, DEFAULT_BUDGET_TAG, first or str(T))
     tags = run.data.tags
     version_tags = {
-        "fldd.num_steps_T": str(T), "fldd.parameterization": tags.get(PARAMETERIZATION_TAG) or parameterization_of(cfg),
+        "fldd.num_steps_T": str(T), "fldd.parameterization": tags.get(PARAMETERIZATION_TAG) or cfg.parameterization,
         "fldd.method": cfg.process.method, **{f"fldd.{k}": v for k, v in identity.items()},
         "fldd.valid_nelbo_bits": _number(run.data.metrics[SCORE_METRIC]),
         "fldd.valid_nelbo_stderr": _number(run.data.metrics[SCORE_STDERR_METRIC]),
@@ -506,15 +484,19 @@ def promote_run(run: Run, *, model_name: str | None = None, margin: float | None
             raise RegistryError(f"holder version {holder.version} of {name!r} is for "
                                 f"{identity_of(holder_model.config)}, the candidate for {identity_of(cfg)}: "
                                 "fix the registered model's aliases first")
-    # a retry of a refused run reuses its version (the new decision replaces the refusal); a run
-    # that was promoted once and displaced since gets a new version, so its promotion record stays
-    versions = _versions(client, name) if _get_registered_model(client, name) else []
-    retry = [v for v in versions if v.run_id == run_id and v.tags.get("fldd.decision") == REFUSED]
-    version = retry[-1] if retry else _register(client, name, run, cfg, candidate, sweep)
+    fingerprint = split_fingerprint(test)
+    judged_on = holder.tags.get("fldd.test_split_sha1") if holder is not None else None
+    if judged_on and judged_on != fingerprint:  # the two test NELBOs would not be comparable
+        return Decision(decision=REFUSED, reason=f"the candidate's test split ({fingerprint}) is not the one holder "
+                        f"version {holder.version} was judged on ({judged_on}): its data settings (data.seed, "
+                        "data.num_valid, data.path) differ; train it on the registered model's data", **base)
+    # every attempt is a new version with its own decision tags: a refusal is never overwritten, so
+    # retrying with other evaluation seeds until one passes stays visible in the registry
+    version = _register(client, name, run, cfg, candidate, sweep)
     version_number = str(version.version)
     decision = Decision(decision=REFUSED, reason="", version=version_number,
                         holder_version=str(holder.version) if holder is not None else None,
-                        test_examples=int(test.shape[0]), test_split=split_fingerprint(test), **base)
+                        test_examples=int(test.shape[0]), test_split=fingerprint, **base)
 
     estimate = _evaluate(candidate, test, passes, seed)
     decision.candidate_test_bits = estimate.bits_per_token
@@ -552,9 +534,12 @@ def promote_run(run: Run, *, model_name: str | None = None, margin: float | None
                                f"{decision.difference_bits:.4f} <= margin {decision.margin_bits:.4f} bits/token")
 
     # the record first: an alias never points at a version whose decision is not written down
-    for key, value in decision.tags().items():
+    for key, value in {**decision.tags(), "fldd.eval_seed": str(seed), "fldd.eval_passes": str(passes)}.items():
         client.set_model_version_tag(name, version_number, key, value)
     if decision.promoted:
+        if DEFAULT_BUDGET_TAG not in client.get_registered_model(name).tags:
+            # the first budget ever promoted is the one `champion` follows (a refused first version sets nothing)
+            client.set_registered_model_tag(name, DEFAULT_BUDGET_TAG, str(T))
         aliases = [alias]
         if str(T) == client.get_registered_model(name).tags.get(DEFAULT_BUDGET_TAG):
             aliases.append(CHAMPION)

@@ -44,6 +44,11 @@ def project_home() -> Path:
     return Path(os.environ.get("FLDD_HOME", ".fldd")).resolve()
 
 
+def dataset_name(cfg: FLDDConfig) -> str:
+    """The built-in data set's name, or a Parquet table's file/directory stem."""
+    return Path(cfg.data.path).stem if cfg.data.path else cfg.data.name
+
+
 def tracking_uri(home: Path | None = None) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
@@ -119,6 +124,8 @@ def start_run(cfg: FLDDConfig, run_name: str, tags: dict[str, Any], home: Path |
     if resumed:
         # params are immutable in MLflow; the settings a resume may change go in as tags
         tracker.set_tags({**tags, "fldd.resumed": "true", "fldd.train_steps": cfg.train.steps})
+        if "fldd.error" in client.get_run(run_id).data.tags:  # the failure this run resumes from is over
+            client.delete_tag(run_id, "fldd.error")
         return tracker, True
     derived = {"train.forward_lr_at_T": cfg.forward_lr} if cfg.learns_forward else {}  # what the optimizer uses
     tracker.log_params({**cfg.to_flat_dict(), **derived})

@@ -36,8 +36,8 @@ from fldd.model import CheckpointError, FLDDModel, config_differences
 from fldd.objective import evaluate_nelbo
 from fldd.train import NonFiniteLossError, TrainSchedule, build_optimizer, print_progress, train_loop
 from pipelines import reports
-from pipelines.tracking import (DATASET_TAG, PARAMETERIZATION_TAG, Tracker, git_commit, log_sampler_model, project_home,
-                                start_run)
+from pipelines.tracking import (DATASET_TAG, PARAMETERIZATION_TAG, Tracker, dataset_name, git_commit, log_sampler_model,
+                                project_home, start_run)
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +77,6 @@ class TrainOutcome:
     model_uri: str
     metrics: dict[str, Any] = field(default_factory=dict)
     start_step: int = 0  # where the last worker group started (0, or the checkpoint it resumed from)
-
-
-def dataset_name(cfg: FLDDConfig) -> str:
-    """The built-in data set's name, or a Parquet table's file/directory stem."""
-    return Path(cfg.data.path).stem if cfg.data.path else cfg.data.name
 
 
 def config_digest(cfg: FLDDConfig) -> str:
@@ -477,6 +472,9 @@ def launch(cfg: FLDDConfig, opts: LaunchOptions | None = None) -> TrainOutcome:
     start = time.perf_counter()
     try:
         result = trainer.fit()
+        return finish_run(run, result, train_seconds=time.perf_counter() - start)
+    except TrainingError:
+        raise  # finish_run recorded it
     except BaseException as error:  # a Tune stop or Ctrl-C lands here too: the run must not stay RUNNING
         run.tracker.set_tags({"fldd.error": f"{type(error).__name__}: {error}"[:5000]})
         run.tracker.finish("FAILED" if isinstance(error, Exception) else "KILLED")
@@ -485,4 +483,3 @@ def launch(cfg: FLDDConfig, opts: LaunchOptions | None = None) -> TrainOutcome:
         raise TrainingError(f"training run {run.name!r} failed: {error}") from error
     finally:
         marker.unlink(missing_ok=True)
-    return finish_run(run, result, train_seconds=time.perf_counter() - start)

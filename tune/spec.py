@@ -22,6 +22,8 @@ means nothing to a fixed forward).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,6 +114,14 @@ class SweepSpec:
         if unknown:
             raise ConfigError(f"sweep: unknown key 'scheduler.{unknown[0]}'")
         r = self.resources
+        for key, kind in (("cpus_per_worker", (int, float)), ("gpus_per_worker", (int, float)),
+                          ("max_concurrent_trials", int)):
+            value = getattr(r, key)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise ConfigError(f"sweep: resources.{key}={value!r} must be a number")
+        if r.gpus_per_worker not in (0, 1):
+            raise ConfigError(f"sweep: resources.gpus_per_worker={r.gpus_per_worker!r} must be 0 or 1 (one GPU per "
+                              "Train worker, as `fldd train --gpu`)")
         if not isinstance(r.workers_per_trial, int) or r.workers_per_trial < 1:
             raise ConfigError(f"sweep: resources.workers_per_trial={r.workers_per_trial!r} must be >= 1 "
                               "(Tune reports through Ray Train workers; local mode has none)")
@@ -129,8 +139,14 @@ class SweepSpec:
     # ---- what the sweep runs ------------------------------------------------------------
     @property
     def reports_per_trial(self) -> int:
-        """Validation reports (Tune iterations) per trial: one per checkpoint."""
-        return self.base.train.steps // self.base.train.checkpoint_every
+        """Validation reports per trial: one per checkpoint, and one at the last step."""
+        return -(-self.base.train.steps // self.base.train.checkpoint_every)
+
+    def digest(self) -> str:
+        """What makes two runs of a sweep the same sweep (resuming a changed one is refused)."""
+        payload = {"base": self.base.to_dict(), "budgets": self.budgets, "space": self.space, "samples": self.samples,
+                   "metric": self.metric, "scheduler": self.scheduler, "resources": vars(self.resources)}
+        return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     @property
     def parameterizations(self) -> list[str]:
@@ -170,8 +186,8 @@ class SweepSpec:
         corners = [{}]
         for key, entry in self.space.items():
             kind = entry["domain"]
-            values = entry["values"] if kind in ("grid", "choice") else [entry["values"]] if kind == "value" \
-                else entry["values"][:1]
+            values = ([entry["values"]] if kind == "value" else  # ranges: both ends (randint's high is exclusive)
+                      [entry["values"][0], entry["values"][1] - 1] if kind == "randint" else entry["values"])
             for value in values:
                 for parameterization in self.parameterizations:
                     if entry["only"] and parameterization not in entry["only"]:
@@ -190,8 +206,8 @@ class _Conditional:
     def __init__(self, domain: Any, only: list[str], default_parameterization: str):
         self.domain, self.only, self.default = domain, only, default_parameterization
 
-    def __call__(self, spec) -> Any:
-        parameterization = spec.config.get(PARAMETERIZATION_KEY) or self.default
+    def __call__(self, config: dict[str, Any]) -> Any:
+        parameterization = config.get(PARAMETERIZATION_KEY) or self.default
         if parameterization not in self.only:
             return None
         return self.domain.sample() if hasattr(self.domain, "sample") else self.domain
@@ -228,7 +244,7 @@ def _parse_domain(key: str, value: Any) -> dict[str, Any]:
         if not low < high or (kind == "loguniform" and low <= 0):
             raise ConfigError(f"sweep: space.{key}.{kind}={values!r} needs 0 < low < high for loguniform, "
                               "low < high otherwise")
-        values = [int(low), int(high)] if kind == "randint" else [low, high]
+        values = [int(low), int(high)] if kind == "randint" else [low, high]  # randint: high exclusive
     if key == PARAMETERIZATION_KEY:
         if kind not in ("grid", "choice"):
             raise ConfigError(f"sweep: space.parameterization must be a grid or choice of {list(PARAMETERIZATIONS)}")

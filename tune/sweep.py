@@ -30,6 +30,7 @@ from tune.spec import PARAMETERIZATION_KEY, SweepSpec
 
 log = logging.getLogger(__name__)
 
+DIGEST_TAG = "fldd.sweep_digest"
 TRIAL_DRIVER_CPUS = 0.01  # the trial's own process only waits on its Train workers (STACK_NOTES)
 
 
@@ -58,7 +59,7 @@ def run_trial(values: dict[str, Any], *, spec: SweepSpec, budget: int, sweep: st
         storage=storage, name=trial_run_name(sweep, budget, trial_id), quiet=True, max_failures=1,
         callbacks=[TuneReportCallback()],
         tags={PARENT_TAG: parent_run_id, SWEEP_TAG: sweep, KIND_TAG: "trial", BUDGET_TAG: budget,
-              TRIAL_TAG: trial_id}))
+              TRIAL_TAG: trial_id, "ray_node_id": ray.get_runtime_context().get_node_id()}))
 
 
 def trial_run_name(sweep: str, budget: int, trial_id: str) -> str:
@@ -131,7 +132,7 @@ def sweep_storage(storage: str | None, home: Path) -> str:
     return str(Path(storage or home / "ray_results").resolve())
 
 
-def check_cluster(storage: str, mlflow_uri: str, workers: int, cpus: float, gpus: float) -> None:
+def check_cluster(storage: str, mlflow_uri: str, workers: int, cpus: float, gpus: float, remote: bool = False) -> None:
     """On a multi-node cluster every node must read the storage and reach the MLflow store: say so
     before any trial starts, rather than lose checkpoints or metrics on another node."""
     nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -142,10 +143,11 @@ def check_cluster(storage: str, mlflow_uri: str, workers: int, cpus: float, gpus
     if gpus and ray.cluster_resources().get("GPU", 0.0) < workers * gpus:
         raise SweepError(f"one trial needs {workers * gpus:g} GPUs, the cluster has "
                          f"{ray.cluster_resources().get('GPU', 0.0):g}")
-    if len(nodes) < 2:
-        return
+    if len(nodes) < 2 and not remote:
+        return  # the driver's own machine: its disk and its MLflow store are every node's
+    where = "through Ray Client" if remote else f"on {len(nodes)} nodes"
     if mlflow_uri.startswith("sqlite:") or mlflow_uri.startswith("file:"):
-        raise SweepError(f"this Ray cluster has {len(nodes)} nodes but MLflow tracks to a local store ({mlflow_uri}): "
+        raise SweepError(f"trials run {where} but MLflow tracks to a store on this machine ({mlflow_uri}): "
                          "start a tracking server (mlflow server ...) and set MLFLOW_TRACKING_URI to it")
     if "://" in storage:
         return  # s3:// or another remote file system: shared by construction
@@ -172,11 +174,13 @@ def check_cluster(storage: str, mlflow_uri: str, workers: int, cpus: float, gpus
 def _scheduler(spec: SweepSpec):
     if spec.scheduler.get("type", "asha") == "fifo":
         return FIFOScheduler()
-    reports = spec.reports_per_trial
-    # max_t one past the last report: ASHA stops a trial that reaches max_t, which would kill it
-    # before its final evaluation and logged model (the trial's own training ends it instead)
-    return ASHAScheduler(time_attr="training_iteration", max_t=reports + 1,
-                         grace_period=int(spec.scheduler.get("grace_period", max(1, reports // 4))),
+    steps, every = spec.base.train.steps, spec.base.train.checkpoint_every
+    # time in optimizer steps (each report carries its step), not reports: a trial resumed from a
+    # checkpoint restarts Tune's iteration count but not its step, and must be judged at its step.
+    # stop_last_trials=False: the trial's own training ends it, after its final evaluation and
+    # logged model (ASHA would otherwise kill a trial at max_t, before either)
+    return ASHAScheduler(time_attr="step", max_t=steps, stop_last_trials=False,
+                         grace_period=every * int(spec.scheduler.get("grace_period", max(1, spec.reports_per_trial // 4))),
                          reduction_factor=float(spec.scheduler.get("reduction_factor", 2)))
 
 
@@ -186,7 +190,10 @@ def max_concurrent(spec: SweepSpec) -> int:
         return r.max_concurrent_trials
     # Tune does not count Ray Train workers: cap trials so their workers fit the cluster (STACK_NOTES)
     per_trial = TRIAL_DRIVER_CPUS + r.workers_per_trial * r.cpus_per_worker
-    return max(1, int(ray.cluster_resources().get("CPU", 1.0) // per_trial))
+    fit = int(ray.cluster_resources().get("CPU", 1.0) // per_trial)
+    if r.gpus_per_worker:
+        fit = min(fit, int(ray.cluster_resources().get("GPU", 0.0) // (r.workers_per_trial * r.gpus_per_worker)))
+    return max(1, fit)
 
 
 def start_parent_run(spec: SweepSpec, name: str, storage: str, home: Path) -> Tracker:
@@ -196,7 +203,18 @@ def start_parent_run(spec: SweepSpec, name: str, storage: str, home: Path) -> Tr
     experiment_id = ensure_experiment(client, home)
     tags = {SWEEP_TAG: name, KIND_TAG: "sweep", "git_commit": git_commit(), "ray_version": ray.__version__,
             "storage": storage, "budgets": ",".join(map(str, spec.budgets))}
-    run_id, resumed = find_or_create_run(client, experiment_id, f"sweep-{name}", tags)
+    digest = spec.digest()
+    existing = client.search_runs([experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{name}' and "
+                                  f"tags.`{KIND_TAG}` = 'sweep'", max_results=1)
+    if existing:  # a rerun resumes the same sweep only: Tune would keep the old space and samples
+        old = existing[0].data.tags
+        if old.get("storage") != storage:
+            raise SweepError(f"sweep {name!r} keeps its state in {old.get('storage')}, not {storage}: pass "
+                             f"--storage {old.get('storage')} to resume it, or use another --name")
+        if old.get(DIGEST_TAG) != digest:
+            raise SweepError(f"sweep {name!r} exists with a different definition (its sweep file, base config or "
+                             "--samples changed since it started): use another --name for a new sweep")
+    run_id, resumed = find_or_create_run(client, experiment_id, f"sweep-{name}", {**tags, DIGEST_TAG: digest})
     tracker = Tracker(uri, run_id)
     if not resumed:
         params = {"sweep.samples": spec.samples, "sweep.metric": spec.metric, "sweep.budgets": spec.budgets,
@@ -228,7 +246,8 @@ def run_sweep(spec: SweepSpec, *, name: str | None = None, address: str | None =
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     init_ray(address, log_to_driver=verbose)
     r = spec.resources
-    check_cluster(storage, mlflow_uri, r.workers_per_trial, r.cpus_per_worker, r.gpus_per_worker)
+    check_cluster(storage, mlflow_uri, r.workers_per_trial, r.cpus_per_worker, r.gpus_per_worker,
+                  remote=str(address or os.environ.get("RAY_ADDRESS", "")).startswith("ray://"))
     parent = start_parent_run(spec, name, storage, home)
     if progress:
         print(f"sweep {name!r}: budgets T={spec.budgets}, {spec.trials_per_budget()} trials per budget, "
@@ -236,11 +255,15 @@ def run_sweep(spec: SweepSpec, *, name: str | None = None, address: str | None =
 
     start = time.perf_counter()
     trials_by_budget: dict[int, list] = {}
-    for budget in spec.budgets:
-        trials_by_budget[budget] = _run_budget(spec, name, budget, storage, home, mlflow_uri, parent, progress)
-    rows = collect_rows(spec, name, trials_by_budget, mlflow_uri)
-    outcome = SweepOutcome(name, parent.run_id, rows, best_per_budget(rows), time.perf_counter() - start)
-    log_results(outcome, parent, home)
+    try:
+        for budget in spec.budgets:
+            trials_by_budget[budget] = _run_budget(spec, name, budget, storage, home, mlflow_uri, parent, progress)
+        rows = collect_rows(spec, name, trials_by_budget, mlflow_uri)
+        outcome = SweepOutcome(name, parent.run_id, rows, best_per_budget(rows), time.perf_counter() - start)
+        log_results(outcome, parent, home)
+    except BaseException as error:  # the parent run never stays RUNNING; a rerun sets it RUNNING again
+        parent.finish("KILLED" if isinstance(error, (SweepInterrupted, KeyboardInterrupt)) else "FAILED")
+        raise
     parent.finish("FINISHED")
     return outcome
 
@@ -299,11 +322,15 @@ def collect_rows(spec: SweepSpec, name: str, trials_by_budget: dict[int, list], 
             if trial.status == "ERROR":
                 row.status = "error"
                 row.error = _trial_error(trial)
-            elif run is None or run.info.status != "FINISHED":
+            elif run is None:
+                row.status = "error"
+                row.error = (f"no MLflow child run for trial {trial.trial_id} in {mlflow_uri}: "
+                             "do the trials reach the same tracking store as this driver?")
+            elif run.info.status != "FINISHED":
                 # Tune ended it early: stopping a trial kills its Train controller, which the trial's
                 # launch saw as a failure (or never saw, if it was killed first); neither is one
                 row.status = "stopped"
-                if run is not None and run.info.status != "KILLED":
+                if run.info.status != "KILLED":
                     if "fldd.error" in run.data.tags:
                         client.delete_tag(run.info.run_id, "fldd.error")
                     client.set_tag(run.info.run_id, "fldd.early_stopped", "true")

@@ -174,7 +174,7 @@ def test_worse_candidate_is_refused(runs, capsys):
     assert float(tags["fldd.margin_bits"]) == pytest.approx(2 * stderr)
 
 
-def test_margin_refuses_a_small_win_and_a_retry_reuses_the_version(runs):
+def test_margin_refuses_a_small_win_and_a_retry_gets_a_version_of_its_own(runs):
     registry.promote(run_id=runs["weak"], model_name="margin")
     (within,) = registry.promote(run_id=runs["mid"], model_name="margin", margin=100.0)
     assert within.decision == "refused" and within.reason.startswith("within the margin of holder version 1")
@@ -183,10 +183,12 @@ def test_margin_refuses_a_small_win_and_a_retry_reuses_the_version(runs):
     assert aliases("margin")["champion-t2"] == "1"
     with pytest.raises(registry.RegistryError, match="margin=-1.0"):
         registry.promote(run_id=runs["mid"], model_name="margin", margin=-1.0)
-    (retry,) = registry.promote(run_id=runs["mid"], model_name="margin")  # default margin: 2 x stderr
-    assert retry.promoted and retry.version == "2" and len(versions_of("margin")) == 2
-    assert version_tags("margin", "2")["fldd.decision"] == "promoted"
-    assert aliases("margin") == {"champion-t2": "2", "champion": "2"}
+    (retry,) = registry.promote(run_id=runs["mid"], model_name="margin", seed=1)  # default margin: 2 x stderr
+    assert retry.promoted and retry.version == "3" and len(versions_of("margin")) == 3
+    assert version_tags("margin", "2")["fldd.decision"] == "refused"  # the refusal stays on record
+    assert version_tags("margin", "3")["fldd.decision"] == "promoted"
+    assert version_tags("margin", "3")["fldd.eval_seed"] == "1"
+    assert aliases("margin") == {"champion-t2": "3", "champion": "3"}
 
 
 def test_nan_candidates_are_refused(runs):
@@ -353,7 +355,17 @@ def test_sweep_promotes_the_best_eligible_trial_at_each_budget(runs, capsys):
     assert main(["promote", "--run", "0" * 32]) == 2
 
 
-def test_nothing_touched_the_default_store(registry_home):
-    """Every call above went through clients on the project store: MLflow's process-wide default
-    (./mlflow.db in the working directory) was never created."""
+def test_nothing_touched_the_default_store(runs):
+    """Registering, judging and loading go through clients on the project store: MLflow's
+    process-wide default (./mlflow.db in the working directory) is never created."""
+    registry.promote(run_id=runs["weak"], model_name="default-store")
+    registry.promote(run_id=runs["strong"], model_name="default-store")
     assert not (Path.cwd() / "mlflow.db").exists() and not (Path.cwd() / "mlruns").exists()
+
+
+def test_a_candidate_judged_on_another_test_split_is_refused(runs):
+    registry.promote(run_id=runs["weak"], model_name="split")
+    client().set_model_version_tag("split", "1", "fldd.test_split_sha1", "0123456789abcdef")  # another data draw
+    (decision,) = registry.promote(run_id=runs["strong"], model_name="split")
+    assert decision.decision == "refused" and "test split" in decision.reason and decision.version is None
+    assert aliases("split")["champion-t2"] == "1" and len(versions_of("split")) == 1

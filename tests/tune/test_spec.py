@@ -1,12 +1,11 @@
 """Sweep files: parsing, the checks that fail before Ray starts, and what a trial's config becomes."""
 
-from types import SimpleNamespace
-
 import pytest
+from ray.tune.search.variant_generator import generate_variants
 
 from fldd.config import ConfigError
 from pipelines.cli import CONFIG_DIR
-from tune.spec import SweepSpec, _Conditional
+from tune.spec import SweepSpec
 
 BASE = {"base": "toy2d", "set": {"train.steps": 100, "train.checkpoint_every": 20}, "budgets": [2, 4]}
 
@@ -32,14 +31,33 @@ def test_trial_config_applies_preset_then_values_then_budget():
 
 def test_only_keys_leave_other_parameterizations_at_the_base_value():
     s = spec(space={"parameterization": {"grid": ["masked-x0", "fldd-mask-carry"]},
-                    "train.forward_lr": {"loguniform": [1e-5, 1e-3], "only": ["fldd-mask-carry"]}})
-    conditional = s.param_space()["train.forward_lr"].func
-    assert isinstance(conditional, _Conditional)
-    assert conditional(SimpleNamespace(config={"parameterization": "masked-x0"})) is None
-    value = conditional(SimpleNamespace(config={"parameterization": "fldd-mask-carry"}))
-    assert 1e-5 <= value <= 1e-3
-    base_lr = s.base.train.forward_lr
-    assert s.trial_config({"parameterization": "masked-x0", "train.forward_lr": None}, 2).train.forward_lr == base_lr
+                    "train.forward_lr": {"loguniform": [1e-5, 1e-3], "only": ["fldd-mask-carry"]}},
+             samples=3)
+    variants = [config for seed in range(3) for _, config in generate_variants(s.param_space(), random_state=seed)]
+    assert sorted(v["parameterization"] for v in variants) == ["fldd-mask-carry"] * 3 + ["masked-x0"] * 3
+    for values in variants:
+        if values["parameterization"] == "masked-x0":
+            assert values["train.forward_lr"] is None  # the trial keeps the base value
+            assert s.trial_config(values, 2).train.forward_lr == s.base.train.forward_lr
+        else:
+            assert 1e-5 <= values["train.forward_lr"] <= 1e-3
+            assert s.trial_config(values, 2).train.forward_lr == values["train.forward_lr"]
+
+
+def test_reports_count_the_final_checkpoint_and_asha_never_stops_a_trial_at_its_end():
+    from tune.sweep import _scheduler
+
+    s = spec(set={"train.steps": 110, "train.checkpoint_every": 20})  # reports at 20, 40, ..., 100 and 110
+    assert s.reports_per_trial == 6
+    asha = _scheduler(s)
+    assert asha._time_attr == "step" and asha._max_t == 110
+    assert all(milestone < 110 for bracket in asha._brackets for milestone, _ in bracket._rungs)
+
+
+def test_the_digest_tells_sweeps_apart():
+    assert spec().digest() == spec().digest()
+    assert spec().digest() != spec(samples=2).digest()
+    assert spec().digest() != spec(budgets=[2, 8]).digest()
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -59,7 +77,10 @@ def test_only_keys_leave_other_parameterizations_at_the_base_value():
     ({"scheduler": {"type": "pbt"}}, "scheduler.type"),
     ({"resources": {"workers_per_trial": 0}}, "workers_per_trial"),
     ({"resources": {"gpus": 1}}, "resources.gpus"),
-    ({"set": {"train.steps": 10, "train.checkpoint_every": 20}}, "no validation metric"),
+    ({"resources": {"gpus_per_worker": 0.5}}, "must be 0 or 1"),
+    ({"resources": {"cpus_per_worker": "0.9"}}, "must be a number"),
+    # both ends of a range are checked: width 0 is no network
+    ({"space": {"reverse_network.width": {"randint": [0, 64]}}}, "reverse_network.width"),
     ({"samples": 0}, "samples"),
     ({"colour": "blue"}, "unknown key 'colour'"),
 ])

@@ -91,54 +91,69 @@ def sweep_command(path: Path, *extra: str) -> list[str]:
 
 
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(home, tmp_path):
-    """Ctrl-C mid-sweep, then the same command: the finished trial keeps its one MLflow run, the
-    rest run once each, and each budget's Tune experiment holds only trials of that budget."""
-    path = write_sweep(tmp_path / "sweep.yaml", budgets=[2, 4], space={"parameterization": "masked-x0"},
-                       resources={"workers_per_trial": 1, "cpus_per_worker": 0.9, "max_concurrent_trials": 1})
+    """Two trials at a time on SQLite, then Ctrl-C while a T=4 trial is training, then the same
+    command: finished trials keep their one MLflow run, the interrupted one continues in its own run
+    from its checkpoint, no metric is lost, and each budget's Tune experiment holds only its trials."""
+    path = write_sweep(tmp_path / "sweep.yaml", budgets=[2, 4],
+                       set={**SMALL, "train.steps": 600, "train.checkpoint_every": 60},
+                       space={"parameterization": "masked-x0", "train.lr": {"grid": [2e-3, 1e-3]}},
+                       scheduler={"type": "fifo"},
+                       resources={"workers_per_trial": 1, "cpus_per_worker": 0.9, "max_concurrent_trials": 2})
     env = {**os.environ, "FLDD_HOME": str(home)}
     client = MlflowClient(tracking_uri())
     ensure_experiment(client, home)  # the store exists before the sweep starts: polling it races nothing
     first = subprocess.Popen(sweep_command(path, "--name", "resume"), cwd=REPO, env=env, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 300
-    finished_before = []
-    while time.time() < deadline and first.poll() is None:
-        time.sleep(2)
-        finished_before = [r for r in child_runs(client, "resume") if r.info.status == "FINISHED"]
-        if finished_before:
-            break
-    assert finished_before, "no trial finished before the deadline:\n" + (first.communicate()[0] or "")
+    deadline, interrupted = time.time() + 400, None
+    while time.time() < deadline and first.poll() is None and interrupted is None:
+        time.sleep(1)
+        runs = child_runs(client, "resume")
+        done_t2 = [r for r in runs if r.data.tags[BUDGET_TAG] == "2" and r.info.status == "FINISHED"]
+        training_t4 = [r for r in runs if r.data.tags[BUDGET_TAG] == "4" and r.info.status == "RUNNING"
+                       and client.get_metric_history(r.info.run_id, "valid_nelbo_bits")]
+        if len(done_t2) == 2 and training_t4:
+            interrupted = training_t4[0]
+    assert interrupted is not None, "no T=4 trial was caught training:\n" + (first.communicate()[0] or "")[-3000:]
     first.send_signal(signal.SIGINT)
-    output = first.communicate(timeout=120)[0]
-    assert first.returncode != 0, output  # interrupted, not finished
-    done = finished_before[0]
+    output = first.communicate(timeout=180)[0]
+    assert first.returncode == 130 and "rerun the same command" in output, output[-3000:]
 
     second = subprocess.run(sweep_command(path, "--name", "resume"), cwd=REPO, env=env, text=True,
                             capture_output=True, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     runs = child_runs(client, "resume")
-    assert sorted(r.data.tags[BUDGET_TAG] for r in runs) == ["2", "4"]  # one child run per trial, no duplicates
+    assert sorted(r.data.tags[BUDGET_TAG] for r in runs) == ["2", "2", "4", "4"]  # one child run per trial
     assert all(r.info.status == "FINISHED" for r in runs)
-    again = client.get_run(done.info.run_id)
-    assert "fldd.resumed" not in again.data.tags and again.info.end_time == done.info.end_time  # not rerun
-    parents = [r for r in client.search_runs([again.info.experiment_id], filter_string=f"tags.`{KIND_TAG}` = 'sweep'")]
-    assert len(parents) == 1
+    for before in done_t2:  # finished before the interrupt: not run again
+        after = client.get_run(before.info.run_id)
+        assert "fldd.resumed" not in after.data.tags and after.info.end_time == before.info.end_time
+    resumed = client.get_run(interrupted.info.run_id)
+    assert resumed.data.tags.get("fldd.resumed") == "true" and resumed.info.status == "FINISHED"
+    for run in runs:  # parallel writers on SQLite lost nothing; the resumed run has every checkpoint
+        steps = {m.step for m in client.get_metric_history(run.info.run_id, "valid_nelbo_bits")}
+        assert steps == set(range(60, 601, 60)), (run.info.run_name, sorted(steps))
+    parents = client.search_runs([resumed.info.experiment_id], filter_string=f"tags.`{KIND_TAG}` = 'sweep'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     for T in (2, 4):  # each budget is its own Tune experiment: ASHA never sees another budget's trials
         trials = tune.ExperimentAnalysis(str(home / "ray_results" / f"resume-T{T}")).trials
         budgets = {r.data.tags[BUDGET_TAG] for r in runs if r.data.tags[TRIAL_TAG] in {t.trial_id for t in trials}}
-        assert budgets == {str(T)}
-    assert "2  masked-x0" in second.stdout and "4  masked-x0" in second.stdout
+        assert len(trials) == 2 and budgets == {str(T)}
+    # a changed sweep under the same name is refused rather than resumed with the old space
+    changed = subprocess.run(sweep_command(path, "--name", "resume", "--samples", "3"), cwd=REPO, env=env, text=True,
+                             capture_output=True, timeout=300)
+    assert changed.returncode == 1 and "different definition" in changed.stderr, changed.stderr[-2000:]
 
 
 @pytest.fixture
 def two_node_cluster():
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True,
-                                                           "dashboard_host": "127.0.0.1"})
-    cluster.add_node(num_cpus=1)
+    # no CPUs on the head: every trial must run on the second node
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True,
+                                                           "dashboard_host": "127.0.0.1", "dashboard_port": free_port()})
+    worker = cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
-    yield cluster
+    yield cluster, worker.node_id
     cluster.shutdown()
 
 
@@ -169,7 +184,8 @@ def test_sweep_on_a_separate_two_node_cluster(two_node_cluster, mlflow_server, t
                        resources={"workers_per_trial": 1, "cpus_per_worker": 0.9})
     env = {**os.environ, "FLDD_HOME": str(tmp_path / "home"), "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
     env.pop("MLFLOW_TRACKING_URI", None)
-    address = two_node_cluster.address
+    cluster, worker_node = two_node_cluster
+    address = cluster.address
     # a local SQLite store cannot serve trials on another node: refused before any trial starts
     refused = subprocess.run(sweep_command(path, "--address", address), cwd=REPO, env=env, text=True,
                              capture_output=True, timeout=300)
@@ -183,5 +199,6 @@ def test_sweep_on_a_separate_two_node_cluster(two_node_cluster, mlflow_server, t
     client = MlflowClient(mlflow_server)
     runs = child_runs(client, "cluster")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.tags["ray_node_id"] == worker_node  # the trial ran on the other node
     assert (shared / "cluster-T2").is_dir()  # Tune's state on the shared storage
     assert runs[0].info.run_id in result.stdout
