@@ -22,12 +22,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def space(steps: int) -> dict:
+def space(steps: int, budgets: list[int]) -> dict:
     return {
         "base": "toy2d",
         "set": {"train.steps": steps, "train.checkpoint_every": steps // 10, "train.log_every": steps // 10,
                 "train.forward_lr_ref_steps": 0},
-        "budgets": [2, 4],
+        "budgets": budgets,
         "space": {"parameterization": "fldd-mask-carry",
                   "train.forward_lr": {"grid": [3.0e-5, 1.0e-4, 3.0e-4, 1.0e-3]},
                   "train.forward_freeze_fraction": {"grid": [0.1, 0.5]}},
@@ -60,6 +60,7 @@ def summarize(outcome, concurrency: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=1500, help="optimizer steps per full trial")
+    parser.add_argument("--budgets", type=int, nargs="+", default=[2, 4], help="step budgets T (one experiment each)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "sweep_efficiency.json"))
     args = parser.parse_args()
     os.environ.setdefault("FLDD_HOME", str(ROOT / ".fldd" / "bench-sweep-efficiency"))
@@ -69,10 +70,10 @@ def main() -> None:
     from tune.spec import SweepSpec
     from tune.sweep import run_sweep
 
-    results = {"steps_per_trial": args.steps, "space": space(args.steps), "date": time.strftime("%Y-%m-%d")}
+    results = {"steps_per_trial": args.steps, "space": space(args.steps, args.budgets), "date": time.strftime("%Y-%m-%d")}
     for label, scheduler in (("grid", {"type": "fifo"}),
                              ("asha", {"type": "asha", "grace_period": 2, "reduction_factor": 2})):
-        spec = SweepSpec.from_dict({**space(args.steps), "scheduler": scheduler}, CONFIG_DIR)
+        spec = SweepSpec.from_dict({**space(args.steps, args.budgets), "scheduler": scheduler}, CONFIG_DIR)
         # a fresh name per invocation: a rerun must measure a new sweep, not restore a finished one
         outcome = run_sweep(spec, name=f"efficiency-{label}-{args.steps}-{time.strftime('%Y%m%d-%H%M%S')}")
         results[label] = summarize(outcome, spec.resources.max_concurrent_trials)

@@ -23,7 +23,11 @@ def ray_cluster():
 
     from pipelines.train import start_local_ray
 
-    start_local_ray(num_cpus=2, log_to_driver=False)
+    try:
+        start_local_ray(num_cpus=2, log_to_driver=False)
+    except Exception:  # a node that misses Ray's 30 s registration window on an overloaded box: once more
+        ray.shutdown()
+        start_local_ray(num_cpus=2, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -249,6 +249,9 @@ def run_sweep(spec: SweepSpec, *, name: str | None = None, address: str | None =
     check_cluster(storage, mlflow_uri, r.workers_per_trial, r.cpus_per_worker, r.gpus_per_worker,
                   remote=str(address or os.environ.get("RAY_ADDRESS", "")).startswith("ray://"))
     parent = start_parent_run(spec, name, storage, home)
+    if spec.samples > 1 and all(e["domain"] in ("grid", "value") for e in spec.space.values()):
+        log.warning("samples=%d but the space has no random key: the %d draws of each grid point are identical "
+                    "trials (same config, same seed); vary train.seed to measure noise", spec.samples, spec.samples)
     if progress:
         print(f"sweep {name!r}: budgets T={spec.budgets}, {spec.trials_per_budget()} trials per budget, "
               f"{max_concurrent(spec)} at a time; MLflow parent run {parent.run_id} ({mlflow_uri})", flush=True)
