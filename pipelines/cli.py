@@ -205,6 +205,18 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The generation endpoint (Ray Serve + FastAPI) over the registry's champions, until Ctrl-C / SIGTERM."""
+    from serving.run import DEFAULT_CONFIG, serve_until_stopped
+
+    try:
+        return serve_until_stopped(args.config or DEFAULT_CONFIG, models=args.model_name, port=args.port,
+                                   address=args.address)
+    except ValueError as error:  # a bad config file or settings (serving.settings.SettingsError)
+        print(f"fldd serve: error: {error}", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fldd", description="Forward-Learned Discrete Diffusion: train (Ray Train + MLflow), evaluate and "
@@ -318,6 +330,29 @@ def build_parser() -> argparse.ArgumentParser:
                        "parameterization, validation and test NELBO (bits/token) and the promotion decision.")
     p.add_argument("name", nargs="?", help="registered model name (default: all)")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser(
+        "serve", help="serve few-step generation from the registry's champions over HTTP (Ray Serve)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Start the generation endpoint (POST /v1/generate, GET /v1/models, /healthz, /readyz, /docs) on\n"
+        "a new local Ray cluster (or the one --address names) and block until Ctrl-C or SIGTERM; then Serve\n"
+        "is shut down and so is the cluster this command started. Each step budget T is served by the\n"
+        "version holding alias champion-t<T>; requests without `steps` get the `champion` alias's T. The\n"
+        "aliases are re-read every poll_interval_s (default 10 s): `fldd promote` and rollbacks reach the\n"
+        "endpoint without a restart.",
+        epilog="examples:\n  fldd serve --model-name fldd-toy2d\n"
+        "  fldd serve --config configs/serve.yaml --port 8080\n"
+        "  curl -s -X POST http://127.0.0.1:8000/v1/generate -H 'Content-Type: application/json' "
+        "-d '{\"num_samples\": 4, \"steps\": 4, \"seed\": 0}'")
+    p.add_argument("--config", help="Ray Serve config YAML (default: configs/serve.yaml); its first application is "
+                   "served, with its args (models, limits, batching, replicas, poll interval)")
+    p.add_argument("--model-name", action="append", metavar="NAME",
+                   help="registered model to serve, instead of the config's `models` (repeatable; the first is the "
+                   "default of a request)")
+    p.add_argument("--port", type=int, help="HTTP port on 127.0.0.1 (default: the config's http_options.port)")
+    p.add_argument("--address", help="Ray cluster to join: auto or HOST:PORT (default: RAY_ADDRESS, else a new local "
+                   "cluster that stops with this command)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

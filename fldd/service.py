@@ -1,0 +1,256 @@
+"""The sampler service: request checks, limits, batched seeded sampling and output formats.
+
+No web framework, Ray or MLflow here: the Ray Serve application (serving/) and the MLflow pyfunc
+model (pipelines/mlflow_model.py) both wrap this one class, so they accept and refuse the same
+requests. A `RequestError` names the request field that is wrong.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import secrets
+import struct
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fldd.config import FLDDConfig
+from fldd.datasets import TEXT_ALPHABET, tokens_to_text
+from fldd.model import FLDDModel
+from fldd.sampler import Draw, sample_batch
+
+FORMATS = ("tokens", "text", "png")
+MAX_SEED = 2**63 - 1  # a signed 64-bit integer: what JSON clients and torch.manual_seed all take
+MASKING_METHODS = ("masked", "fldd-mask")  # forwards that only ever replace tokens by MASK
+IMAGE_DATASETS = ("digits", "digits-binary")  # built-ins whose sequences are square images
+
+
+class RequestError(ValueError):
+    """A request the service refuses; `field` is the request field at fault (dotted path)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(field, message)  # both in args: the error survives pickling across processes
+        self.field, self.message = field, message
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Request limits, from the serve config (or the pyfunc's model_config)."""
+
+    max_num_samples: int = 256  # per request
+    max_batch_rows: int = 1024  # rows per batched network pass (requests are never split)
+    max_prefix_chars: int = 4096
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> Limits:
+        values = dict(values or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"limits: unknown keys {unknown}; expected some of {sorted(known)}")
+        for key, value in values.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"limits.{key}={value!r}: must be an integer >= 1")
+        limits = cls(**values)
+        if limits.max_batch_rows < limits.max_num_samples:
+            raise ValueError(f"limits.max_batch_rows={limits.max_batch_rows} must be >= "
+                             f"limits.max_num_samples={limits.max_num_samples}: one request is one pass")
+        return limits
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What a client asks for. positions/tokens and prefix are the two ways to condition."""
+
+    num_samples: int = 1
+    seed: int | None = None  # None: a fresh random seed, reported back
+    positions: Sequence[int] | None = None
+    tokens: Sequence[int] | None = None
+    prefix: str | None = None  # text models: clamp positions 0..len(prefix)-1
+    format: str = "tokens"
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A checked request: the seed in use and the clamp as tensors."""
+
+    num_samples: int
+    seed: int
+    format: str
+    condition: Tensor | None = None  # (D,) token ids, meaningful where condition_mask is True
+    condition_mask: Tensor | None = None
+
+
+def data_kind(cfg: FLDDConfig) -> str:
+    """text | image | tokens: which output formats besides token ids make sense for the data."""
+    if cfg.data.path:
+        return "tokens"
+    if cfg.data.name == "text":
+        return "text"
+    side = math.isqrt(cfg.seq_len)
+    return "image" if cfg.data.name in IMAGE_DATASETS and side * side == cfg.seq_len else "tokens"
+
+
+def formats_for(cfg: FLDDConfig) -> tuple[str, ...]:
+    kind = data_kind(cfg)
+    return ("tokens",) + (("text",) if kind == "text" else ()) + (("png",) if kind == "image" else ())
+
+
+def conditioning_supported(cfg: FLDDConfig) -> bool:
+    """Clamping positions is exact only when the forward never moves a revealed token: then a clamped
+    token is a state the reverse process was trained to see. Other forwards would give samples from
+    no distribution the model learned."""
+    return cfg.process.method in MASKING_METHODS
+
+
+def png_base64(row: Tensor, vocab_size: int) -> str:
+    """One sample as a square 8-bit grayscale PNG (one pixel per token, 0 -> black), base64."""
+    side = math.isqrt(row.numel())
+    levels = (row.to(torch.float64) * 255.0 / max(vocab_size - 1, 1)).round().to(torch.uint8).view(side, side)
+    raw = b"".join(b"\x00" + bytes(line.tolist()) for line in levels)  # filter type 0 per scanline
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)  # 8-bit grayscale, no interlace
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    return base64.b64encode(png).decode("ascii")
+
+
+class SamplerService:
+    """One loaded model behind request checks and limits.
+
+    The model is put in eval mode and frozen once, here; nothing per request touches it, so one
+    service may serve concurrent requests and batches.
+    """
+
+    def __init__(self, model: FLDDModel, limits: Limits | None = None):
+        self.model = model.eval().requires_grad_(False)
+        self.limits = limits or Limits()
+        self.config = model.config
+        self.formats = formats_for(self.config)
+
+    @property
+    def num_steps(self) -> int:
+        return self.model.num_steps
+
+    def prepare(self, request: GenerationRequest) -> PreparedRequest:
+        """Check a request against the limits and this model; RequestError names the field."""
+        cfg, limits = self.config, self.limits
+        n = request.num_samples
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= limits.max_num_samples:
+            raise RequestError("num_samples", f"{n!r}: must be an integer in [1, {limits.max_num_samples}]")
+        seed = request.seed
+        if seed is None:
+            seed = secrets.randbelow(MAX_SEED + 1)
+        elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            raise RequestError("seed", f"{seed!r}: must be an integer in [0, {MAX_SEED}]")
+        if request.format not in FORMATS:
+            raise RequestError("format", f"{request.format!r}: must be one of {list(FORMATS)}")
+        if request.format not in self.formats:
+            why = {"text": "is for text models", "png": "is for image data (square sequences of pixels)"}
+            raise RequestError("format", f"{request.format!r} {why[request.format]}; this model "
+                               f"({cfg.data.name}) offers {list(self.formats)}")
+        condition, mask = self._clamp(request)
+        return PreparedRequest(n, seed, request.format, condition, mask)
+
+    def _clamp(self, request: GenerationRequest) -> tuple[Tensor | None, Tensor | None]:
+        cfg = self.config
+        D, K = cfg.seq_len, cfg.vocab_size
+        given_pair = request.positions is not None or request.tokens is not None
+        if request.prefix is not None and given_pair:
+            raise RequestError("prefix", "give either a text prefix or conditioning {positions, tokens}, not both")
+        if request.prefix is None and not given_pair:
+            return None, None
+        field = "prefix" if request.prefix is not None else "conditioning"
+        if not conditioning_supported(cfg):
+            raise RequestError(field, f"conditioning needs a masking forward process ({' or '.join(MASKING_METHODS)});"
+                               f" this model's forward is {cfg.process.method!r}, which also changes revealed "
+                               "tokens, so clamped positions would give off-distribution samples")
+        if request.prefix is not None:
+            positions, tokens = self._prefix_tokens(request.prefix)
+        else:
+            if request.positions is None or request.tokens is None:
+                missing = "tokens" if request.tokens is None else "positions"
+                raise RequestError(f"conditioning.{missing}", "positions and tokens must be given together")
+            positions, tokens = list(request.positions), list(request.tokens)
+            for name, values in (("positions", positions), ("tokens", tokens)):
+                bad = next((v for v in values if isinstance(v, bool) or not isinstance(v, int)), None)
+                if bad is not None:
+                    raise RequestError(f"conditioning.{name}", f"{bad!r}: must be integers")
+            if len(positions) != len(tokens):
+                raise RequestError("conditioning.tokens", f"{len(tokens)} tokens for {len(positions)} positions: "
+                                   "positions and tokens must have the same length")
+            if not positions:
+                raise RequestError("conditioning.positions", "must not be empty")
+            bad = next((p for p in positions if not 0 <= p < D), None)
+            if bad is not None:
+                raise RequestError("conditioning.positions", f"{bad}: outside [0, {D}) (sequence length {D})")
+            if len(set(positions)) != len(positions):
+                repeated = sorted({p for p in positions if positions.count(p) > 1})
+                raise RequestError("conditioning.positions", f"repeated positions {repeated}")
+            bad = next((t for t in tokens if not 0 <= t < K), None)
+            if bad is not None:
+                what = " (the MASK state, not a data token)" if bad == K and cfg.uses_mask_state else ""
+                raise RequestError("conditioning.tokens", f"{bad}{what}: outside the vocabulary [0, {K})")
+        if len(positions) == D:
+            raise RequestError(field, f"fixes all {D} positions: nothing left to generate")
+        condition = torch.zeros(D, dtype=torch.long)
+        mask = torch.zeros(D, dtype=torch.bool)
+        condition[positions] = torch.tensor(tokens, dtype=torch.long)
+        mask[positions] = True
+        return condition, mask
+
+    def _prefix_tokens(self, prefix: str) -> tuple[list[int], list[int]]:
+        D = self.config.seq_len
+        if data_kind(self.config) != "text":
+            raise RequestError("prefix", f"a text prefix is for text models; this model's data is "
+                               f"{self.config.data.name!r}: use conditioning {{positions, tokens}}")
+        if not isinstance(prefix, str) or not prefix:
+            raise RequestError("prefix", "must be a non-empty string")
+        if len(prefix) > min(D - 1, self.limits.max_prefix_chars):
+            raise RequestError("prefix", f"{len(prefix)} characters: longer than the sequence allows "
+                               f"(at most {D - 1} of {D}, leaving one to generate)")
+        outside = sorted({ch for ch in prefix if ch not in TEXT_ALPHABET})
+        if outside:
+            raise RequestError("prefix", f"characters {''.join(outside)!r} are outside the alphabet "
+                               "(lowercase a-z and space)")
+        return list(range(len(prefix))), [TEXT_ALPHABET.index(ch) for ch in prefix]
+
+    def generate(self, requests: Sequence[PreparedRequest]) -> list[Tensor]:
+        """Samples (n, D) per prepared request, in order: batched passes of at most
+        limits.max_batch_rows rows, each request drawn with its own seeded generator."""
+        device = next(self.model.reverse.parameters()).device
+        out: list[Tensor] = []
+        group: list[PreparedRequest] = []
+        for request in list(requests) + [None]:
+            rows = sum(r.num_samples for r in group)
+            if group and (request is None or rows + request.num_samples > self.limits.max_batch_rows):
+                draws = [Draw(r.num_samples, torch.Generator(device=device).manual_seed(r.seed), r.condition,
+                              r.condition_mask) for r in group]
+                out.extend(t.cpu() for t in sample_batch(self.model, draws, device=device))
+                group = []
+            if request is not None:
+                group.append(request)
+        return out
+
+    def render(self, tokens: Tensor, format: str) -> list:
+        """Samples in a response format: token id lists, strings, or base64 PNGs."""
+        if format == "text":
+            return tokens_to_text(tokens)
+        if format == "png":
+            return [png_base64(row, self.config.vocab_size) for row in tokens]
+        return tokens.tolist()
+
+    def __call__(self, request: GenerationRequest) -> tuple[PreparedRequest, Tensor]:
+        """Check and serve one request alone."""
+        prepared = self.prepare(request)
+        return prepared, self.generate([prepared])[0]

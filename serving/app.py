@@ -1,0 +1,287 @@
+"""The Ray Serve application: a FastAPI ingress in front of a multiplexed, batching sampler.
+
+    Ingress (FastAPI)  --handle.options(multiplexed_model_id="NAME/VERSION")-->  Sampler
+    validates requests,                                                         @serve.multiplexed: one
+    picks the version of champion-t<T>,                                          SamplerService per registry
+    polls the registry aliases                                                  version; @serve.batch: one
+                                                                                sampling pass per batch
+
+Hot swap: every poll_interval_s the ingress reads the aliases; a version it has not served yet is
+loaded by the sampler first (a warm-up call), and only then do new requests go to it. Requests
+already running keep the version they started with, so a promotion or a rollback fails nothing.
+
+`serve run configs/serve.yaml` builds it with `build_app(args)`; so does `fldd serve`.
+"""
+
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from fastapi import FastAPI, HTTPException
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
+
+from fldd.model import FLDDModel
+from fldd.service import GenerationRequest, PreparedRequest, RequestError, SamplerService
+from serving.registry import (ModelSnapshot, load_registered_model, model_id, read_registry, split_model_id)
+from serving.schemas import (GenerateRequest, GenerateResponse, ModelEntry, ModelsResponse, VersionEntry)
+from serving.settings import ServeSettings
+
+log = logging.getLogger("ray.serve")
+MAX_MODELS_PER_REPLICA = 8  # budgets x (current + previous holder during a swap)
+Loader = Callable[[str, str, str, str], FLDDModel]  # (tracking_uri, name, version, device) -> model
+
+
+def _error(status: int, field: str, message: str) -> HTTPException:
+    """The shape FastAPI uses for its own 422s: `loc` names the field."""
+    return HTTPException(status, detail=[{"loc": ["body", *field.split(".")], "msg": message, "type": "value_error"}])
+
+
+_max_body_bytes = 65536
+
+
+def set_max_body_bytes(limit: int) -> None:
+    """The BodyLimit of this process. A module function, not app state: Serve ships the ingress
+    class with its own copy of the FastAPI app, while this module (and BodyLimit) is imported."""
+    global _max_body_bytes
+    _max_body_bytes = limit
+
+
+class BodyLimit:
+    """413 for request bodies over the configured max_body_bytes, whether or not the client sends
+    Content-Length; the body is read once and replayed."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = _max_body_bytes
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await self._too_large(scope, receive, send, limit)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > limit:
+                return await self._too_large(scope, receive, send, limit)
+            if not message.get("more_body"):
+                break
+        body, sent = b"".join(chunks), False
+
+        async def replay() -> dict:
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _too_large(scope: dict, receive: Callable, send: Callable, limit: int) -> None:
+        response = JSONResponse({"detail": [{"loc": ["body"], "msg": f"request body larger than {limit} bytes",
+                                             "type": "too_large"}]}, status_code=413)
+        await response(scope, receive, send)
+
+
+api = FastAPI(title="FLDD few-step generation",
+              description="Samples from the champion models of the MLflow registry, one version per step budget.",
+              version="1")
+api.add_middleware(BodyLimit)
+
+
+@serve.deployment
+class Sampler:
+    """Holds one SamplerService per registry version (multiplexed) and samples in batches."""
+
+    def __init__(self, settings: dict[str, Any], loader: Loader = load_registered_model):
+        self.settings = ServeSettings.from_dict(settings)
+        self.loader = loader
+        # a replica given a GPU sees it; one given none sees no CUDA device at all
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.run_batch.set_max_batch_size(self.settings.max_batch_size)
+        self.run_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+
+    @serve.multiplexed(max_num_models_per_replica=MAX_MODELS_PER_REPLICA)
+    async def get_service(self, key: str) -> SamplerService:
+        name, version = split_model_id(key)
+        model = await asyncio.to_thread(self.loader, self.settings.tracking_uri, name, version, self.device)
+        return SamplerService(model, self.settings.limits)
+
+    async def warm(self) -> int:
+        """Load the request's version (the ingress calls this before routing traffic to it)."""
+        return (await self.get_service(serve.get_multiplexed_model_id())).num_steps
+
+    async def generate(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Check, then sample in the current batch. Refusals come back as {"error": ...} so that a bad
+        request never fails the batch it would have joined."""
+        service = await self.get_service(serve.get_multiplexed_model_id())
+        try:
+            prepared = service.prepare(GenerationRequest(**request))
+        except RequestError as error:
+            return {"error": {"field": error.field, "message": error.message}}
+        tokens, batch_requests = await self.run_batch((service, prepared))
+        return {"seed": prepared.seed, "steps": service.num_steps, "tokens": tokens.tolist(),
+                "samples": service.render(tokens, prepared.format), "batch_requests": batch_requests}
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)  # reset from the config in __init__
+    async def run_batch(self, items: list[tuple[SamplerService, PreparedRequest]]) -> list[tuple[torch.Tensor, int]]:
+        # Serve splits batches by multiplexed model id; grouping by service keeps that true regardless
+        groups: dict[int, list[int]] = {}
+        for index, (service, _) in enumerate(items):
+            groups.setdefault(id(service), []).append(index)
+        results: dict[int, tuple[torch.Tensor, int]] = {}
+        for indices in groups.values():
+            service = items[indices[0]][0]
+            # off the event loop: requests keep queueing for the next batch while this one samples
+            samples = await asyncio.to_thread(service.generate, [items[i][1] for i in indices])
+            results.update({i: (s, len(items)) for i, s in zip(indices, samples)})
+        return [results[i] for i in range(len(items))]
+
+
+@serve.deployment
+@serve.ingress(api)
+class Ingress:
+    """The HTTP API. Holds the registry view (which version serves which budget) and polls it."""
+
+    def __init__(self, sampler: DeploymentHandle, settings: dict[str, Any]):
+        self.sampler = sampler
+        self.settings = ServeSettings.from_dict(settings)
+        set_max_body_bytes(self.settings.max_body_bytes)
+        self.snapshots: dict[str, ModelSnapshot] = {}
+        self.warm: set[str] = set()  # model ids the sampler has loaded for us
+        self.polled_at: float | None = None
+        self.poll_error: str | None = None
+        self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
+
+    async def _poll_forever(self) -> None:
+        while True:
+            try:
+                await self.poll()
+            except Exception as error:  # keep serving what was served; say why in /readyz
+                self.poll_error = f"registry poll failed: {type(error).__name__}: {error}"
+                log.warning(self.poll_error)
+            await asyncio.sleep(self.settings.poll_interval_s)
+
+    async def poll(self) -> None:
+        """Read the aliases of every served model; warm up new versions, then switch to them."""
+        for name in self.settings.models:
+            snapshot = await asyncio.to_thread(read_registry, self.settings.tracking_uri, name)
+            previous = self.snapshots.get(name)
+            budgets = dict(snapshot.budgets)
+            for steps, version in snapshot.budgets.items():
+                key = model_id(name, version)
+                if key in self.warm:
+                    continue
+                try:
+                    await self.sampler.options(multiplexed_model_id=key).warm.remote()
+                    self.warm.add(key)
+                    log.info(f"serving {key} for T={steps}")
+                except Exception as error:  # keep the previous holder of that budget, if any
+                    log.warning(f"could not load {key} for T={steps}: {error}")
+                    held = previous.budgets.get(steps) if previous else None
+                    if held is None:
+                        budgets.pop(steps)
+                    else:
+                        budgets[steps] = held
+            versions = {**(previous.versions if previous else {}), **snapshot.versions}
+            self.snapshots[name] = ModelSnapshot(name, snapshot.registered, budgets, snapshot.default_steps,
+                                                 {v: versions[v] for v in set(budgets.values()) if v in versions})
+        self.polled_at, self.poll_error = time.time(), None
+
+    def _problems(self) -> list[str]:
+        if self.polled_at is None:
+            return [self.poll_error or "the registry has not been read yet"]
+        found = []
+        for name in self.settings.models:
+            snapshot = self.snapshots[name]
+            problem = snapshot.problem()
+            if problem is None and snapshot.default_steps not in snapshot.budgets:
+                problem = f"model {name!r}: the champion version could not be loaded"
+            if problem:
+                found.append(problem)
+        return found
+
+    @api.get("/healthz", summary="the process is up")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/readyz", summary="every served model has a champion loaded (503 with the reasons otherwise)")
+    async def readyz(self) -> JSONResponse:
+        problems = self._problems()
+        if problems:
+            return JSONResponse({"ready": False, "detail": "; ".join(problems)}, status_code=503)
+        return JSONResponse({"ready": True, "models": {n: s.budgets for n, s in self.snapshots.items()}})
+
+    @api.get("/v1/models", response_model=ModelsResponse, summary="served versions, aliases, budgets, metrics")
+    async def models(self) -> ModelsResponse:
+        entries = []
+        for name in self.settings.models:
+            snapshot = self.snapshots.get(name) or ModelSnapshot(name, registered=False)
+            versions = [VersionEntry(**{**asdict(v), "aliases": list(v.aliases)})
+                        for _, v in sorted(snapshot.versions.items(), key=lambda item: int(item[0]))]
+            entries.append(ModelEntry(name=name, default_steps=snapshot.default_steps, budgets=snapshot.budgets,
+                                      versions=versions, problem=snapshot.problem()))
+        return ModelsResponse(models=entries, poll_interval_s=self.settings.poll_interval_s, polled_at=self.polled_at)
+
+    @api.post("/v1/generate", response_model=GenerateResponse,
+              responses={404: {"description": "model not served"}, 413: {"description": "body too large"},
+                         422: {"description": "invalid request; detail[].loc names the field"},
+                         503: {"description": "no champion yet"}},
+              summary="draw samples from the champion of a step budget")
+    async def generate(self, body: GenerateRequest) -> GenerateResponse:
+        start = time.perf_counter()
+        name = body.model or self.settings.models[0]
+        if name not in self.settings.models:
+            raise _error(404, "model", f"{name!r} is not served here; served: {list(self.settings.models)}")
+        snapshot = self.snapshots.get(name)
+        if snapshot is None:
+            raise HTTPException(503, detail=self.poll_error or "the registry has not been read yet")
+        steps = body.steps
+        if steps is None:
+            if snapshot.problem():
+                raise HTTPException(503, detail=snapshot.problem())
+            steps = snapshot.default_steps
+        if steps not in snapshot.budgets:
+            if not snapshot.budgets:
+                raise HTTPException(503, detail=snapshot.problem() or f"model {name!r} has no champion loaded")
+            raise _error(422, "steps", f"{steps}: not a served step budget of {name!r}; served: "
+                         f"{sorted(snapshot.budgets)}")
+        version = snapshot.budgets[steps]
+        request = {"num_samples": body.num_samples, "seed": body.seed, "prefix": body.prefix, "format": body.format}
+        if body.conditioning is not None:
+            request.update(positions=body.conditioning.positions, tokens=body.conditioning.tokens)
+        result = await self.sampler.options(multiplexed_model_id=model_id(name, version)).generate.remote(request)
+        if "error" in result:
+            raise _error(422, result["error"]["field"], result["error"]["message"])
+        return GenerateResponse(model=name, version=version, alias=f"champion-t{steps}", format=body.format,
+                                elapsed_s=time.perf_counter() - start, **result)
+
+
+def build_application(args: dict[str, Any], loader: Loader = load_registered_model) -> Application:
+    """The application from a serve config's `args` (see configs/serve.yaml). `loader` loads a
+    registry version; the default reads it from MLflow."""
+    from pipelines.tracking import tracking_uri
+
+    settings = ServeSettings.from_dict(args, default_tracking_uri=tracking_uri())
+    sampler = Sampler.options(**settings.sampler).bind(settings.to_dict(), loader)
+    return Ingress.options(**settings.ingress).bind(sampler, settings.to_dict())
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """The `import_path` of configs/serve.yaml: Serve calls it with the application's `args`
+    (an application builder takes exactly one parameter)."""
+    return build_application(args)

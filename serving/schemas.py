@@ -1,0 +1,97 @@
+"""Request and response models of the HTTP API (pydantic: FastAPI validates with them and
+publishes them in the OpenAPI schema at /docs). Unknown fields are refused everywhere; bounds
+that depend on the model (vocabulary, sequence length) are checked by fldd.service."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
+
+from fldd.service import FORMATS, MAX_SEED
+
+# a static ceiling for the schema; the configured limits.max_num_samples is checked per request
+NUM_SAMPLES_CEILING = 100_000
+MAX_CONDITIONED = 100_000
+
+Position = Annotated[StrictInt, Field(ge=0)]
+Token = Annotated[StrictInt, Field(ge=0)]
+
+
+class Conditioning(BaseModel):
+    """Clamp these positions to these tokens (masking forward processes only)."""
+
+    model_config = ConfigDict(extra="forbid")
+    positions: list[Position] = Field(min_length=1, max_length=MAX_CONDITIONED,
+                                      description="0-based positions, each at most once")
+    tokens: list[Token] = Field(min_length=1, max_length=MAX_CONDITIONED,
+                                description="data token ids (not the MASK state), one per position")
+
+    @field_validator("positions")
+    @classmethod
+    def _distinct(cls, positions: list[int]) -> list[int]:
+        repeated = sorted({p for p in positions if positions.count(p) > 1})
+        if repeated:
+            raise ValueError(f"repeated positions {repeated}")
+        return positions
+
+    @model_validator(mode="after")
+    def _same_length(self) -> Conditioning:
+        if len(self.positions) != len(self.tokens):
+            raise ValueError(f"positions ({len(self.positions)}) and tokens ({len(self.tokens)}) must have the "
+                             "same length")
+        return self
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"num_samples": 4, "seed": 0}]})
+    model: StrictStr | None = Field(None, min_length=1, max_length=256,
+                                    description="registered model name (default: the first one served)")
+    num_samples: StrictInt = Field(1, ge=1, le=NUM_SAMPLES_CEILING,
+                                   description="samples to draw (at most limits.max_num_samples)")
+    steps: Annotated[StrictInt, Field(ge=1)] | None = Field(
+        None, description="step budget T: selects the champion-t<T> version (default: the champion alias's T)")
+    seed: Annotated[StrictInt, Field(ge=0, le=MAX_SEED)] | None = Field(
+        None, description="same seed and same model version -> same samples (default: random, returned)")
+    conditioning: Conditioning | None = None
+    prefix: StrictStr | None = Field(None, min_length=1, max_length=4096,
+                                     description="text models: a prefix to complete (a-z and space)")
+    format: Literal[FORMATS] = Field("tokens", description="tokens | text (text models) | png (image data, base64)")
+
+
+class GenerateResponse(BaseModel):
+    model: str
+    version: str = Field(description="registry version that drew the samples")
+    alias: str = Field(description="the alias that selected it, champion-t<T>")
+    steps: int
+    seed: int
+    format: str
+    samples: list[list[int]] | list[str] = Field(description="token ids, strings, or base64 PNGs per sample")
+    tokens: list[list[int]] = Field(description="token ids per sample, whatever the format")
+    batch_requests: int = Field(description="requests that shared this sampling pass")
+    elapsed_s: float = Field(description="time taken inside the server, seconds")
+
+
+class VersionEntry(BaseModel):
+    version: str
+    aliases: list[str]
+    steps: int
+    parameterization: str | None
+    dataset: str | None
+    test_nelbo_bits: float | None
+    valid_nelbo_bits: float | None
+    run_id: str | None
+
+
+class ModelEntry(BaseModel):
+    name: str
+    default_steps: int | None
+    budgets: dict[int, str] = Field(description="step budget T -> served version")
+    versions: list[VersionEntry]
+    problem: str | None = Field(description="why requests without `steps` cannot be served, if so")
+
+
+class ModelsResponse(BaseModel):
+    models: list[ModelEntry]
+    poll_interval_s: float
+    polled_at: float | None = Field(description="unix time of the last successful registry poll")

@@ -1,0 +1,407 @@
+"""The generation endpoint over real HTTP: formats, conditioning, seeds inside batches, ~35 kinds
+of bad input, hot swap on promotion and rollback under load, and `fldd serve` stopping on SIGTERM.
+
+One module-scoped server serves three registered models, all trained here for a few steps:
+toy2d (fldd forward, T=2 and T=4), text and binarized digits (masked forward, T=2)."""
+
+import base64
+import os
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+from mlflow.tracking import MlflowClient
+
+from fldd.config import FLDDConfig
+from pipelines import registry
+from pipelines.cli import CONFIG_DIR
+from pipelines.tracking import tracking_uri
+from pipelines.train import LaunchOptions, launch
+from tests.pipelines.conftest import toy_config
+from tests.serving.conftest import free_port
+
+TOY, TEXT, DIGITS = "serve-toy", "serve-text", "serve-digits"
+MAX_NUM_SAMPLES, MAX_BODY = 16, 4096
+ARGS = {"models": [TOY, TEXT, DIGITS], "poll_interval_s": 0.5, "max_body_bytes": MAX_BODY,
+        "limits": {"max_num_samples": MAX_NUM_SAMPLES, "max_batch_rows": 256},
+        "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.05},
+        # logical CPUs: the session cluster has 2 and the tests' own training needs none
+        "ingress": {"ray_actor_options": {"num_cpus": 0}}, "sampler": {"ray_actor_options": {"num_cpus": 0}}}
+
+
+def small(cfg: FLDDConfig, steps: int, **overrides) -> FLDDConfig:
+    return cfg.with_overrides({"train.steps": steps, "train.checkpoint_every": steps, "train.log_every": steps,
+                               "reverse_network.width": 32, "forward_network.width": 32,
+                               "reverse_network.arch": "mlp", "forward_network.arch": "mlp",
+                               "train.batch_size": 32, **overrides})
+
+
+def wait_for(check, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+class Client:
+    def __init__(self, url: str):
+        self.url = url
+
+    def post(self, body=None, path: str = "/v1/generate", **kwargs) -> requests.Response:
+        if body is not None:
+            kwargs["json"] = body
+        return requests.post(self.url + path, timeout=60, **kwargs)
+
+    def get(self, path: str) -> requests.Response:
+        return requests.get(self.url + path, timeout=60)
+
+    def generate(self, **body) -> dict:
+        response = self.post(body)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, tmp_path_factory):
+    """(client, home, run ids, responses seen before any promotion). The app starts on an empty
+    registry, then the models are promoted and it picks them up by polling."""
+    from ray import serve
+
+    from serving.app import build_app
+
+    with pytest.MonkeyPatch.context() as patch:
+        home = tmp_path_factory.mktemp("serving") / "home"
+        patch.setenv("FLDD_HOME", str(home))
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        patch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        patch.chdir(home.parent)
+        runs = {}
+        for name, steps, extra in (("weak", 20, {}), ("mid", 150, {}), ("t4", 20, {"process.num_steps": 4})):
+            runs[name] = launch(small(toy_config(), steps, **extra),
+                                LaunchOptions(workers=0, quiet=True, name=f"toy-{name}")).run_id
+        masked = {"process.method": "masked", "process.reverse_parameterization": "direct", "process.num_steps": 2}
+        for name, preset in (("text", "text"), ("digits", "digits")):
+            cfg = small(FLDDConfig.from_yaml(CONFIG_DIR / f"{preset}.yaml"), 10, **masked)
+            runs[name] = launch(cfg, LaunchOptions(workers=0, quiet=True, name=f"{name}-tiny")).run_id
+
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(ARGS), name="fldd-test", route_prefix="/")
+        client = Client(f"http://127.0.0.1:{port}")
+        wait_for(lambda: client.get("/v1/models").json()["polled_at"], 60, "the first registry poll")
+        before = {"readyz": client.get("/readyz"), "generate": client.post({"num_samples": 1})}
+
+        for run, model in (("weak", TOY), ("t4", TOY), ("text", TEXT), ("digits", DIGITS)):
+            (decision,) = registry.promote(run_id=runs[run], model_name=model, passes=1)
+            assert decision.promoted, decision
+        wait_for(lambda: client.get("/readyz").status_code == 200, 120, "/readyz after promotion")
+        budgets = lambda: {m["name"]: m["budgets"] for m in client.get("/v1/models").json()["models"]}  # noqa: E731
+        wait_for(lambda: budgets()[TOY] == {"2": "1", "4": "2"}, 60, "both toy budgets served")
+        try:
+            yield client, home, runs, before
+        finally:
+            serve.shutdown()
+
+
+def test_no_champion_yet_is_503_with_a_message(server):
+    _, _, _, before = server
+    assert before["readyz"].status_code == 503
+    assert f"no registered model {TOY!r}" in before["readyz"].json()["detail"]
+    assert before["generate"].status_code == 503, before["generate"].text
+    assert f"no registered model {TOY!r}" in before["generate"].json()["detail"]
+
+
+def test_health_docs_and_models(server):
+    client, _, runs, _ = server
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json()["ready"] is True
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/v1/generate", "/v1/models", "/healthz", "/readyz"} <= set(paths)
+    models = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
+    assert list(models) == [TOY, TEXT, DIGITS]
+    toy = models[TOY]
+    assert toy["default_steps"] == 2 and toy["budgets"] == {"2": "1", "4": "2"} and toy["problem"] is None
+    v1, v2 = toy["versions"]
+    assert (v1["version"], v1["steps"], v1["aliases"]) == ("1", 2, ["champion", "champion-t2"])
+    assert (v2["version"], v2["steps"], v2["aliases"]) == ("2", 4, ["champion-t4"])
+    assert v1["run_id"] == runs["weak"] and v1["dataset"] == "toy2d" and v1["parameterization"] == "fldd"
+    tags = MlflowClient(tracking_uri()).get_model_version(TOY, "1").tags
+    assert v1["test_nelbo_bits"] == pytest.approx(float(tags["fldd.test_nelbo_bits"]))
+    assert models[TEXT]["budgets"] == {"2": "1"} and models[DIGITS]["versions"][0]["dataset"] == "digits-binary"
+
+
+def test_tokens_per_budget(server):
+    client, *_ = server
+    default = client.generate(num_samples=5, seed=1)
+    assert (default["model"], default["version"], default["alias"], default["steps"]) == (TOY, "1", "champion-t2", 2)
+    assert default["seed"] == 1 and default["format"] == "tokens" and default["elapsed_s"] > 0
+    assert len(default["samples"]) == 5 and all(len(row) == 2 and all(0 <= v < 50 for v in row)
+                                                for row in default["samples"])
+    assert default["samples"] == default["tokens"]
+    t4 = client.generate(num_samples=3, steps=4)
+    assert (t4["version"], t4["alias"], t4["steps"]) == ("2", "champion-t4", 4)
+    assert 0 <= t4["seed"] <= 2**63 - 1  # a random seed, reported so the draw can be repeated
+    again = client.generate(num_samples=3, steps=4, seed=t4["seed"])
+    assert again["samples"] == t4["samples"]
+
+
+def test_text_format_and_prefix(server):
+    client, *_ = server
+    out = client.generate(model=TEXT, num_samples=3, seed=0, format="text", prefix="the ")
+    assert out["model"] == TEXT and len(out["samples"]) == 3
+    alphabet = set("abcdefghijklmnopqrstuvwxyz ")
+    for text, tokens in zip(out["samples"], out["tokens"]):
+        assert len(text) == 64 and set(text) <= alphabet and text.startswith("the ")
+        assert tokens[:4] == [19, 7, 4, 26]
+    plain = client.generate(model=TEXT, num_samples=2, seed=0, format="tokens")
+    assert all(len(row) == 64 and all(0 <= v < 27 for v in row) for row in plain["samples"])
+
+
+def decode_png(data: str) -> tuple[int, int, list[list[int]]]:
+    raw = base64.b64decode(data)
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height, depth, colour = struct.unpack(">IIBB", raw[16:26])
+    assert (depth, colour) == (8, 0)
+    idat_length = struct.unpack(">I", raw[33:37])[0]
+    assert raw[37:41] == b"IDAT"
+    pixels = zlib.decompress(raw[41:41 + idat_length])
+    rows = [list(pixels[r * (width + 1) + 1:(r + 1) * (width + 1)]) for r in range(height)]
+    return width, height, rows
+
+
+def test_png_format_and_clamped_positions(server):
+    client, *_ = server
+    positions, tokens = [0, 9, 27, 63], [1, 0, 1, 1]
+    out = client.generate(model=DIGITS, num_samples=6, seed=4, format="png",
+                          conditioning={"positions": positions, "tokens": tokens})
+    assert len(out["samples"]) == 6
+    for png, row in zip(out["samples"], out["tokens"]):
+        assert [row[p] for p in positions] == tokens
+        width, height, pixels = decode_png(png)
+        assert (width, height) == (8, 8)
+        assert [v for line in pixels for v in line] == [255 * t for t in row]
+
+
+def test_text_conditioning_is_clamped(server):
+    client, *_ = server
+    out = client.generate(model=TEXT, num_samples=4, seed=2, conditioning={"positions": [5, 40, 63],
+                                                                             "tokens": [0, 26, 25]})
+    assert all([row[5], row[40], row[63]] == [0, 26, 25] for row in out["tokens"])
+
+
+def test_same_seed_same_samples_alone_and_in_a_batch(server):
+    client, *_ = server
+    alone = client.generate(model=TEXT, num_samples=4, seed=123)
+    bodies = [{"model": TEXT, "num_samples": 1 + i % 3, "seed": i} for i in range(15)]
+    bodies.insert(7, {"model": TEXT, "num_samples": 4, "seed": 123})
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        responses = list(pool.map(lambda body: client.post(body), bodies))
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
+    results = [r.json() for r in responses]
+    assert max(r["batch_requests"] for r in results) > 1  # the requests really shared passes
+    assert results[7]["samples"] == alone["samples"]
+    assert results[8]["samples"] != alone["samples"][:1]  # another seed, other samples
+    # the conditioned and unconditioned requests share a batch without changing each other either
+    toy = client.generate(num_samples=4, seed=9)
+    with ThreadPoolExecutor(8) as pool:
+        mixed = list(pool.map(lambda s: client.post({"num_samples": 4, "seed": s}), [9, 1, 2, 9, 3, 4, 9, 5]))
+    assert [m.json()["samples"] for m in mixed if m.json()["seed"] == 9] == [toy["samples"]] * 3
+
+
+DIGIT_PIXELS = list(range(64))
+BAD = {  # id: (request body or raw kwargs, expected status, text the response must contain)
+    "num_samples-zero": ({"num_samples": 0}, 422, "num_samples"),
+    "num_samples-negative": ({"num_samples": -3}, 422, "num_samples"),
+    "num_samples-too-large": ({"num_samples": MAX_NUM_SAMPLES + 1}, 422, "num_samples"),
+    "num_samples-float": ({"num_samples": 1.5}, 422, "num_samples"),
+    "num_samples-string": ({"num_samples": "3"}, 422, "num_samples"),
+    "steps-not-served": ({"steps": 3}, 422, "steps"),
+    "steps-zero": ({"steps": 0}, 422, "steps"),
+    "steps-negative": ({"steps": -4}, 422, "steps"),
+    "seed-negative": ({"seed": -1}, 422, "seed"),
+    "seed-too-large": ({"seed": 2**63}, 422, "seed"),
+    "unknown-field": ({"num_samples": 1, "temperature": 0.7}, 422, "temperature"),
+    "missing-body": ({"_raw": {"headers": {"Content-Type": "application/json"}}}, 422, "body"),
+    "body-not-json": ({"_raw": {"data": "{num_samples: 2", "headers": {"Content-Type": "application/json"}}},
+                      422, "JSON decode error"),
+    "json-not-an-object": ({"_raw": {"json": [1, 2]}}, 422, "body"),
+    "oversized-body": ({"_raw": {"json": {"num_samples": 1, "prefix": "a" * MAX_BODY}}}, 413, "larger than"),
+    "positions-out-of-range": ({"model": DIGITS, "conditioning": {"positions": [64], "tokens": [1]}}, 422,
+                               "positions"),
+    "positions-negative": ({"model": DIGITS, "conditioning": {"positions": [-1], "tokens": [1]}}, 422, "positions"),
+    "positions-repeated": ({"model": DIGITS, "conditioning": {"positions": [3, 3], "tokens": [1, 1]}}, 422,
+                           "repeated positions"),
+    "positions-not-integers": ({"model": DIGITS, "conditioning": {"positions": [1.5], "tokens": [1]}}, 422,
+                               "positions"),
+    "positions-tokens-lengths": ({"model": DIGITS, "conditioning": {"positions": [1, 2], "tokens": [1]}}, 422,
+                                 "same length"),
+    "tokens-missing": ({"model": DIGITS, "conditioning": {"positions": [1]}}, 422, "tokens"),
+    "tokens-outside-vocabulary": ({"model": DIGITS, "conditioning": {"positions": [1], "tokens": [7]}}, 422,
+                                  "outside the vocabulary"),
+    "tokens-mask-id": ({"model": DIGITS, "conditioning": {"positions": [1], "tokens": [2]}}, 422, "MASK"),
+    "conditioning-every-position": ({"model": DIGITS, "conditioning": {"positions": DIGIT_PIXELS,
+                                                                       "tokens": [1] * 64}}, 422, "all 64 positions"),
+    "conditioning-non-masking-forward": ({"conditioning": {"positions": [0], "tokens": [3]}}, 422,
+                                         "masking forward"),
+    "prefix-outside-alphabet": ({"model": TEXT, "prefix": "Hello!"}, 422, "outside the alphabet"),
+    "prefix-too-long": ({"model": TEXT, "prefix": "a" * 64}, 422, "longer than the sequence"),
+    "prefix-empty": ({"model": TEXT, "prefix": ""}, 422, "prefix"),
+    "prefix-non-text-model": ({"model": DIGITS, "prefix": "ab"}, 422, "for text models"),
+    "prefix-and-conditioning": ({"model": TEXT, "prefix": "a", "conditioning": {"positions": [9], "tokens": [1]}},
+                                422, "not both"),
+    "format-unknown": ({"format": "jpeg"}, 422, "format"),
+    "format-png-non-image": ({"format": "png"}, 422, "for image data"),
+    "format-text-non-text": ({"model": DIGITS, "format": "text"}, 422, "for text models"),
+    "unknown-route": ({"_raw": {"path": "/v1/generat", "json": {}}}, 404, "Not Found"),
+    "wrong-method": ({"_raw": {"method": "GET"}}, 405, "Method Not Allowed"),
+    "model-not-registered": ({"model": "no-such-model"}, 404, "no-such-model"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD))
+def test_bad_input_is_a_clear_4xx_and_the_server_keeps_serving(server, kind):
+    client, *_ = server
+    body, status, expected = BAD[kind]
+    if "_raw" in body:
+        raw = dict(body["_raw"])
+        method, path = raw.pop("method", "POST"), raw.pop("path", "/v1/generate")
+        response = requests.request(method, client.url + path, timeout=60, **raw)
+    else:
+        response = client.post(body)
+    assert response.status_code == status, response.text
+    assert expected in response.text, response.text
+    if status == 422:  # the field is named where FastAPI names it
+        locations = [".".join(str(p) for p in d["loc"]) for d in response.json()["detail"]]
+        assert any(loc.startswith("body") for loc in locations), locations
+    assert client.generate(num_samples=1, seed=0)["version"] == "1"
+
+
+def test_promotion_and_rollback_during_a_stream_of_requests(server):
+    """A promotion moves champion-t2 and champion to a new version and a rollback moves them back,
+    while 4 clients keep sending requests: nothing fails and the responses follow the aliases."""
+    client, _, runs, _ = server
+    seen: list[str] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def stream() -> None:
+        while not stop.is_set():
+            try:
+                response = client.post({"num_samples": 2})
+                if response.status_code != 200:
+                    failures.append(f"{response.status_code}: {response.text}")
+                else:
+                    seen.append(response.json()["version"])
+            except requests.RequestException as error:
+                failures.append(repr(error))
+
+    threads = [threading.Thread(target=stream) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_for(lambda: len(seen) >= 10, 60, "requests before the promotion")
+        (decision,) = registry.promote(run_id=runs["mid"], model_name=TOY, passes=1)
+        assert decision.promoted and decision.version == "3", decision
+        wait_for(lambda: "3" in seen, 60, "responses from the promoted version")
+        models = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
+        assert models[TOY]["budgets"] == {"2": "3", "4": "2"}
+        promoted_at = len(seen)
+        assert registry.rollback(TOY, budget=2) == {"champion-t2": "1", "champion": "1"}
+        wait_for(lambda: "1" in seen[promoted_at:], 60, "responses from the rolled-back version")
+        rolled_back_at = len(seen)
+        wait_for(lambda: len(seen) >= rolled_back_at + 10, 60, "requests after the rollback")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+    assert failures == []
+    assert seen[0] == "1" and "3" in seen and seen[-1] == "1"
+    # once the rollback was seen, the promoted version is not served again
+    assert "3" not in seen[rolled_back_at + 4:]  # at most the 4 requests in flight at the switch
+    assert {m["name"]: m for m in client.get("/v1/models").json()["models"]}[TOY]["budgets"] == {"2": "1", "4": "2"}
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_fldd_serve_stops_cleanly_on_sigterm(server, tmp_path):
+    client, home, _, _ = server
+    application = yaml.safe_load((CONFIG_DIR / "serve.yaml").read_text())
+    port = free_port()
+    application["http_options"]["port"] = 1  # --port must win
+    app_args = application["applications"][0]["args"]
+    app_args.update(ingress={"ray_actor_options": {"num_cpus": 0}},
+                    sampler={"ray_actor_options": {"num_cpus": 0}, "max_ongoing_requests": 16}, poll_interval_s=1)
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump(application))
+    env = {**os.environ, "FLDD_HOME": str(home), "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60"}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    process = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", "--config", str(config),
+                                "--model-name", TOY, "--port", str(port)], env=env, cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(process.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: any(f"{url}/v1/generate" in line for line in lines) or process.poll() is not None,
+                 240, "fldd serve to print its URL")
+        assert process.poll() is None, "".join(lines)
+        assert any(line.startswith("  curl -s -X POST") for line in lines), "".join(lines)
+        wait_for(lambda: requests.get(url + "/readyz", timeout=30).status_code == 200, 120, "fldd serve ready")
+        response = requests.post(url + "/v1/generate", json={"num_samples": 2, "seed": 5}, timeout=60)
+        assert response.status_code == 200 and response.json()["model"] == TOY, response.text
+        assert response.json()["samples"] == client.generate(num_samples=2, seed=5)["samples"]  # same version
+        ray_processes = descendants(process.pid)
+        assert len(ray_processes) >= 3  # GCS, raylet, workers, ...
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 0, "".join(lines)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    reader.join(timeout=10)
+    assert "fldd serve: stopping" in "".join(lines)
+    wait_for(lambda: not any(alive(pid) for pid in ray_processes), 30, "its Ray processes to exit")
+    with pytest.raises(requests.ConnectionError):
+        requests.get(url + "/healthz", timeout=5)
+    assert client.get("/healthz").status_code == 200  # the other server was not touched
