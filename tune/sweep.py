@@ -172,15 +172,18 @@ def check_cluster(storage: str, mlflow_uri: str, workers: int, cpus: float, gpus
 
 
 def _scheduler(spec: SweepSpec):
-    if spec.scheduler.get("type", "asha") == "fifo":
-        return FIFOScheduler()
     steps, every = spec.base.train.steps, spec.base.train.checkpoint_every
+    grace = every * int(spec.scheduler.get("grace_period", max(1, spec.reports_per_trial // 4)))
+    # ASHA's rungs are grace * rf^k up to max_t, max_t included. With max_t = the last report
+    # before the end, every rung is judged before a trial's final report: a trial that reaches its
+    # end is never stopped there (that would skip its final evaluation and logged model), and
+    # stop_last_trials=False lets it run past max_t to its own end.
+    last_decision = steps - every if steps % every == 0 else steps - steps % every
+    if spec.scheduler.get("type", "asha") == "fifo" or last_decision < grace:
+        return FIFOScheduler()  # no rung before the last report: nothing to stop early
     # time in optimizer steps (each report carries its step), not reports: a trial resumed from a
-    # checkpoint restarts Tune's iteration count but not its step, and must be judged at its step.
-    # stop_last_trials=False: the trial's own training ends it, after its final evaluation and
-    # logged model (ASHA would otherwise kill a trial at max_t, before either)
-    return ASHAScheduler(time_attr="step", max_t=steps, stop_last_trials=False,
-                         grace_period=every * int(spec.scheduler.get("grace_period", max(1, spec.reports_per_trial // 4))),
+    # checkpoint restarts Tune's iteration count but not its step, and must be judged at its step
+    return ASHAScheduler(time_attr="step", max_t=last_decision, stop_last_trials=False, grace_period=grace,
                          reduction_factor=float(spec.scheduler.get("reduction_factor", 2)))
 
 

@@ -44,14 +44,20 @@ def test_only_keys_leave_other_parameterizations_at_the_base_value():
             assert s.trial_config(values, 2).train.forward_lr == values["train.forward_lr"]
 
 
-def test_reports_count_the_final_checkpoint_and_asha_never_stops_a_trial_at_its_end():
+@pytest.mark.parametrize("steps, every, grace", [(110, 20, 1), (4000, 500, 2), (3000, 500, 2), (100, 20, 1)])
+def test_reports_count_the_final_checkpoint_and_asha_never_stops_a_trial_at_its_end(steps, every, grace):
     from tune.sweep import _scheduler
 
-    s = spec(set={"train.steps": 110, "train.checkpoint_every": 20})  # reports at 20, 40, ..., 100 and 110
-    assert s.reports_per_trial == 6
+    s = spec(set={"train.steps": steps, "train.checkpoint_every": every},
+             scheduler={"type": "asha", "grace_period": grace, "reduction_factor": 2})
+    assert s.reports_per_trial == -(-steps // every)  # e.g. 110/20: reports at 20, 40, ..., 100 and 110
     asha = _scheduler(s)
-    assert asha._time_attr == "step" and asha._max_t == 110
-    assert all(milestone < 110 for bracket in asha._brackets for milestone, _ in bracket._rungs)
+    reports = sorted({*range(every, steps + 1, every), steps})
+    milestones = [milestone for bracket in asha._brackets for milestone, _ in bracket._rungs]
+    assert asha._time_attr == "step" and milestones and min(milestones) == every * grace
+    # every rung is decided at a report before the last one (4000/500: a rung at 4000 killed
+    # finished trials before their final evaluation)
+    assert all(milestone <= reports[-2] for milestone in milestones)
 
 
 def test_the_digest_tells_sweeps_apart():
