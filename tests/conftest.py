@@ -4,6 +4,7 @@ real local Ray cluster for the whole session (dashboard on: STACK_NOTES), and a 
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -30,6 +31,20 @@ def ray_cluster():
         start_local_ray(num_cpus=2, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@contextlib.contextmanager
+def module_project_home(tmp_path_factory, name: str):
+    """A project home (SQLite store) shared by a module's tests, as `home` is for one test. The
+    working directory moves next to it: anything reaching MLflow's process-wide default store would
+    write ./mlflow.db there, where a test can look for it."""
+    with pytest.MonkeyPatch.context() as patch:
+        home = tmp_path_factory.mktemp(name) / "home"
+        patch.setenv("FLDD_HOME", str(home))
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        patch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        patch.chdir(home.parent)
+        yield home
 
 
 @pytest.fixture

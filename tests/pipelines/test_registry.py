@@ -23,6 +23,7 @@ from pipelines import registry
 from pipelines.cli import CONFIG_DIR, main
 from pipelines.tracking import download_model_file, resolve_model, tracking_uri
 from pipelines.train import LaunchOptions, launch
+from tests.conftest import module_project_home
 from tests.pipelines.conftest import toy_config
 
 # toy2d T=2, same config but for training length: validation NELBO about 8.6 / 5.2 / 5.0 bits/token,
@@ -34,13 +35,7 @@ TRAIN_STEPS = {"weak": 20, "mid": 100, "strong": 300}
 def registry_home(ray_cluster, tmp_path_factory):
     """One project home (SQLite store) for the module: the trained runs are shared; every test
     registers under its own model name."""
-    with pytest.MonkeyPatch.context() as patch:
-        home = tmp_path_factory.mktemp("registry") / "home"
-        patch.setenv("FLDD_HOME", str(home))
-        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        patch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        # anything that reached MLflow's process-wide default store would write ./mlflow.db here
-        patch.chdir(home.parent)
+    with module_project_home(tmp_path_factory, "registry") as home:
         yield home
 
 

@@ -26,6 +26,7 @@ from pipelines import registry
 from pipelines.cli import CONFIG_DIR
 from pipelines.tracking import tracking_uri
 from pipelines.train import LaunchOptions, launch
+from tests.conftest import module_project_home
 from tests.pipelines.conftest import toy_config
 from tests.serving.conftest import free_port
 
@@ -81,12 +82,7 @@ def server(ray_cluster, tmp_path_factory):
 
     from serving.app import build_app
 
-    with pytest.MonkeyPatch.context() as patch:
-        home = tmp_path_factory.mktemp("serving") / "home"
-        patch.setenv("FLDD_HOME", str(home))
-        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        patch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        patch.chdir(home.parent)
+    with module_project_home(tmp_path_factory, "serving") as home:
         runs = {}
         for name, steps, extra in (("weak", 20, {}), ("mid", 150, {}), ("t4", 20, {"process.num_steps": 4})):
             runs[name] = launch(small(toy_config(), steps, **extra),
