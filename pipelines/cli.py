@@ -8,9 +8,9 @@ MLFLOW_TRACKING_URI overrides), checkpoints under $FLDD_HOME/ray_results (--stor
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -80,12 +80,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     model, run_id = load_model(args)
     held_out = load_splits(model.config)[1] if args.split == "valid" else load_test_split(model.config)
-    metrics = {**evaluate_model(model, held_out, passes=args.passes, seed=args.seed), "split": args.split}
+    measured = evaluate_model(model, held_out, passes=args.passes, seed=args.seed)
+    # evaluate_model names its keys after the validation split; say which split was measured
+    metrics = {re.sub(r"^valid_", f"{args.split}_", k): v for k, v in measured.items()}
+    metrics["split"] = args.split
     if run_id is not None:
         from pipelines.tracking import Tracker, tracking_uri
 
         Tracker(tracking_uri(), run_id).log_metrics(model.config.train.steps,
-                                                    {f"eval_{args.split}_{k}": v for k, v in metrics.items()})
+                                                    {f"eval_{k}": v for k, v in metrics.items() if k != "split"})
         print(f"logged to MLflow run {run_id}", file=sys.stderr)
     print(json.dumps(metrics, indent=2))
     return 0
@@ -108,30 +111,29 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """FLDD against the fixed masked forward at the same T and reverse network, on toy2d."""
-    from pipelines.tracking import tracking_uri
-    from pipelines.train import LaunchOptions, launch
+    """The whole product on one machine: sweep -> promotion -> Serve -> HTTP requests -> summary."""
+    from pipelines.demo import DemoError, DemoOptions, run_demo
 
-    base = build_config(args)
-    rows, start = [], time.perf_counter()
-    for method in ("fldd", "masked"):
-        cfg = base.with_parameterization(method)
-        print(f"\n=== {method}, T={cfg.process.num_steps} ===", flush=True)
-        # named by a hash of the config: rerunning the same demo resumes it, a changed one starts afresh
-        digest = hashlib.sha1(cfg.to_yaml().encode()).hexdigest()[:8]
-        name = f"demo-{cfg.data.name}-{method}-T{cfg.process.num_steps}-{digest}"
-        outcome = launch(cfg, LaunchOptions(workers=0, name=name))
-        rows.append((method, cfg.process.num_steps, outcome))
-    print(f"\n{'method':<8} {'T':>3} {'NELBO bits/token':>18} {'exact KL':>9} {'TV':>7}  MLflow run")
-    for method, T, outcome in rows:
-        m = outcome.metrics
-        print(f"{method:<8} {T:>3} {m['valid_nelbo_bits']:>10.4f} +- {m['valid_nelbo_stderr']:.3f} "
-              f"{m.get('kl', float('nan')):>9.4f} {m.get('tv', float('nan')):>7.4f}  {outcome.run_id}")
-    model = FLDDModel.load(rows[0][2].model_path)
-    print(f"\nFLDD samples ({model.num_steps} reverse-network calls each):\n"
-          + format_samples(sample(model, 8, generator=torch.Generator().manual_seed(0))))
-    print(f"\ndemo finished in {time.perf_counter() - start:.0f} s. Browse the runs with:\n"
-          f"  mlflow ui --backend-store-uri {tracking_uri()} --host 127.0.0.1")
+    options = DemoOptions(steps=args.train_steps, budgets=args.budgets, port=args.port,
+                          keep_serving=args.keep_serving, address=args.address, verbose=args.verbose,
+                          model_name=args.model_name)
+    if args.config:
+        options.sweep_config = Path(args.config)
+    start = time.perf_counter()
+    try:
+        run_demo(options)
+    except DemoError as error:
+        print(f"fldd demo: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nfldd demo: interrupted; Serve and the demo's Ray cluster are stopped. Rerun `make demo` to "
+              "resume: finished trials are kept.", file=sys.stderr)
+        return 130
+    print(f"\ndemo finished in {time.perf_counter() - start:.0f} s.")
+    if not options.keep_serving:
+        print(f"The demo stopped Serve and its Ray cluster. Serve the promoted models again with\n"
+              f"  fldd serve --model-name {options.model_name} --port {options.port}\n"
+              f"(then the curl line above works), or run `fldd demo --keep-serving` to keep the endpoint up.")
     return 0
 
 
@@ -249,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a new local cluster)")
     p.add_argument("--storage", help="checkpoint storage: local path or URI (default $FLDD_HOME/ray_results)")
-    p.add_argument("--name", help="run name (default: data-method-T-seed); the same name resumes")
+    p.add_argument("--name", help="run name (default: <data>-<parameterization>-T<T>-seed<seed>-<config digest>); the same name resumes")
     p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts from the last checkpoint")
     p.set_defaults(func=cmd_train)
 
@@ -268,8 +270,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write to FILE: .png for a picture, anything else for JSON token ids")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("demo", help="FLDD vs the fixed masked forward at equal T on toy2d (local Ray, MLflow)")
-    add_config_args(p)
+    p = sub.add_parser(
+        "demo", help="the whole pipeline on one machine: sweep, promotion, Serve, HTTP requests (a few minutes)",
+        description="A Ray Tune sweep (learned forward fldd-mask-carry against the fixed masked-x0 with the same "
+        "reverse parameterization, at two step budgets, trained with Ray Train), promotion of the best model per "
+        "budget through the MLflow registry gate, Ray Serve on 127.0.0.1, generation requests over HTTP (two "
+        "budgets and a conditional one), then a summary and a picture of samples per budget. Embedded defaults: "
+        "a local Ray cluster, MLflow in SQLite under $FLDD_HOME. Rerunning resumes: finished trials are kept.")
+    p.add_argument("--config", help="sweep YAML of the demo (default: configs/sweep-demo.yaml)")
+    p.add_argument("--train-steps", type=int, help="optimizer steps per trial (default: the sweep file's)")
+    p.add_argument("--budgets", type=int, nargs="+", metavar="T", help="step budgets (default: the sweep file's)")
+    p.add_argument("--model-name", default="fldd-demo-toy2d", help="registered model to promote into and serve")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port of the endpoint on 127.0.0.1")
+    p.add_argument("--keep-serving", action="store_true", help="keep the endpoint up after the summary until Ctrl-C")
+    p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a new local cluster)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(
@@ -290,7 +304,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", help="where Tune and Train keep state: a local path, a directory shared by every "
                    "node, or s3://... (default $FLDD_HOME/ray_results)")
     p.add_argument("--samples", type=int, help="override the file's `samples:` (draws per grid point)")
-    p.add_argument("--verbose", action="store_true", help="show Tune's tables and every trial's worker logs")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser(
@@ -349,15 +362,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", action="append", metavar="NAME",
                    help="registered model to serve, instead of the config's `models` (repeatable; the first is the "
                    "default of a request)")
-    p.add_argument("--port", type=int, help="HTTP port on 127.0.0.1 (default: the config's http_options.port)")
+    p.add_argument("--port", type=int, help="HTTP port (the host is the config's http_options.host, 127.0.0.1 by default; default port: the config's http_options.port)")
     p.add_argument("--address", help="Ray cluster to join: auto or HOST:PORT (default: RAY_ADDRESS, else a new local "
                    "cluster that stops with this command)")
     p.set_defaults(func=cmd_serve)
+    for command in sub.choices.values():
+        command.add_argument("-v", "--verbose", action="store_true",
+                             help="show Ray's and MLflow's INFO logs, Tune's tables and every worker's output")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from pipelines.logs import quiet_logs
+
+    quiet_logs(args.verbose)
+    if not args.verbose:
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # no Train/Tune status tables on the driver
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     # MLflow resolves some URIs (LoggedModels, registry sources) through its process-wide store
     # whatever client is used: point that at the project's store too, never at ./mlflow.db

@@ -23,9 +23,13 @@ order they held the alias) makes `rollback` possible, one step per call.
 from __future__ import annotations
 
 import hashlib
+import contextlib
 import json
 import math
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -431,6 +435,27 @@ def _register(client: MlflowClient, name: str, run: Run, cfg: FLDDConfig, model:
     return version
 
 
+@contextlib.contextmanager
+def uninterrupted() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block ends, then take effect: the aliases of one decision and
+    their history tags move together or not at all. (Signals reach only the main thread.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    watched = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.getsignal(s) for s in watched}
+    for s in watched:
+        signal.signal(s, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        if received:
+            signal.raise_signal(received[0])  # delivered now, to the handler that was in place
+
+
 def _move_alias(client: MlflowClient, name: str, alias: str, version: str) -> None:
     registered = client.get_registered_model(name)
     history = _history(registered, alias)
@@ -537,16 +562,22 @@ def promote_run(run: Run, *, model_name: str | None = None, margin: float | None
     for key, value in {**decision.tags(), "fldd.eval_seed": str(seed), "fldd.eval_passes": str(passes)}.items():
         client.set_model_version_tag(name, version_number, key, value)
     if decision.promoted:
-        if DEFAULT_BUDGET_TAG not in client.get_registered_model(name).tags:
-            # the first budget ever promoted is the one `champion` follows (a refused first version sets nothing)
-            client.set_registered_model_tag(name, DEFAULT_BUDGET_TAG, str(T))
-        aliases = [alias]
-        if str(T) == client.get_registered_model(name).tags.get(DEFAULT_BUDGET_TAG):
-            aliases.append(CHAMPION)
-        for moved in aliases:
-            _move_alias(client, name, moved, version_number)
-        decision.aliases_moved = aliases
+        with uninterrupted():
+            _move_champion_aliases(client, name, T, alias, version_number, decision)
     return decision
+
+
+def _move_champion_aliases(client: MlflowClient, name: str, T: int, alias: str, version_number: str,
+                           decision: Decision) -> None:
+    if DEFAULT_BUDGET_TAG not in client.get_registered_model(name).tags:
+        # the first budget ever promoted is the one `champion` follows (a refused first version sets nothing)
+        client.set_registered_model_tag(name, DEFAULT_BUDGET_TAG, str(T))
+    aliases = [alias]
+    if str(T) == client.get_registered_model(name).tags.get(DEFAULT_BUDGET_TAG):
+        aliases.append(CHAMPION)
+    for moved in aliases:
+        _move_alias(client, name, moved, version_number)
+    decision.aliases_moved = aliases
 
 
 def promote(*, sweep: str | None = None, budget: int | None = None, run_id: str | None = None,
@@ -599,14 +630,15 @@ def rollback(model_name: str, budget: int | None = None, client: MlflowClient | 
     champion = _alias_holder(client, model_name, CHAMPION)
     champion_follows = (champion is not None and str(champion.version) == str(current.version)
                         and str(budget) == registered.tags.get(DEFAULT_BUDGET_TAG))
-    client.set_registered_model_alias(model_name, alias, previous)
-    _set_history(client, model_name, alias, history[:-1])
-    if champion_follows:
-        champion_history = _history(registered, CHAMPION)
-        client.set_registered_model_alias(model_name, CHAMPION, previous)
-        if champion_history and champion_history[-1] == str(current.version):
-            _set_history(client, model_name, CHAMPION, champion_history[:-1])
-        moved[CHAMPION] = previous
+    with uninterrupted():
+        client.set_registered_model_alias(model_name, alias, previous)
+        _set_history(client, model_name, alias, history[:-1])
+        if champion_follows:
+            champion_history = _history(registered, CHAMPION)
+            client.set_registered_model_alias(model_name, CHAMPION, previous)
+            if champion_history and champion_history[-1] == str(current.version):
+                _set_history(client, model_name, CHAMPION, champion_history[:-1])
+            moved[CHAMPION] = previous
     client.set_model_version_tag(model_name, str(current.version), "fldd.rolled_back_at",
                                  time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     return moved

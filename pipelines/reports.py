@@ -112,3 +112,25 @@ def save_forward_schedule(model: FLDDModel, x: torch.Tensor, path: Path) -> Path
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def save_samples_by_budget(samples: dict[int, torch.Tensor], vocab_size: int, path: Path,
+                           data: torch.Tensor | None = None) -> Path:
+    """One panel per step budget (and one of the data, if given): for 2-position data a heat map over
+    the K x K grid, otherwise the first 32 samples as a token grid."""
+    panels = ([("test split", data)] if data is not None else []) + [(f"T={T}", s) for T, s in sorted(samples.items())]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
+    for ax, (title, tokens) in zip(axes[0], panels):
+        if tokens.shape[1] == 2:
+            counts = torch.zeros(vocab_size, vocab_size)
+            counts.index_put_((tokens[:, 0], tokens[:, 1]), torch.ones(len(tokens)), accumulate=True)
+            ax.imshow(counts.numpy(), origin="lower", cmap="magma")
+        else:
+            ax.imshow(tokens[:32].numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set_title(f"{title} ({len(tokens)})", fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +27,40 @@ def read_serve_config(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]
     return dict(config.get("http_options") or {}), dict(applications[0])
 
 
-def serve_until_stopped(config: str | Path = DEFAULT_CONFIG, *, models: list[str] | None = None,
-                        port: int | None = None, host: str | None = None, address: str | None = None) -> int:
-    """Start the app, print its URL and an example request, and block until Ctrl-C / SIGTERM."""
+@dataclass
+class Endpoint:
+    """A running application: where it listens, and how to take it away again."""
+
+    name: str
+    url: str
+    models: list[str]
+    own_cluster: bool  # this process started the Ray cluster (then stop() stops Serve and the cluster)
+
+    def example_curl(self) -> str:
+        return (f"curl -s -X POST {self.url}/v1/generate -H 'Content-Type: application/json' "
+                "-d '{\"num_samples\": 4, \"seed\": 0}'")
+
+    def stop(self) -> None:
+        import ray
+        from ray import serve
+
+        try:
+            if self.own_cluster:
+                serve.shutdown()
+            else:  # someone else's cluster: take only this app away
+                serve.delete(self.name)
+        finally:
+            if self.own_cluster:
+                ray.shutdown()
+
+
+def start_endpoint(config: str | Path = DEFAULT_CONFIG, *, models: list[str] | None = None, port: int | None = None,
+                   host: str | None = None, address: str | None = None,
+                   overrides: dict[str, Any] | None = None) -> Endpoint:
+    """Deploy the app of a Serve config (its `args` updated with `overrides`) on the Ray cluster this
+    process is connected to, a cluster at `address`, or a new local one; return once it is deployed."""
     http, application = read_serve_config(config)
-    args = dict(application.get("args") or {})
+    args = {**dict(application.get("args") or {}), **(overrides or {})}
     if models:
         args["models"] = list(models)
     host = host or http.get("host") or "127.0.0.1"
@@ -43,36 +73,44 @@ def serve_until_stopped(config: str | Path = DEFAULT_CONFIG, *, models: list[str
     import ray
     from ray import serve
 
+    from pipelines.logs import requiet
     from pipelines.train import init_ray
     from serving.app import build_app
 
+    requiet()  # Ray Serve set its driver logger to INFO on import
     app = build_app(args)  # settings errors before any cluster starts
-    own_cluster = not (address or os.environ.get("RAY_ADDRESS"))
+    own_cluster = not (ray.is_initialized() or address or os.environ.get("RAY_ADDRESS"))
     init_ray(address, log_to_driver=False)
+    endpoint = Endpoint(name, f"http://{host}:{port}{prefix.rstrip('/')}", list(args.get("models") or []), own_cluster)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(app, name=name, route_prefix=prefix)
+    except BaseException:
+        endpoint.stop()
+        raise
+    return endpoint
+
+
+def serve_until_stopped(config: str | Path = DEFAULT_CONFIG, *, models: list[str] | None = None,
+                        port: int | None = None, host: str | None = None, address: str | None = None) -> int:
+    """Start the app, print its URL and an example request, and block until Ctrl-C / SIGTERM."""
 
     def stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt  # one path out for Ctrl-C and SIGTERM: the finally below
 
     signal.signal(signal.SIGTERM, stop)  # replaces Ray's handler, which would exit without cleanup
+    endpoint = None
     try:
-        serve.start(http_options={"host": host, "port": port})
-        serve.run(app, name=name, route_prefix=prefix)
-        url = f"http://{host}:{port}{prefix.rstrip('/')}"
-        print(f"fldd serve: serving {args.get('models')} at {url} (API docs: {url}/docs; readiness: {url}/readyz)\n"
-              f"  curl -s -X POST {url}/v1/generate -H 'Content-Type: application/json' "
-              "-d '{\"num_samples\": 4, \"seed\": 0}'\n"
-              "Ctrl-C or SIGTERM stops it.", flush=True)
+        endpoint = start_endpoint(config, models=models, port=port, host=host, address=address)
+        print(f"fldd serve: serving {endpoint.models} at {endpoint.url} (API docs: {endpoint.url}/docs; "
+              f"readiness: {endpoint.url}/readyz)\n  {endpoint.example_curl()}\nCtrl-C or SIGTERM stops it.",
+              flush=True)
         while True:
             time.sleep(1)
     except KeyboardInterrupt:
         print("fldd serve: stopping", flush=True)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut the cleanup short
-        try:
-            if own_cluster:
-                serve.shutdown()
-            else:  # someone else's cluster: take only this app away
-                serve.delete(name)
-        finally:
-            ray.shutdown()
+        if endpoint is not None:
+            endpoint.stop()
     return 0

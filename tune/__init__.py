@@ -1,1 +1,2 @@
-"""tune: placeholder package; see README roadmap."""
+"""tune: Ray Tune sweeps over step budgets and parameterizations (spec.py: the YAML format; sweep.py:
+running and resuming; results.py: the table, CSV and plot)."""

@@ -76,13 +76,17 @@ class SweepProgress(tune.Callback):
         self.budget, self.total, self.steps, self.enabled = budget, total, steps, enabled
         self._bar = None
         self._best = math.inf
+        self._drawn = 0.0
 
     def __getstate__(self) -> dict:  # Tune saves its callbacks with the experiment; a bar does not pickle
         return {**self.__dict__, "_bar": None}
 
     def setup(self, **info) -> None:
         if self.enabled:
-            self._bar = tqdm(total=self.total, desc=f"T={self.budget} trials", unit="trial", mininterval=2.0)
+            # in training steps over all trials, so the rate and the time left mean something; a
+            # trial that ends (finished, stopped early, failed) counts as all its steps
+            self._bar = tqdm(total=self.total * self.steps, desc=f"T={self.budget}, {self.total} trials",
+                             unit="step", unit_scale=True, mininterval=2.0, dynamic_ncols=True)
 
     def _refresh(self, trials: list) -> None:
         if self._bar is None:
@@ -96,13 +100,20 @@ class SweepProgress(tune.Callback):
             elif trial.status == "TERMINATED":
                 stopped = int((trial.last_result or {}).get("step", self.steps)) < self.steps
                 counts["stopped" if stopped else "done"] += 1
-        finished = counts["done"] + counts["stopped"] + counts["failed"]
+        steps = sum(self.steps if trial.status in ("TERMINATED", "ERROR")
+                    else min(self.steps, int((trial.last_result or {}).get("step", 0))) for trial in trials)
         best = f", best valid {self._best:.4f}" if math.isfinite(self._best) else ""
-        self._bar.set_postfix_str(", ".join(f"{v} {k}" for k, v in counts.items()) + best, refresh=False)
-        self._bar.update(finished - self._bar.n)  # redraws at most every mininterval
+        self._bar.set_postfix_str(", ".join(f"{v} {k}" for k, v in counts.items() if v) + best, refresh=False)
+        self._bar.update(max(0, steps - self._bar.n))  # redraws at most every mininterval
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self._refresh(trials)
+
+    def on_step_end(self, iteration, trials, **info) -> None:
+        # trials report only at checkpoints: redraw between them so the elapsed time keeps moving
+        if self._bar is not None and time.monotonic() - self._drawn > 5.0:
+            self._bar.refresh()
+            self._drawn = time.monotonic()
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         value = result.get(SCORE)

@@ -1,0 +1,259 @@
+"""`fldd demo`: the whole product on one machine, on embedded defaults.
+
+    sweep (Ray Tune + Ray Train)  ->  promotion (MLflow registry gate)  ->  Ray Serve endpoint  ->  HTTP requests
+
+Every stage is the product's own code path (tune.sweep.run_sweep, pipelines.registry.promote,
+serving.run.start_endpoint); this module only strings them together and reports. Running it twice
+reuses what exists: the sweep is named by a digest of its spec (a rerun resumes it, finished trials
+are kept), a promotion of the version that already holds an alias changes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import statistics
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEMO_SWEEP = CONFIG_DIR / "sweep-demo.yaml"
+DEMO_MODEL = "fldd-demo-toy2d"
+READY_TIMEOUT_S = 180.0
+
+
+class DemoError(RuntimeError):
+    """A stage of the demo did not produce what the next one needs; the message says which."""
+
+
+@dataclass
+class DemoOptions:
+    sweep_config: Path = DEMO_SWEEP
+    model_name: str = DEMO_MODEL
+    steps: int | None = None  # train.steps of every trial (default: the sweep file's)
+    budgets: list[int] | None = None  # step budgets T (default: the sweep file's)
+    port: int = 8000
+    picture_samples: int = 1000  # samples per budget drawn over HTTP for the picture
+    latency_requests: int = 20  # one-sample requests per budget, sent one after another
+    keep_serving: bool = False  # after the summary, serve until Ctrl-C instead of stopping
+    address: str | None = None
+    verbose: bool = False
+
+
+@dataclass
+class BudgetSummary:
+    budget: int
+    rows: dict[str, Any]  # parameterization -> tune.results.TrialRow (the best finished one)
+    kl: dict[str, float]  # parameterization -> exact KL(data || model) in nats, toy2d only
+    decision: Any = None  # pipelines.registry.Decision
+    latency_ms: list[float] = field(default_factory=list)
+    served_version: str | None = None
+
+
+@dataclass
+class DemoOutcome:
+    sweep_name: str
+    budgets: list[BudgetSummary]
+    picture: Path | None = None
+    conditional: dict[str, Any] | None = None
+    url: str | None = None
+    seconds: dict[str, float] = field(default_factory=dict)  # per stage
+
+
+def demo_spec(options: DemoOptions):
+    """The demo's sweep spec, with the step and budget overrides applied, and its name: the sweep
+    file's name plus a digest of the spec, so a changed demo never resumes an old sweep."""
+    from tune.spec import SweepSpec
+
+    data = yaml.safe_load(Path(options.sweep_config).read_text())
+    if options.steps is not None:
+        data.setdefault("set", {})["train.steps"] = options.steps
+        every = max(1, options.steps // 4)
+        data["set"].update({"train.checkpoint_every": every, "train.log_every": every})
+    if options.budgets:
+        data["budgets"] = list(options.budgets)
+    source = yaml.safe_dump(data, sort_keys=False)
+    spec = SweepSpec.from_dict(data, CONFIG_DIR, source=source, default_name="demo")
+    spec.name = f"{spec.name}-{hashlib.sha1(source.encode()).hexdigest()[:8]}"
+    return spec
+
+
+def post_json(url: str, body: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        raise DemoError(f"POST {url} {body}: HTTP {error.code}: {error.read().decode(errors='replace')}") from error
+
+
+def wait_until_ready(url: str, timeout: float = READY_TIMEOUT_S) -> dict[str, Any]:
+    """Poll /readyz until every budget's champion is loaded."""
+    deadline, last = time.monotonic() + timeout, "no answer"
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=10) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            last = f"HTTP {error.code}: {error.read().decode(errors='replace')}"
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
+            last = str(error)
+        time.sleep(1.0)
+    raise DemoError(f"the endpoint at {url} was not ready after {timeout:.0f} s: {last}")
+
+
+def _best_by_parameterization(rows: list, budget: int) -> dict[str, Any]:
+    best: dict[str, Any] = {}
+    for row in rows:
+        if row.budget != budget or row.status != "finished" or not math.isfinite(row.valid_nelbo_bits):
+            continue
+        held = best.get(row.parameterization)
+        if held is None or row.valid_nelbo_bits < held.valid_nelbo_bits:
+            best[row.parameterization] = row
+    return best
+
+
+def run_demo(options: DemoOptions) -> DemoOutcome:
+    """Sweep, promote, serve, query; returns what each stage produced. Serve (and the Ray cluster,
+    when this call started it) is stopped on return unless options.keep_serving."""
+    import ray
+    from mlflow import MlflowClient
+
+    from pipelines import registry
+    from pipelines.reports import save_samples_by_budget
+    from pipelines.tracking import project_home, tracking_uri
+    from serving.run import start_endpoint
+    from tune.sweep import run_sweep
+
+    spec = demo_spec(options)
+    started_ray = not (ray.is_initialized() or options.address)
+    outcome = DemoOutcome(spec.name, [])
+    endpoint = None
+    clock = time.perf_counter()
+    try:
+        # 1. the sweep: every (budget, parameterization) cell trained with Ray Train under Ray Tune
+        print(f"\n[1/4] sweep {spec.name!r}: {spec.parameterizations} at T={spec.budgets}, "
+              f"{spec.base.train.steps} steps each", flush=True)
+        sweep = run_sweep(spec, address=options.address, verbose=options.verbose)
+        outcome.seconds["sweep"] = time.perf_counter() - clock
+        client = MlflowClient(tracking_uri())
+        for T in spec.budgets:
+            best = _best_by_parameterization(sweep.rows, T)
+            if not best:
+                raise DemoError(f"sweep {spec.name!r}: no trial finished at T={T}; see the table above")
+            kl = {name: client.get_run(row.run_id).data.metrics.get("final_kl", math.nan) for name, row in best.items()}
+            outcome.budgets.append(BudgetSummary(T, best, kl))
+
+        # 2. promotion: the best trial per budget (on validation) through the registry's test-split gate
+        clock = time.perf_counter()
+        print(f"\n[2/4] promotion into {options.model_name!r} (paired test-split gate against the current "
+              "champion of each budget)", flush=True)
+        decisions = registry.promote(sweep=spec.name, model_name=options.model_name)
+        for decision in decisions:
+            print(decision, flush=True)
+            for summary in outcome.budgets:
+                if summary.budget == decision.budget:
+                    summary.decision = decision
+        if not any(alias.startswith(registry.CHAMPION) for alias in
+                   client.get_registered_model(options.model_name).aliases):
+            raise DemoError(f"{options.model_name!r} has no champion: every promotion was refused (see above)")
+        outcome.seconds["promote"] = time.perf_counter() - clock
+
+        # 3. the endpoint: Ray Serve over the registry's champion-t<T> aliases
+        clock = time.perf_counter()
+        print(f"\n[3/4] Ray Serve on 127.0.0.1:{options.port}", flush=True)
+        endpoint = start_endpoint(models=[options.model_name], port=options.port, address=options.address,
+                                  overrides={"poll_interval_s": 2.0,
+                                             "limits": {"max_num_samples": max(64, options.picture_samples)}})
+        outcome.url = endpoint.url
+        ready = wait_until_ready(endpoint.url)
+        served = {int(T): str(v) for T, v in ready["models"][options.model_name].items()}
+        outcome.seconds["serve_start"] = time.perf_counter() - clock
+
+        # 4. requests over HTTP: samples per budget, latency, one conditional request
+        clock = time.perf_counter()
+        print(f"[4/4] requests to {endpoint.url}/v1/generate at T={sorted(served)}", flush=True)
+        samples: dict[int, torch.Tensor] = {}
+        for summary in outcome.budgets:
+            if summary.budget not in served:
+                continue
+            summary.served_version = served[summary.budget]
+            answer = post_json(f"{endpoint.url}/v1/generate",
+                               {"num_samples": options.picture_samples, "steps": summary.budget, "seed": 0})
+            samples[summary.budget] = torch.tensor(answer["tokens"])
+            for i in range(options.latency_requests):
+                sent = time.perf_counter()
+                post_json(f"{endpoint.url}/v1/generate", {"num_samples": 1, "steps": summary.budget, "seed": i})
+                summary.latency_ms.append(1000 * (time.perf_counter() - sent))
+        if not samples:
+            raise DemoError(f"the endpoint serves none of the budgets {spec.budgets}")
+        first = min(samples)
+        token = int(torch.mode(samples[first][:, 0]).values)  # a common first coordinate
+        outcome.conditional = post_json(f"{endpoint.url}/v1/generate",
+                                        {"num_samples": 8, "steps": first, "seed": 0,
+                                         "conditioning": {"positions": [0], "tokens": [token]}})
+        outcome.conditional["given"] = {"positions": [0], "tokens": [token]}
+        outcome.seconds["requests"] = time.perf_counter() - clock
+        out_dir = project_home() / "demo"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        from fldd.data import load_test_split
+
+        outcome.picture = save_samples_by_budget(samples, spec.base.vocab_size, out_dir / f"{spec.name}-samples.png",
+                                                 data=load_test_split(spec.base))
+        print(format_summary(outcome, options.model_name), flush=True)
+        if options.keep_serving:
+            print("\nServing until Ctrl-C.", flush=True)
+            while True:
+                time.sleep(1)
+    finally:
+        try:
+            if endpoint is not None:
+                endpoint.stop()  # the application goes away first, gracefully
+        finally:
+            if started_ray:
+                ray.shutdown()  # the demo's own cluster, Serve's controller and proxy with it
+    return outcome
+
+
+def format_summary(outcome: DemoOutcome, model_name: str) -> str:
+    from pipelines.tracking import tracking_uri
+
+    lines = ["", "=" * 100, "Summary (validation split, seed 0; NELBO in bits/token, lower is better; "
+             "the gate decides on the test split)", "",
+             f"{'T':>3}  {'parameterization':<16} {'valid NELBO':>18} {'exact KL':>9} {'steps':>6}  MLflow run"]
+    for summary in outcome.budgets:
+        for name, row in sorted(summary.rows.items()):
+            lines.append(f"{summary.budget:>3}  {name:<16} {row.valid_nelbo_bits:>9.4f} +- {row.valid_nelbo_stderr:.4f}"
+                         f" {summary.kl.get(name, math.nan):>9.4f} {row.steps_trained:>6}  {row.run_id}")
+    lines += ["", f"{'T':>3}  {'promotion':<10} {'version':>7}  {'aliases moved':<22} {'served':>6} "
+              f"{'latency p50 / max (1 sample)':>29}"]
+    for summary in outcome.budgets:
+        d = summary.decision
+        latency = (f"{statistics.median(summary.latency_ms):.1f} / {max(summary.latency_ms):.1f} ms"
+                   if summary.latency_ms else "-")
+        lines.append(f"{summary.budget:>3}  {d.decision if d else '-':<10} {d.version or '-' if d else '-':>7}  "
+                     f"{', '.join(d.aliases_moved) if d and d.aliases_moved else '-':<22} "
+                     f"{'v' + summary.served_version if summary.served_version else '-':>6} {latency:>29}")
+    if outcome.conditional:
+        given = outcome.conditional["given"]
+        lines += ["", f"conditional request (T={outcome.conditional['steps']}, x[0] clamped to {given['tokens'][0]}):"
+                  f" {outcome.conditional['tokens']}"]
+    if outcome.picture:
+        lines.append(f"\nsamples per budget, drawn over HTTP, beside the test split: {outcome.picture}")
+    times = ", ".join(f"{k} {v:.0f} s" for k, v in outcome.seconds.items())
+    lines += [f"time: {times}", "",
+              f"MLflow UI:  mlflow ui --backend-store-uri {tracking_uri()} --host 127.0.0.1",
+              f"registry:   fldd models --name {model_name}"]
+    if outcome.url:
+        lines += [f"endpoint:   {outcome.url} (API docs at {outcome.url}/docs)",
+                  f"  curl -s -X POST {outcome.url}/v1/generate -H 'Content-Type: application/json' "
+                  "-d '{\"num_samples\": 4, \"steps\": 2, \"seed\": 0}'"]
+    return "\n".join(lines)

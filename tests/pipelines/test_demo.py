@@ -1,0 +1,95 @@
+"""`fldd demo` end to end in a reduced configuration, on the session's Ray cluster and a fresh
+project home: the sweep trains every cell, promotion moves the champion aliases, Serve answers over
+real HTTP at every budget (and a conditional request keeps its clamp), and a second run reuses
+everything: no trial retrained, no alias moved."""
+
+import json
+import socket
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from pipelines import registry
+from pipelines.demo import DEMO_SWEEP, DemoOptions, demo_spec, run_demo
+from pipelines.tracking import SWEEP_TAG, tracking_uri
+
+SMALL = {"train.steps": 60, "train.checkpoint_every": 30, "train.log_every": 30, "data.num_train": 2000,
+         "data.num_valid": 300, "reverse_network.width": 32, "forward_network.width": 32}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def small_demo(tmp_path) -> DemoOptions:
+    spec = yaml.safe_load(DEMO_SWEEP.read_text())
+    spec["set"] = SMALL
+    path = tmp_path / "sweep-demo-small.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return DemoOptions(sweep_config=path, budgets=[2, 3], port=free_port(), picture_samples=200, latency_requests=2)
+
+
+def test_demo_runs_sweep_promotion_serving_and_requests_and_a_rerun_reuses_them(ray_cluster, home, small_demo):
+    from ray import serve
+
+    try:
+        first = run_demo(small_demo)
+        # stage 1: both parameterizations trained at both budgets, as MLflow child runs of the sweep
+        assert [b.budget for b in first.budgets] == [2, 3]
+        client = MlflowClient(tracking_uri())
+        for summary in first.budgets:
+            assert set(summary.rows) == {"fldd-mask-carry", "masked-x0"}
+            for row in summary.rows.values():
+                assert row.steps_trained == 60 and torch.isfinite(torch.tensor(row.valid_nelbo_bits))
+                assert client.get_run(row.run_id).data.tags[SWEEP_TAG] == first.sweep_name
+            # toy2d is enumerable: the exact KL of each trained model is finite and positive
+            assert all(0 < kl < 5 for kl in summary.kl.values())
+        # stage 2: the first promotion at each budget moves champion-t<T>; `champion` follows T=2
+        aliases = client.get_registered_model(small_demo.model_name).aliases
+        for summary in first.budgets:
+            assert summary.decision.promoted
+            assert str(aliases[f"champion-t{summary.budget}"]) == summary.decision.version
+            best = min(summary.rows.values(), key=lambda r: r.valid_nelbo_bits)
+            assert summary.decision.run_id == best.run_id  # chosen on validation
+        assert str(aliases["champion"]) == first.budgets[0].decision.version
+        # stage 3 and 4: the endpoint served each budget's promoted version over HTTP
+        for summary in first.budgets:
+            assert summary.served_version == summary.decision.version
+            assert len(summary.latency_ms) == 2 and all(ms > 0 for ms in summary.latency_ms)
+        clamp = first.conditional["given"]["tokens"][0]
+        assert first.conditional["steps"] == 2 and len(first.conditional["tokens"]) == 8
+        assert all(row[0] == clamp for row in first.conditional["tokens"])
+        assert Path(first.picture).stat().st_size > 1000 and first.picture.suffix == ".png"
+        # Serve's application is gone once the demo returns (it did not keep serving)
+        assert "fldd" not in serve.status().applications
+        with pytest.raises((urllib.error.URLError, ConnectionError)):
+            urllib.request.urlopen(f"{first.url}/readyz", timeout=5)
+
+        # a rerun: the sweep is restored (same runs, nothing retrained), the gate changes nothing
+        second = run_demo(small_demo)
+        assert second.sweep_name == first.sweep_name
+        for before, after in zip(first.budgets, second.budgets):
+            assert {k: r.run_id for k, r in after.rows.items()} == {k: r.run_id for k, r in before.rows.items()}
+            assert after.decision.decision == registry.UNCHANGED
+            assert after.served_version == before.served_version
+        assert client.get_registered_model(small_demo.model_name).aliases == aliases
+        assert len(client.search_model_versions(f"name = '{small_demo.model_name}'")) == 2
+    finally:
+        serve.shutdown()  # the next module starts Serve on a port of its own
+
+
+def test_demo_spec_names_the_sweep_by_its_content(small_demo):
+    same = demo_spec(small_demo)
+    assert demo_spec(small_demo).name == same.name and same.name.startswith("demo-")
+    small_demo.steps = 40
+    changed = demo_spec(small_demo)
+    assert changed.name != same.name and changed.base.train.steps == 40
+    assert json.loads(json.dumps(changed.budgets)) == [2, 3]
