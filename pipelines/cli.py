@@ -379,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_logs(args.verbose)
     if not args.verbose:
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # no Train/Tune status tables on the driver
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per tiny download
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     # MLflow resolves some URIs (LoggedModels, registry sources) through its process-wide store
     # whatever client is used: point that at the project's store too, never at ./mlflow.db
