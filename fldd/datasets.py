@@ -5,8 +5,11 @@
 - mixture8: the same idea at K=8 (means (1.5,1.5), (5.5,5.5), std 1), for fast tests.
 - digits / digits-binary: scikit-learn's load_digits (ships in the package), 8x8 images, D=64;
   levels 0..16 (K=17) or pixel >= 8 (K=2). Fixed split with seed 0: 1500 train / 297 test; the
-  last 150 of the train part are the validation split (selection never looks at test).
-- text: CPython's pydoc_data.topics, lowercased, every character outside a-z mapped to a space and
+  last 150 of the train part are the validation split (selection never looks at test). Held-out
+  images that are exact copies of an image of an earlier split are dropped (binary: 6 of 150
+  validation and 13 of 297 test images), so a copy rate or NELBO never rewards memorisation.
+- text: CPython 3.11.7's pydoc_data.topics, pinned in fldd/assets with a checksum (other Python
+  versions ship other topics), lowercased, every character outside a-z mapped to a space and
   runs of spaces collapsed (27 symbols, text8-style); non-overlapping length-64 chunks; the first
   90% train, the last 10% test; the last 10% of the train part is the validation split
   (contiguous: no chunk's neighbours leak across splits).
@@ -14,10 +17,13 @@
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -78,11 +84,20 @@ def _digit_images() -> np.ndarray:
     return images[order]
 
 
+def drop_copies(rows: np.ndarray, *earlier: np.ndarray) -> np.ndarray:
+    """The rows that are not exact copies of a row of an earlier split: a held-out image that is also
+    a training image would make the NELBO and the copy rate reward memorisation."""
+    seen = {row.tobytes() for split in earlier for row in split}
+    return rows[np.array([row.tobytes() not in seen for row in rows], dtype=bool)]
+
+
 def _digits_splits(binary: bool) -> Callable[[DataConfig], dict[str, np.ndarray]]:
     def splits(d: DataConfig) -> dict[str, np.ndarray]:
         images = _digit_images()
         images = (images >= 8).astype(np.int64) if binary else images
-        return {"train": images[:1350], "valid": images[1350:1500], "test": images[1500:]}
+        train = images[:1350]
+        valid = drop_copies(images[1350:1500], train)
+        return {"train": train, "valid": valid, "test": drop_copies(images[1500:], train, valid)}
     return splits
 
 
@@ -98,11 +113,18 @@ def tokens_to_text(tokens: Tensor | np.ndarray) -> list[str]:
     return ["".join(TEXT_ALPHABET[int(t)] for t in row) for row in np.asarray(tokens)]
 
 
+# The text corpus, pinned: CPython 3.11.7's pydoc_data.topics, cleaned by text_to_tokens' rules, so
+# the splits do not depend on the interpreter that runs them (other versions ship other topics)
+TEXT_ASSET = Path(__file__).parent / "assets" / "text_pydoc_topics_py311.txt.gz"
+TEXT_SHA256 = "f14846aa5a5a7cc838c420bbb655c120c42279ee6bb4160de3d8664d9118ea7d"
+
+
 @lru_cache(maxsize=1)
 def _text_chunks() -> np.ndarray:
-    from pydoc_data.topics import topics  # ships with CPython
-
-    tokens = text_to_tokens(" ".join(topics[key] for key in sorted(topics)))
+    text = gzip.decompress(TEXT_ASSET.read_bytes())
+    if hashlib.sha256(text).hexdigest() != TEXT_SHA256:
+        raise DataError(f"{TEXT_ASSET}: checksum mismatch; the packaged text corpus was modified or truncated")
+    tokens = text_to_tokens(text.decode("ascii"))
     usable = len(tokens) // TEXT_CHUNK * TEXT_CHUNK
     return tokens[:usable].reshape(-1, TEXT_CHUNK)
 
