@@ -84,7 +84,7 @@ class TrainConfig:
     # start and collapsed on 1 of 3 seeds (docs/training_recipe.md). 0: forward_lr at every T.
     forward_lr_ref_steps: int = 4
     weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # max gradient norm, per network (reverse and forward clipped separately)
     estimator: str = "loo"  # REINFORCE baseline: loo (leave-one-out over M z_t) | ema (per t)
     num_zt_samples: int = 2  # M: z_t samples per (x, t) for loo; batch_size/M distinct x per step
     ema_decay: float = 0.99

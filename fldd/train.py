@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -37,11 +38,21 @@ class Phase:
 
 
 class TrainSchedule:
-    def __init__(self, cfg: TrainConfig, learns_forward: bool):
+    """Where the phases of a run begin and end. The boundaries are fixed when the run starts: a run
+    resumed with a larger `train.steps` passes the `boundaries()` saved in its checkpoint, else the
+    reverse-only phase (a fraction of the *new* total) would move under it."""
+
+    def __init__(self, cfg: TrainConfig, learns_forward: bool, boundaries: dict[str, int] | None = None):
         self.learns_forward = learns_forward
         self.freeze_steps = int(cfg.forward_freeze_fraction * cfg.steps) if learns_forward else 0
         self.warmup_steps = cfg.concrete_warmup_steps if learns_forward else 0
+        if boundaries is not None and learns_forward:
+            self.freeze_steps, self.warmup_steps = int(boundaries["freeze_steps"]), int(boundaries["warmup_steps"])
         self.tau_start, self.tau_end = cfg.tau_start, cfg.tau_end
+
+    def boundaries(self) -> dict[str, int]:
+        """What a checkpoint stores: the last reverse-only step + 1 (the warm-up's start) and the warm-up length."""
+        return {"freeze_steps": self.freeze_steps, "warmup_steps": self.warmup_steps}
 
     def phase(self, step: int) -> Phase:
         if not self.learns_forward:
@@ -80,6 +91,18 @@ def _check_finite(out: dict[str, Tensor], step: int) -> None:
                              f"({ {k: float(v) for k, v in out.items() if v.numel() == 1} })")
 
 
+def clip_gradients_per_network(optimizer: torch.optim.Optimizer, max_norm: float) -> dict[str, float]:
+    """Clip each network's gradient (each optimizer group: reverse, forward) to `max_norm` on its own.
+
+    One joint clip would let a spike in the forward network's noisy score-function gradient shrink
+    the reverse network's update too. Returns the norms before clipping: "grad_norm_<group>" per
+    network and "grad_norm" for both together.
+    """
+    norms = {f"grad_norm_{group.get('name', index)}": float(nn.utils.clip_grad_norm_(group["params"], max_norm))
+             for index, group in enumerate(optimizer.param_groups)}
+    return {**norms, "grad_norm": math.sqrt(sum(norm ** 2 for norm in norms.values()))}
+
+
 def train_loop(model: nn.Module, batches: Iterator[Tensor], optimizer: torch.optim.Optimizer, *,
                num_steps: int, schedule: TrainSchedule, start_step: int = 0, grad_clip: float = 1.0,
                log_every: int = 100, on_metrics: MetricsCallback | None = None,
@@ -87,14 +110,14 @@ def train_loop(model: nn.Module, batches: Iterator[Tensor], optimizer: torch.opt
                eval_every: int = 0, evaluate: Callable[[int], dict[str, float]] | None = None,
                information_batch: Callable[[], Tensor] | None = None,
                accumulation_steps: int = 1, autocast_dtype: torch.dtype | None = None,
-               device: torch.device | str = "cpu") -> dict[str, float]:
+               device: torch.device | str = "cpu", on_step: Callable[[int], None] | None = None) -> dict[str, float]:
     """Run steps [start_step, num_steps). `model` is an FLDDModel (or a DDP wrapper of one) whose
     forward returns {"loss": ...}; `batches` yields micro-batches, `accumulation_steps` per step.
     `autocast_dtype` (e.g. bfloat16 on GPU) runs the networks in reduced precision; the posterior
-    and the KL stay in fp32. Callbacks receive the 1-based count of finished steps.
+    and the KL stay in fp32. Callbacks receive the 1-based count of finished steps; `on_step` is
+    called after every step (a progress bar), the others at their intervals.
     Returns the last logged metrics."""
     core: FLDDModel = getattr(model, "module", model)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
     device_type = torch.device(device).type
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}  # per key: some statistics exist only in some phases
@@ -116,15 +139,20 @@ def train_loop(model: nn.Module, batches: Iterator[Tensor], optimizer: torch.opt
                 (out["loss"] / accumulation_steps).backward()
             for name, value in out.items():
                 sums[name] = sums.get(name, 0.0) + float(value.detach()) / accumulation_steps
-        grad_norm = nn.utils.clip_grad_norm_(params, grad_clip)
-        if not torch.isfinite(grad_norm):
-            raise NonFiniteLossError(f"non-finite gradient norm at step {step} (phase {phase.name})")
+        grad_norms = clip_gradients_per_network(optimizer, grad_clip)
+        if not phase.train_forward:
+            grad_norms.pop("grad_norm_forward", None)  # frozen: no gradient to report
+        if not all(math.isfinite(norm) for norm in grad_norms.values()):
+            raise NonFiniteLossError(f"non-finite gradient norm at step {step} (phase {phase.name}): {grad_norms}")
         optimizer.step()
-        sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
-        for name in (*out, "grad_norm"):
+        for name, norm in grad_norms.items():
+            sums[name] = sums.get(name, 0.0) + norm
+        for name in (*out, *grad_norms):
             counts[name] = counts.get(name, 0) + 1
         count += 1
         done = step + 1
+        if on_step is not None:
+            on_step(done)
         if done % log_every == 0 or done == num_steps:
             elapsed = time.perf_counter() - tick
             metrics = {name: total / counts[name] for name, total in sums.items()}
@@ -159,15 +187,6 @@ class FitResult:
     train_seconds: float = 0.0
 
 
-def print_progress(total_steps: int) -> MetricsCallback:
-    def report(step: int, metrics: dict) -> None:
-        keys = [k for k in ("nelbo", "relaxed_loss", "kl", "advantage_std", "information_retained_max",
-                            "valid_nelbo_bits", "steps_per_second") if k in metrics]
-        shown = " ".join(f"{k}={metrics[k]:.4g}" for k in keys)
-        print(f"[{step:>6}/{total_steps}] {metrics.get('phase', 'eval')}: {shown}", flush=True)
-    return report
-
-
 def fit(cfg: FLDDConfig, train_data: Tensor, valid_data: Tensor, *, on_metrics: MetricsCallback | None = None,
         eval_passes: int = 10, device: torch.device | str = "cpu") -> FitResult:
     """Train a model on in-memory data with the one loop; evaluate on the validation split."""
@@ -186,7 +205,9 @@ def fit(cfg: FLDDConfig, train_data: Tensor, valid_data: Tensor, *, on_metrics: 
             on_metrics(step, metrics)
 
     def evaluate(step: int) -> dict[str, float]:
-        estimate = evaluate_nelbo(model, valid_data, num_passes=2)
+        # its own generator: drawing from the global RNG would make eval_every change the training
+        estimate = evaluate_nelbo(model, valid_data, num_passes=2,
+                                  generator=torch.Generator(device=device).manual_seed(step))
         model.train()
         return {"valid_nelbo_bits": estimate.bits_per_token}
 
@@ -198,7 +219,8 @@ def fit(cfg: FLDDConfig, train_data: Tensor, valid_data: Tensor, *, on_metrics: 
                accumulation_steps=cfg.train.grad_accum_steps, device=device)
     train_seconds = time.perf_counter() - start
     model.eval()
-    nelbo = evaluate_nelbo(model, valid_data, num_passes=eval_passes)
+    nelbo = evaluate_nelbo(model, valid_data, num_passes=eval_passes,
+                           generator=torch.Generator(device=device).manual_seed(cfg.train.seed))
     collapse = model.check_collapse(probe.to(device)) if cfg.learns_forward else None
     return FitResult(model, nelbo, collapse, history, train_seconds)
 

@@ -34,7 +34,7 @@ from fldd.config import ConfigError, FLDDConfig
 from fldd.data import load_splits
 from fldd.model import CheckpointError, FLDDModel, config_differences
 from fldd.objective import evaluate_nelbo
-from fldd.train import NonFiniteLossError, TrainSchedule, build_optimizer, print_progress, train_loop
+from fldd.train import NonFiniteLossError, TrainSchedule, build_optimizer, train_loop
 from pipelines import reports
 from pipelines.tracking import (DATASET_TAG, PARAMETERIZATION_TAG, Tracker, dataset_name, git_commit, log_sampler_model,
                                 project_home, start_run)
@@ -114,6 +114,7 @@ def train_worker(loop_config: dict) -> dict:
     model = FLDDModel(cfg).to(device)
     optimizer = build_optimizer(model, cfg.train)
     start_step = 0
+    boundaries = None  # phase boundaries of a resumed run: where they were when it started
     run_dir = Path(loop_config["run_storage_dir"]) if loop_config["run_storage_dir"] else None
     local_checkpoints = run_dir / "local_checkpoints" if loop_config["local_mode"] else None
     # Ray's own checkpoint, or a newer one on disk (local mode persists its own; a run may switch
@@ -129,6 +130,8 @@ def train_worker(loop_config: dict) -> dict:
         model.load_state(state["model"], source="checkpoint")
         optimizer.load_state_dict(state["optimizer"])
         start_step = int(state["step"])
+        # checkpoints from before the boundaries were stored: the schedule of the run that wrote them
+        boundaries = state.get("schedule") or TrainSchedule(saved.train, cfg.learns_forward).boundaries()
         if rank == 0:
             torch.set_rng_state(state["rng"].cpu())  # map_location moved it; RNG states live on the CPU
             if on_gpu and "cuda_rng" in state:
@@ -140,6 +143,7 @@ def train_worker(loop_config: dict) -> dict:
     else:
         torch.manual_seed(cfg.train.seed + 7919 * rank)  # different z_t and t draws per rank
 
+    schedule = TrainSchedule(cfg.train, cfg.learns_forward, boundaries)
     freezes_forward = cfg.learns_forward and cfg.train.forward_freeze_fraction > 0
     ddp_model = prepare_model(model, move_to_device=False,
                               parallel_strategy_kwargs={"find_unused_parameters": freezes_forward})
@@ -147,7 +151,8 @@ def train_worker(loop_config: dict) -> dict:
     tracker = Tracker(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
     valid = torch.cat([b["data"] for b in ray.train.get_dataset_shard("valid").iter_torch_batches(
         batch_size=8192)]).long() if rank == 0 else None
-    progress = print_progress(cfg.train.steps) if rank == 0 and not loop_config.get("quiet") else None
+    progress = TrainingProgress(cfg.train.steps, start_step, in_driver=loop_config["local_mode"]) \
+        if rank == 0 and not loop_config.get("quiet") else None
 
     accumulation = cfg.train.grad_accum_steps
     batches = _shard_batches(ray.train.get_dataset_shard("train"), cfg.rows_per_micro_batch(world))
@@ -157,7 +162,7 @@ def train_worker(loop_config: dict) -> dict:
         if rank != 0:
             return
         if progress is not None:
-            progress(step, metrics)
+            progress.show(metrics)
         tracker.log_metrics(step, {k: v for k, v in metrics.items() if k != "phase"})
 
     def on_checkpoint(step: int) -> None:
@@ -175,7 +180,7 @@ def train_worker(loop_config: dict) -> dict:
                      else Path(tempfile.mkdtemp(prefix="fldd-ckpt-")))
         directory.mkdir(parents=True, exist_ok=True)
         state = {"config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "step": step, "rng": torch.get_rng_state(),
+                 "step": step, "schedule": schedule.boundaries(), "rng": torch.get_rng_state(),
                  **({"cuda_rng": torch.cuda.get_rng_state(device)} if on_gpu else {})}
         torch.save(state, directory / STATE_FILE)
         model.save(directory / MODEL_FILE)
@@ -188,18 +193,53 @@ def train_worker(loop_config: dict) -> dict:
 
     try:
         train_loop(ddp_model, batches, optimizer, num_steps=cfg.train.steps, start_step=start_step,
-                   schedule=TrainSchedule(cfg.train, cfg.learns_forward), grad_clip=cfg.train.grad_clip,
+                   schedule=schedule, grad_clip=cfg.train.grad_clip,
                    log_every=cfg.train.log_every, on_metrics=on_metrics,
                    checkpoint_every=cfg.train.checkpoint_every, on_checkpoint=on_checkpoint,
                    information_batch=(lambda: valid[:1024]) if rank == 0 else None,
                    accumulation_steps=accumulation, autocast_dtype=torch.bfloat16 if on_gpu else None,
-                   device=device)
+                   device=device, on_step=progress.step if progress is not None else None)
     except NonFiniteLossError as error:
         # every rank raised at the same step (collective check); a retry would hit it again
         return {"error": str(error)}
+    finally:
+        if progress is not None:
+            progress.close()
     if start_step >= cfg.train.steps and rank == 0:
         print(f"run already complete at step {start_step}", flush=True)
     return {"steps": cfg.train.steps, "start_step": start_step, "world_size": world}
+
+
+class TrainingProgress:
+    """A bar over the run's optimizer steps with the latest metrics in its description: tqdm in the
+    driver (local mode), Ray's tqdm_ray on a worker (drawn by the driver, not as log lines)."""
+
+    SHOWN = ("nelbo", "valid_nelbo_bits", "information_retained_max", "steps_per_second")
+
+    def __init__(self, total: int, start: int, in_driver: bool):
+        if in_driver:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="step", desc="training", dynamic_ncols=True,
+                            mininterval=1.0)
+        else:
+            from ray.experimental.tqdm_ray import tqdm
+
+            self.bar = tqdm(total=total, desc="training", unit="step")
+            self.bar.update(start)
+        self.done = start
+
+    def step(self, done: int) -> None:
+        self.bar.update(done - self.done)
+        self.done = done
+
+    def show(self, metrics: dict[str, Any]) -> None:
+        shown = " ".join(f"{key}={metrics[key]:.4g}" for key in self.SHOWN if key in metrics)
+        phase = metrics.get("phase")
+        self.bar.set_description(f"training ({phase}) {shown}" if phase else f"training {shown}")
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _checkpoint_step(directory: Path) -> int:
@@ -228,6 +268,26 @@ def _newest_checkpoint(from_ray: Checkpoint | None, run_dir: Path | None) -> Che
             if _checkpoint_step(Path(directory)) >= _checkpoint_step(newest):
                 return from_ray
     return Checkpoint.from_directory(str(newest))
+
+
+def _checkpoint_score(directory: Path) -> float:
+    try:
+        return float(json.loads((directory / "metrics.json").read_text())[SCORE])
+    except (OSError, ValueError, KeyError):
+        return float("inf")
+
+
+def best_checkpoint(result: ray.train.Result, storage: str, name: str) -> Checkpoint | None:
+    """The run's checkpoint with the lowest validation NELBO, in local mode and with workers alike.
+
+    In local storage that is the best of every checkpoint on disk (Ray's and local mode's, which
+    Ray does not track; a run may switch modes under one name), the newest among equals. Remote
+    storage: Ray's best of this run."""
+    if "://" not in storage:
+        on_disk = checkpoints_on_disk(Path(storage) / name)
+        if on_disk:
+            return Checkpoint.from_directory(str(min(reversed(on_disk), key=_checkpoint_score)))
+    return result.get_best_checkpoint(SCORE, "min") if result.best_checkpoints else result.checkpoint
 
 
 def _prune_local_checkpoints(directory: Path, keep: int) -> None:
@@ -289,6 +349,12 @@ def validate_launch(cfg: FLDDConfig, opts: LaunchOptions) -> None:
                           "use a directory, or workers >= 1 for remote storage")
 
 
+def _ray_log_level() -> int:
+    """ray.init resets the `ray` logger to its logging_level (INFO by default): keep the level the
+    command line chose (WARNING unless --verbose)."""
+    return logging.getLogger("ray").getEffectiveLevel()
+
+
 def init_ray(address: str | None, log_to_driver: bool = True) -> None:
     if ray.is_initialized():
         return
@@ -298,7 +364,7 @@ def init_ray(address: str | None, log_to_driver: bool = True) -> None:
         return
     # tell the cluster's own processes which cluster they are in (see start_local_ray)
     env = {} if address == "auto" or address.startswith("ray://") else {"env_vars": {"RAY_ADDRESS": address}}
-    ray.init(address=address, log_to_driver=log_to_driver, runtime_env=env or None)
+    ray.init(address=address, log_to_driver=log_to_driver, runtime_env=env or None, logging_level=_ray_log_level())
 
 
 def start_local_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> None:
@@ -317,7 +383,8 @@ def start_local_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> 
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by Ray when it starts the head node
     try:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 log_to_driver=log_to_driver, runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{port}"}})
+                 log_to_driver=log_to_driver, runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{port}"}},
+                 logging_level=_ray_log_level())
     finally:  # later clusters started from this process (or its children) pick their own port
         if previous is None:
             os.environ.pop("RAY_GCS_SERVER_PORT", None)
@@ -436,10 +503,7 @@ def finish_run(run: PreparedRun, result: ray.train.Result, train_seconds: float)
         tracker.finish("FAILED")
         raise TrainingError(f"training run {name!r} stopped: {returned['error']}")
 
-    best = result.get_best_checkpoint(SCORE, "min") if result.best_checkpoints else result.checkpoint
-    if best is None and "://" not in storage:  # e.g. a rerun of a finished local-mode run: nothing new
-        on_disk = checkpoints_on_disk(Path(storage) / name)
-        best = Checkpoint.from_directory(str(on_disk[-1])) if on_disk else None
+    best = best_checkpoint(result, storage, name)
     if best is None:
         tracker.finish("FAILED")
         raise TrainingError(f"training run {name!r} produced no checkpoint")

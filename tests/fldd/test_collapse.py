@@ -52,6 +52,33 @@ def test_masked_information_is_the_signal_fraction():
                                atol=1e-5, rtol=0)
 
 
-def test_single_step_models_are_never_flagged():
-    model = x_blind(tiny_model(RANDOM_FLDD, T=1, K=5, D=3, double=False))
-    assert not model.check_collapse(X).collapsed
+def with_signal_fractions(model, alpha):
+    """Replace u(x,t) by alpha_t onehot(x) + (1 - alpha_t) e_MASK: z_t then keeps exactly the
+    fraction alpha_t of the information z_0 carries about x (as the masked forward does)."""
+    alpha = torch.tensor(alpha, dtype=torch.float64)
+    mask = torch.nn.functional.one_hot(torch.tensor(model.mask_id), model.num_states).double()
+
+    def log_marginals(x, t):
+        a = alpha[t][..., None, None]
+        return torch.log(a * torch.nn.functional.one_hot(x, model.num_states).double() + (1 - a) * mask)
+
+    model.forward_process.log_marginals = log_marginals
+    return model
+
+
+@pytest.mark.parametrize("interior, collapsed", [
+    ((0.5, 0.0), False),  # one informative interior step is enough, whichever it is
+    ((0.0, 0.5), False),
+    ((0.02, 0.0), False),  # just above the 1% threshold
+    ((0.005, 0.008), True),  # every interior step below it
+    ((0.0, 0.0), True),
+])
+def test_guard_flags_only_when_every_interior_step_is_uninformative(interior, collapsed):
+    model = with_signal_fractions(tiny_model({"process.method": "masked"}, T=3, K=5, D=3, double=False),
+                                  (1.0, *interior, 0.0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ForwardCollapseWarning)
+        report = model.check_collapse(X)
+    torch.testing.assert_close(torch.tensor(report.retained_fraction[1:3]), torch.tensor(interior), atol=1e-5, rtol=0)
+    assert report.collapsed == collapsed == bool(model.collapsed)
+    assert any(issubclass(w.category, ForwardCollapseWarning) for w in caught) == collapsed

@@ -1,8 +1,11 @@
 """P13, P16: the float64 few-step sampler."""
 
+import copy
+
 import pytest
 import torch
 
+import fldd.objective
 from fldd.exact import exact_sample_distribution
 from fldd.objective import sample_categorical
 from fldd.sampler import sample
@@ -115,7 +118,33 @@ def test_sampler_never_uses_the_forward_network():  # P16
     assert out.shape == (10, 2)
 
 
-def test_reverse_network_never_sees_x():  # P16: v_theta(z_t, t) has no x input
-    import inspect
-    params = list(inspect.signature(tiny_model(T=2).reverse_log_probs).parameters)
-    assert params == ["z_t", "t"]
+@pytest.mark.parametrize("overrides", [
+    RANDOM_FLDD,
+    {"process.method": "fldd-mask", "process.reverse_parameterization": "carry-over"},
+    {"process.method": "masked", "process.reverse_parameterization": "x0"},
+])
+def test_reverse_network_never_sees_x(overrides, monkeypatch):  # P16
+    """In training, the reverse network's input is the sampled z_t (and t), and the log p(z_s|z_t)
+    scored against the posterior is what a copy of the model that never saw x computes from them."""
+    model = tiny_model(overrides, T=3)
+    never_saw_x = copy.deepcopy(model)
+    recorder = record_reverse_calls(model)
+    posterior_z_t, scored_log_p = [], []
+    real_posterior, real_kl = fldd.objective.max_coupling_posterior, fldd.objective.step_kl
+
+    def posterior_spy(z_t, log_u_s, log_u_t):
+        posterior_z_t.append(z_t.clone())
+        return real_posterior(z_t, log_u_s, log_u_t)
+
+    def kl_spy(q, log_p):
+        scored_log_p.append(log_p.detach().clone())
+        return real_kl(q, log_p)
+
+    monkeypatch.setattr(fldd.objective, "max_coupling_posterior", posterior_spy)
+    monkeypatch.setattr(fldd.objective, "step_kl", kl_spy)
+    for x in (torch.tensor([[0, 0], [1, 2], [2, 1]] * 4), torch.tensor([[2, 2], [0, 1], [1, 0]] * 4)):
+        model(x)
+    assert len(recorder.inputs) == len(posterior_z_t) == len(scored_log_p) == 2
+    for z, t, z_t, log_p in zip(recorder.inputs, recorder.steps, posterior_z_t, scored_log_p):
+        assert torch.equal(z, z_t)  # the network is fed the sample, not x
+        assert torch.equal(log_p, never_saw_x.reverse_log_probs(z, t))

@@ -1,12 +1,16 @@
 """The one training loop: schedule phases, optimizer groups, callbacks."""
 
+import math
+
 import pytest
 import torch
+from torch import nn
 
 from fldd.config import FLDDConfig
 from fldd.data import DataError, infinite_batches, load_splits
+from fldd.exact import exact_nelbo
 from fldd.train import TrainSchedule, build_optimizer, fit, train_loop
-from tests.conftest import tiny_config, tiny_model
+from tests.conftest import RANDOM_FLDD, tiny_config, tiny_model
 
 DATA = torch.randint(0, 3, (64, 2), generator=torch.Generator().manual_seed(0))
 
@@ -20,6 +24,20 @@ def test_schedule_phases():
     assert schedule.phase(29).tau == pytest.approx(0.01)
     assert schedule.phase(30).name == "reinforce" and schedule.phase(30).tau is None
     assert TrainSchedule(cfg, learns_forward=False).phase(0).name == "fixed-forward"
+
+
+def test_a_resumed_longer_run_keeps_its_phase_boundaries():
+    """The reverse-only phase is a fraction of the steps the run started with: resuming a 100-step
+    run with train.steps=200 must not move its end from step 30 to step 60."""
+    started = TrainSchedule(tiny_config({"train.steps": 100, "train.forward_freeze_fraction": 0.3,
+                                         "train.concrete_warmup_steps": 10}).train, learns_forward=True)
+    longer = tiny_config({"train.steps": 200, "train.forward_freeze_fraction": 0.3,
+                          "train.concrete_warmup_steps": 10}).train
+    resumed = TrainSchedule(longer, learns_forward=True, boundaries=started.boundaries())
+    assert [resumed.phase(s).name for s in (29, 30, 39, 40, 59)] == [
+        "reverse-only", "concrete-warmup", "concrete-warmup", "reinforce", "reinforce"]
+    assert [resumed.phase(s) for s in range(200)] == [started.phase(s) for s in range(200)]
+    assert TrainSchedule(longer, learns_forward=True).phase(59).name == "reverse-only"  # a fresh 200-step run
 
 
 def test_optimizer_has_separate_forward_learning_rate():
@@ -84,16 +102,80 @@ def test_callbacks_checkpoint_and_evaluate():
     assert checkpoints == [3, 6, 7] and evaluations == [2, 4, 6]
 
 
+class SpikedForwardGradient(nn.Module):
+    """Wraps a model: adds `spike` to every forward-network gradient entry, like a wild
+    score-function sample; the loss value and the reverse gradient stay as they are."""
+
+    def __init__(self, model, spike: float):
+        super().__init__()
+        self.module, self.spike = model, spike
+
+    def forward(self, x, **kwargs):
+        out = self.module(x, **kwargs)
+        total = sum(p.sum() for p in self.module.forward_parameters())
+        return {**out, "loss": out["loss"] + self.spike * (total - total.detach())}
+
+
+def test_a_forward_gradient_spike_does_not_shrink_the_reverse_update():
+    updates, logged = {}, {}
+    for spike in (0.0, 1e6):
+        model = tiny_model({**RANDOM_FLDD, "train.forward_freeze_fraction": 0.0}, T=2, double=False)
+        before = [p.detach().clone() for p in model.reverse_parameters()]
+        torch.manual_seed(0)  # the same t and z_t draws in both runs
+        seen = []
+        train_loop(SpikedForwardGradient(model, spike), iter([DATA[:4]]), build_optimizer(model, model.config.train),
+                   num_steps=1, schedule=TrainSchedule(model.config.train, True), grad_clip=1.0,
+                   on_metrics=lambda step, metrics: seen.append(metrics))
+        updates[spike] = [p.detach() - b for p, b in zip(model.reverse_parameters(), before)]
+        logged[spike] = seen[-1]
+    assert any(u.abs().max() > 0 for u in updates[0.0])
+    assert all(torch.equal(a, b) for a, b in zip(updates[0.0], updates[1e6]))
+    assert logged[1e6]["grad_norm_forward"] > 1e6 > 10 * logged[0.0]["grad_norm_forward"]
+    assert logged[1e6]["grad_norm_reverse"] == logged[0.0]["grad_norm_reverse"]
+    assert logged[1e6]["grad_norm"] == pytest.approx(math.hypot(logged[1e6]["grad_norm_reverse"],
+                                                                logged[1e6]["grad_norm_forward"]))
+
+
+def test_frozen_phase_logs_no_forward_gradient_norm():
+    model = tiny_model({"train.steps": 4, "train.forward_freeze_fraction": 0.5}, T=2, double=False)
+    seen = []
+    run_steps(model, 4, log_every=2, on_metrics=lambda step, metrics: seen.append(metrics))
+    assert "grad_norm_forward" not in seen[0] and seen[0]["grad_norm"] == seen[0]["grad_norm_reverse"]
+    assert seen[1]["grad_norm_forward"] > 0
+
+
+def mixture8_config(**overrides) -> FLDDConfig:
+    return FLDDConfig().with_overrides({"data.name": "mixture8", "vocab_size": 8, "train.steps": 20,
+                                        "train.batch_size": 32, "train.log_every": 10, "data.num_train": 256,
+                                        "data.num_valid": 64, "reverse_network.width": 32,
+                                        "forward_network.width": 32, **overrides})
+
+
 def test_fit_on_builtin_toy_returns_nelbo_and_collapse_report():
-    cfg = FLDDConfig().with_overrides({"data.name": "mixture8", "vocab_size": 8, "train.steps": 20,
-                                       "train.batch_size": 32, "train.log_every": 10, "data.num_train": 256,
-                                       "data.num_valid": 64, "reverse_network.width": 32,
-                                       "forward_network.width": 32})
+    cfg = mixture8_config()
     train, valid = load_splits(cfg)
     result = fit(cfg, train, valid, eval_passes=2)
-    assert result.valid_nelbo.num_examples == 64 and result.valid_nelbo.bits_per_token > 0
+    # the reported NELBO is the returned model's: Monte Carlo around the exact value (sum over t)
+    with torch.no_grad():
+        exact_bits = exact_nelbo(result.model, valid).mean().item() / (2 * math.log(2))
+    estimate = result.valid_nelbo
+    assert estimate.num_examples == 64
+    assert abs(estimate.bits_per_token - exact_bits) < 4 * estimate.stderr_bits_per_token + 1e-6
     assert result.collapse is not None and len(result.collapse.information_bits) == 3
     assert [h["step"] for h in result.history] == [10, 20]
+
+
+def test_evaluating_more_often_does_not_change_the_trained_model():
+    """Evaluation draws its z_t from its own generator: eval_every must not change the training."""
+    parameters, evaluations = [], []
+    for eval_every in (0, 3):
+        cfg = mixture8_config(**{"train.steps": 12, "train.eval_every": eval_every})
+        train, valid = load_splits(cfg)
+        result = fit(cfg, train, valid, eval_passes=1)
+        parameters.append([p.detach().clone() for p in result.model.parameters()])
+        evaluations.append([h["step"] for h in result.history if "valid_nelbo_bits" in h])
+    assert evaluations == [[], [3, 6, 9]]
+    assert all(torch.equal(a, b) for a, b in zip(*parameters))
 
 
 def test_builtin_data_checks_shape():

@@ -1,6 +1,8 @@
 """Ray Train + MLflow on a real local cluster: distributed training, fault tolerance, resume,
 the logged model, and input checks that fail before any worker starts."""
 
+import dataclasses
+
 import mlflow
 import numpy as np
 import pytest
@@ -8,6 +10,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 import fldd.objective
+import pipelines.train
 from fldd.config import ConfigError
 from fldd.data import DataError, write_token_table
 from fldd.model import CheckpointError
@@ -79,6 +82,44 @@ def test_rerun_with_the_same_name_resumes(ray_cluster, home):
     assert np.array_equal(samples, sampler.predict(None, params={"num_samples": 7, "seed": 3}))
     with pytest.raises(Exception, match="T=2 grid"):
         sampler.predict(None, params={"num_samples": 2, "steps": 5})
+
+
+SMALL = {"reverse_network.width": 16, "forward_network.width": 16, "train.batch_size": 64, "data.num_train": 1000,
+         "data.num_valid": 200}
+
+
+def test_resuming_with_more_steps_keeps_the_reverse_only_phase(ray_cluster, home):
+    """A 20-step run with the forward frozen for half its steps, extended to 60: the forward trains
+    from step 10 on, not from step 30 (half the new total)."""
+    cfg = toy_config(**SMALL, **{"train.forward_freeze_fraction": 0.5, "train.log_every": 5,
+                                 "train.checkpoint_every": 20})
+    first = launch(cfg.with_overrides({"train.steps": 20}), LaunchOptions(workers=0, name="extend", quiet=True))
+    second = launch(cfg.with_overrides({"train.steps": 60}), LaunchOptions(workers=0, name="extend", quiet=True))
+    assert second.start_step == 20 and second.run_id == first.run_id
+    trained = dict(metric_history(first.run_id, "forward_trained"))
+    assert sorted(trained) == list(range(5, 61, 5))
+    assert [step for step, value in sorted(trained.items()) if value == 0.0] == [5, 10]
+
+
+def test_local_mode_selects_the_best_checkpoint_not_the_newest(ray_cluster, home, monkeypatch):
+    real = pipelines.train.evaluate_nelbo
+    scripted = iter([3.0, 1.0, 2.0])  # validation NELBO at steps 20, 40, 60: step 40 is the best
+
+    def evaluate(model, data, **kwargs):
+        return dataclasses.replace(real(model, data, **kwargs), bits_per_token=next(scripted))
+
+    monkeypatch.setattr(pipelines.train, "evaluate_nelbo", evaluate)
+    outcome = launch(toy_config(**SMALL, **{"process.method": "masked"}),
+                     LaunchOptions(workers=0, name="best", quiet=True))
+    checkpoints = home / "ray_results" / "best" / "local_checkpoints"
+
+    def weights(path):
+        return torch.load(path, weights_only=True)["state_dict"]
+
+    selected = weights(outcome.model_path)
+    for step, chosen in ((40, True), (60, False)):
+        saved = weights(checkpoints / f"checkpoint_{step:08d}" / "model.pt")
+        assert all(torch.equal(selected[k], saved[k]) for k in saved) == chosen, step
 
 
 def test_bad_input_fails_in_the_driver(ray_cluster, home, tmp_path):
