@@ -97,6 +97,10 @@ class TrainConfig:
     eval_every: int = 0  # 0: evaluate only at the end
     checkpoint_every: int = 500  # distributed runs: checkpoint (and validate) every N steps, and at the end
     seed: int = 0
+    # start from a trained model (a run id, runs:/..., models:/NAME@ALIAS or a model.pt path): its
+    # reverse weights, with this config's forward starting exactly at its fixed marginals
+    # (FLDDModel.init_from); "" trains from random weights
+    init_from: str = ""
 
 
 @dataclass

@@ -76,6 +76,18 @@ class FLDDModel(nn.Module):
     def reverse_parameters(self) -> list[nn.Parameter]:
         return list(self.reverse.parameters())
 
+    # ---- starting from a trained model -----------------------------------------------------
+    def init_from(self, source: FLDDModel) -> None:
+        """Copy a trained model's reverse weights into this untrained one, so that at step 0 this
+        model *is* the source: same reverse network, and a forward process whose starting marginals
+        equal the source's (a learned masking forward starts on the linear masked schedule; a learned
+        general forward with a zero-scale warm start on its warm-start process). Raises ConfigError
+        naming the first field that makes the two differ."""
+        reason = init_mismatch(self.config, source.config)
+        if reason:
+            raise ConfigError(f"train.init_from: {reason}")
+        self.reverse.load_state_dict(source.reverse.state_dict())
+
     # ---- reverse process -----------------------------------------------------------------
     def reverse_log_probs(self, z_t: Tensor, t: Tensor) -> Tensor:
         """log p_theta(z_s | z_t) per position: (B, D) states or (B, D, S) soft one-hot -> (B, D, S).
@@ -238,3 +250,29 @@ def config_differences(expected: FLDDConfig, actual: FLDDConfig) -> list[str]:
     a, b = expected.to_flat_dict(), actual.to_flat_dict()
     model_defining = [k for k in a if k.split(".")[0] in MODEL_DEFINING_KEYS]
     return [f"{k}: expected {a[k]!r}, found {b[k]!r}" for k in model_defining if a[k] != b[k]]
+
+
+def init_mismatch(target: FLDDConfig, source: FLDDConfig) -> str | None:
+    """Why a model of config `target` cannot start as a trained model of config `source` (None: it can)."""
+    a, b = target.to_flat_dict(), source.to_flat_dict()
+    same = ["seq_len", "vocab_size", "process.num_steps", "process.prior", "process.reverse_parameterization",
+            *[k for k in a if k.startswith("reverse_network.")]]
+    for key in same:
+        if a[key] != b[key]:
+            return (f"{key} is {a[key]!r} here but {b[key]!r} in the source model: the reverse network must be the "
+                    "same (for fldd-mask-carry, start from masked with process.reverse_parameterization=carry-over)")
+    if source.learns_forward:
+        return f"the source's forward ({source.process.method}) is learned; start from a fixed-forward baseline"
+    p, q = target.process, source.process
+    if p.method == "fldd-mask":
+        if q.method != "masked" or q.schedule != "linear":
+            return (f"a learned masking forward starts on the linear masked schedule; the source is {q.method} with "
+                    f"the {q.schedule} schedule")
+    elif p.method == "fldd":
+        if p.warm_start != q.method or p.schedule != q.schedule or p.forward_init_scale != 0:
+            return (f"a learned forward starts at the source's marginals only with process.warm_start={q.method}, "
+                    f"process.schedule={q.schedule} and process.forward_init_scale=0 (found {p.warm_start}, "
+                    f"{p.schedule}, {p.forward_init_scale})")
+    elif (p.method, p.schedule) != (q.method, q.schedule):
+        return f"the forward is {p.method}/{p.schedule} here but {q.method}/{q.schedule} in the source model"
+    return None

@@ -46,6 +46,8 @@ def build_config(args: argparse.Namespace) -> FLDDConfig:
         overrides["train.steps"] = args.train_steps
     if getattr(args, "seed", None) is not None:
         overrides["train.seed"] = args.seed
+    if getattr(args, "init_from", None):
+        overrides["train.init_from"] = args.init_from
     return cfg.with_overrides(overrides).with_overrides(args.set or [])
 
 
@@ -246,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=list(PARAMETERIZATIONS),
                    help="forward process and reverse parameterization (e.g. masked-x0: masked + x0)")
     p.add_argument("--seed", type=int, help="training seed (train.seed)")
+    p.add_argument("--init-from", metavar="MODEL", help="start from a trained fixed-forward model of the same reverse "
+                   "network (run id, runs:/RUN/model, models:/NAME@ALIAS or model.pt): its reverse weights, the "
+                   "learned forward starting at its marginals, step 0 scored as a checkpoint (train.init_from)")
     p.add_argument("--workers", type=int, default=0, help="Ray Train workers; 0 = local mode in this process")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker, bf16 autocast for the networks")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)

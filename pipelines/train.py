@@ -36,8 +36,8 @@ from fldd.model import CheckpointError, FLDDModel, config_differences
 from fldd.objective import evaluate_nelbo
 from fldd.train import NonFiniteLossError, TrainSchedule, build_optimizer, train_loop
 from pipelines import reports
-from pipelines.tracking import (DATASET_TAG, PARAMETERIZATION_TAG, Tracker, dataset_name, git_commit, log_sampler_model,
-                                project_home, start_run)
+from pipelines.tracking import (DATASET_TAG, PARAMETERIZATION_TAG, Tracker, dataset_name, download_model_file,
+                                git_commit, log_sampler_model, project_home, start_run, tracking_uri)
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +141,8 @@ def train_worker(loop_config: dict) -> dict:
         if rank == 0:
             print(f"resuming from step {start_step}", flush=True)
     else:
+        if loop_config.get("init_state") is not None:  # train.init_from: start as the trained source model
+            model.load_state_dict(loop_config["init_state"])
         torch.manual_seed(cfg.train.seed + 7919 * rank)  # different z_t and t draws per rank
 
     schedule = TrainSchedule(cfg.train, cfg.learns_forward, boundaries)
@@ -192,6 +194,9 @@ def train_worker(loop_config: dict) -> dict:
             _prune_local_checkpoints(local_checkpoints, int(loop_config["keep_checkpoints"]))
 
     try:
+        if start_step == 0 and loop_config.get("init_state") is not None:
+            # the starting model is a candidate too: the best checkpoint can never be worse than it
+            on_checkpoint(0)
         train_loop(ddp_model, batches, optimizer, num_steps=cfg.train.steps, start_step=start_step,
                    schedule=schedule, grad_clip=cfg.train.grad_clip,
                    log_every=cfg.train.log_every, on_metrics=on_metrics,
@@ -433,6 +438,26 @@ class PreparedRun:
     resumed: bool
     train_data: torch.Tensor
     valid_data: torch.Tensor
+    init_state: dict[str, torch.Tensor] | None = None  # train.init_from: the starting weights
+
+
+def load_init_model(cfg: FLDDConfig, tracking: str) -> FLDDModel:
+    """The model `train.init_from` names (a model.pt path, a run id, runs:/... or models:/...), checked
+    against `cfg` (ConfigError naming the field that differs) and applied to a fresh model."""
+    reference = cfg.train.init_from
+    try:
+        if Path(reference).is_file():
+            source = FLDDModel.load(reference)
+        else:
+            source = FLDDModel.load(download_model_file(tracking, reference)[0])
+    except (OSError, CheckpointError) as error:
+        raise ConfigError(f"train.init_from={reference!r}: cannot load a model from it: {error}") from error
+    except Exception as error:  # MLflow's own errors: no such run, model or alias
+        raise ConfigError(f"train.init_from={reference!r}: {type(error).__name__}: {error}") from error
+    torch.manual_seed(cfg.train.seed)
+    model = FLDDModel(cfg)
+    model.init_from(source)
+    return model
 
 
 def prepare_run(cfg: FLDDConfig, opts: LaunchOptions) -> PreparedRun:
@@ -448,6 +473,8 @@ def prepare_run(cfg: FLDDConfig, opts: LaunchOptions) -> PreparedRun:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size}: each of {world} worker(s) needs "
                           f"{rows_per_micro} rows per micro-batch, the training split has {len(train_data)}")
     storage = _storage_path(opts, home)
+    # before anything is written: a source that does not fit is bad input, named here
+    init_state = load_init_model(cfg, tracking_uri(home)).state_dict() if cfg.train.init_from else None
     _check_resume_config(cfg, storage, name)
 
     init_ray(opts.address)
@@ -462,7 +489,7 @@ def prepare_run(cfg: FLDDConfig, opts: LaunchOptions) -> PreparedRun:
     tracker, resumed = start_run(cfg, name, tags, home)
     if not opts.quiet:
         print(f"MLflow run {tracker.run_id} ({'resumed' if resumed else 'new'}), tracking {tracker.uri}", flush=True)
-    return PreparedRun(cfg, opts, name, storage, home, tracker, resumed, train_data, valid_data)
+    return PreparedRun(cfg, opts, name, storage, home, tracker, resumed, train_data, valid_data, init_state)
 
 
 def build_trainer(run: PreparedRun, failure_marker: Path) -> TorchTrainer:
@@ -479,7 +506,7 @@ def build_trainer(run: PreparedRun, failure_marker: Path) -> TorchTrainer:
                            "run_storage_dir": None if "://" in run.storage else str(Path(run.storage) / run.name),
                            "keep_checkpoints": opts.keep_checkpoints,
                            "inject_failure_at_step": opts.inject_failure_at_step,
-                           "failure_marker": str(failure_marker)},
+                           "failure_marker": str(failure_marker), "init_state": run.init_state},
         scaling_config=ScalingConfig(num_workers=opts.workers, use_gpu=opts.gpu,
                                      resources_per_worker=None if opts.workers == 0 else
                                      {"CPU": opts.cpus_per_worker, **({"GPU": 1} if opts.gpu else {})}),

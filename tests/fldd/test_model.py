@@ -86,3 +86,47 @@ def test_forward_returns_a_loss_dict_for_ddp():
     out["loss"].backward()
     assert all(p.grad is not None for p in model.reverse_parameters())
     assert all(p.grad is not None for p in model.forward_parameters())
+
+
+# ---- starting from a trained fixed-forward baseline (train.init_from) ------------------------
+
+MASKED_CARRY = {"process.method": "masked", "process.reverse_parameterization": "carry-over"}
+FLDD_MASK_CARRY = {"process.method": "fldd-mask", "process.reverse_parameterization": "carry-over"}
+
+
+@pytest.mark.parametrize("source_overrides, target", [
+    (MASKED_CARRY, FLDD_MASK_CARRY),  # the learned masking order starts on the linear masked schedule
+    ({"process.method": "masked"},  # the general learned forward, warm-started with a zero residual
+     {"process.method": "fldd", "process.warm_start": "masked", "process.forward_init_scale": 0.0,
+      "process.warm_start_floor": 1e-12}),
+    (MASKED_CARRY, MASKED_CARRY),  # the same fixed forward: continuing the baseline
+], ids=["fldd-mask-carry", "fldd-warm", "masked-carry"])
+def test_a_model_started_from_a_baseline_is_that_baseline_at_step_0(source_overrides, target):
+    from fldd.exact import enumerate_states, exact_nelbo
+
+    source = tiny_model(source_overrides, seed=1)
+    with torch.no_grad():  # a "trained" baseline: reverse weights far from any initialisation
+        for parameter in source.reverse.parameters():
+            parameter.add_(torch.randn_like(parameter))
+    model = tiny_model(target, seed=2)
+    x = enumerate_states(2, 3)
+    before = exact_nelbo(model, x)
+    model.init_from(source)
+    torch.testing.assert_close(exact_nelbo(model, x), exact_nelbo(source, x))
+    assert not torch.allclose(before, exact_nelbo(source, x))  # the copy is what made them equal
+    assert model.forward_process.learned == ("fldd" in target["process.method"])
+
+
+@pytest.mark.parametrize("source_overrides, message", [
+    ({**MASKED_CARRY, "reverse_network.width": 32}, "reverse_network.width"),
+    ({"process.method": "masked", "process.reverse_parameterization": "x0"}, "process.reverse_parameterization"),
+    (FLDD_MASK_CARRY, "is learned"),
+    ({**MASKED_CARRY, "process.schedule": "cosine"}, "linear masked schedule"),
+    ({**MASKED_CARRY, "process.num_steps": 3}, "process.num_steps"),
+])
+def test_an_incompatible_source_is_refused_naming_the_field(source_overrides, message):
+    from fldd.config import ConfigError
+
+    model = tiny_model(FLDD_MASK_CARRY)
+    with pytest.raises(ConfigError, match=message):
+        model.init_from(tiny_model(source_overrides))

@@ -122,6 +122,42 @@ def test_local_mode_selects_the_best_checkpoint_not_the_newest(ray_cluster, home
         assert all(torch.equal(selected[k], saved[k]) for k in saved) == chosen, step
 
 
+def test_init_from_a_baseline_scores_it_at_step_0_and_keeps_the_better_checkpoint(ray_cluster, home):
+    from fldd.data import load_splits
+    from fldd.model import FLDDModel
+    from fldd.objective import evaluate_nelbo
+
+    carry = {"process.reverse_parameterization": "carry-over"}
+    baseline = launch(toy_config(**{"process.method": "masked", **carry}),
+                      LaunchOptions(workers=0, name="baseline", quiet=True))
+    cfg = toy_config(**{"process.method": "fldd-mask", **carry, "train.init_from": f"runs:/{baseline.run_id}/model",
+                        "train.forward_freeze_fraction": 0.0})
+    started = launch(cfg, LaunchOptions(workers=0, name="from-baseline", quiet=True))
+
+    # step 0 is the baseline itself, scored with the checkpoints' protocol
+    valid = load_splits(cfg)[1]
+    source = FLDDModel.load(baseline.model_path)
+    expected = evaluate_nelbo(source, valid[:2000], num_passes=2, generator=torch.Generator().manual_seed(0))
+    history = dict(metric_history(started.run_id, "valid_nelbo_bits"))
+    assert sorted(history) == [0, 20, 40, 60]
+    assert history[0] == pytest.approx(expected.bits_per_token, abs=1e-9)
+    # the chosen checkpoint is the best on validation, step 0 included
+    state = torch.load(started.model_path, weights_only=True)["state_dict"]
+    best = min(history, key=history.get)
+    saved = torch.load(home / "ray_results" / "from-baseline" / "local_checkpoints" / f"checkpoint_{best:08d}" /
+                       "model.pt", weights_only=True)["state_dict"]
+    # (the final collapse check rewrites the information buffers: compare the weights)
+    assert all(torch.equal(state[k], saved[k]) for k in saved if k not in ("information_bits", "collapsed"))
+    params = MlflowClient(tracking_uri()).get_run(started.run_id).data.params
+    assert params["train.init_from"] == f"runs:/{baseline.run_id}/model"
+
+    # a source that cannot be this model's start is refused in the driver, naming the field
+    with pytest.raises(ConfigError, match="process.reverse_parameterization"):
+        launch(cfg.with_overrides({"process.reverse_parameterization": "direct"}),
+               LaunchOptions(workers=0, name="mismatch", quiet=True))
+    assert not runs_named("mismatch")
+
+
 def test_bad_input_fails_in_the_driver(ray_cluster, home, tmp_path):
     bad = tmp_path / "bad.parquet"
     write_token_table(bad, np.array([[1, 2], [3, 60]]), vocab_size=50)
