@@ -8,6 +8,10 @@ temporary store when none is given), in one run:
 - MLflow's scoring server on the same registered model (`mlflow models serve --env-manager local`)
   at the same concurrencies, same requests.
 
+The client (this process: `requests` in threads) runs on the same machine as the servers and takes
+CPU from them; each measurement records its CPU time (client_cpu_s, client_cpu_ms_per_request) and
+the load average before it, so that numbers from a shared or small box can be read with that in mind.
+
     python benchmarks/serve_load.py --requests 2000 --out docs/results/serve_load.json
 """
 
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -33,6 +38,8 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 import requests  # noqa: E402
 import torch  # noqa: E402
 
+from serving.settings import ServeSettings  # noqa: E402
+
 T = 4
 CONCURRENCY = (1, 8, 32)
 
@@ -48,9 +55,16 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process (all its threads), user + system."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def load(send, count: int, concurrency: int, time_limit: float) -> dict:
     """`count` calls of send(i) -> status code from `concurrency` threads, stopping at time_limit."""
     latencies, statuses = [], []
+    load_average = os.getloadavg()[0]
     deadline = time.monotonic() + time_limit
 
     def one(i: int) -> None:
@@ -64,16 +78,19 @@ def load(send, count: int, concurrency: int, time_limit: float) -> dict:
         latencies.append(time.perf_counter() - start)
         statuses.append(status)
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(one, range(count)))
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu
     return {"concurrency": concurrency, "requests": len(statuses), "wall_s": round(wall, 3),
             "throughput_rps": round(len(statuses) / wall, 1),
             "p50_ms": round(1000 * percentile(latencies, 0.5), 2) if latencies else None,
             "p99_ms": round(1000 * percentile(latencies, 0.99), 2) if latencies else None,
             "ok": statuses.count(200), "http_5xx": sum(500 <= s < 600 for s in statuses),
-            "failed": sum(s != 200 for s in statuses)}
+            "failed": sum(s != 200 for s in statuses),
+            # the client shares the machine: its CPU is CPU the server did not get
+            "client_cpu_s": round(cpu, 2), "client_cpu_ms_per_request": round(1000 * cpu / max(len(statuses), 1), 2),
+            "load_average_1m_before": round(load_average, 2)}
 
 
 def tiny_champion(name: str) -> None:
@@ -114,10 +131,10 @@ def serve_endpoint(args, uri: str, url: str, max_batch_size: int, concurrencies)
 
     from serving.app import build_app
 
+    # one replica, whatever the CPU count: comparable across machines and with the scoring server
     app_args = {"models": [args.model_name], "tracking_uri": uri, "limits": {"max_num_samples": 64},
-                "batching": {"max_batch_size": max_batch_size, "batch_wait_timeout_s": 0.005},
-                "ingress": {"max_ongoing_requests": 128, "ray_actor_options": {"num_cpus": 0}},
-                "sampler": {"max_ongoing_requests": 128, "ray_actor_options": {"num_cpus": 0}}}
+                "batching": {"max_batch_size": max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s},
+                "deployment": {"num_replicas": 1, "max_ongoing_requests": 128, "ray_actor_options": {"num_cpus": 0}}}
     serve.run(build_app(app_args), name="bench", route_prefix="/")
     deadline = time.monotonic() + 120
     while requests.get(url + "/readyz", timeout=30).status_code != 200:
@@ -127,12 +144,23 @@ def serve_endpoint(args, uri: str, url: str, max_batch_size: int, concurrencies)
     session = requests.Session()
     session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=64))
 
+    shared: list[int] = []  # batch_requests of each response: how many requests shared its pass
+
     def send(i: int) -> int:
         body = {"num_samples": 1, "steps": T, "seed": i}
-        return session.post(url + "/v1/generate", json=body, timeout=60).status_code
+        response = session.post(url + "/v1/generate", json=body, timeout=60)
+        if response.status_code == 200:
+            shared.append(response.json()["batch_requests"])
+        return response.status_code
 
     load(send, 50, 8, 30)  # warm-up
-    return [{"max_batch_size": max_batch_size, **load(send, args.requests, c, args.time_limit)} for c in concurrencies]
+    rows = []
+    for concurrency in concurrencies:
+        shared.clear()
+        row = load(send, args.requests, concurrency, args.time_limit)
+        rows.append({"max_batch_size": max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s, **row,
+                     "mean_batch_requests": round(sum(shared) / len(shared), 2) if shared else None})
+    return rows
 
 
 def mlflow_server(args, uri: str, concurrencies) -> list[dict]:
@@ -176,6 +204,8 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=2000, help="requests per measurement (default 2000)")
     parser.add_argument("--time-limit", type=float, default=120.0, help="seconds per measurement at most")
     parser.add_argument("--skip-mlflow", action="store_true", help="leave out MLflow's scoring server")
+    parser.add_argument("--batch-wait-timeout-s", type=float, default=ServeSettings.batch_wait_timeout_s,
+                        help="batching.batch_wait_timeout_s of the Serve app (default: the settings default)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "serve_load.json"))
     args = parser.parse_args()
 
@@ -198,6 +228,7 @@ def main() -> int:
     version = MlflowClient(uri).get_model_version_by_alias(args.model_name, f"champion-t{T}").version
     result = {"model": args.model_name, "version": str(version), "steps": T, "torch_threads": torch.get_num_threads(),
               "cpus": os.cpu_count(), "load_average_at_start": os.getloadavg(),  # the box may be shared
+              "caveat": "client and servers share the machine's CPUs: client_cpu_s is taken from the servers",
               "in_process": in_process(uri, args.model_name, str(version), args.requests)}
     print(json.dumps(result["in_process"], indent=1), flush=True)
     from ray import serve

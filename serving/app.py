@@ -1,14 +1,25 @@
-"""The Ray Serve application: a FastAPI ingress in front of a multiplexed, batching sampler.
+"""The Ray Serve application: one deployment that is the FastAPI ingress and also holds the
+models (multiplexed, one per registry version) and the batcher.
 
-    Ingress (FastAPI)  --handle.options(multiplexed_model_id="NAME/VERSION")-->  Sampler
-    validates requests,                                                         @serve.multiplexed: one
-    picks the version of champion-t<T>,                                          SamplerService per registry
-    polls the registry aliases                                                  version; @serve.batch: one
-                                                                                sampling pass per batch
+    HTTP proxy --> GenerationServer (FastAPI ingress, one Serve deployment, 1..N replicas)
+                     generate: validates the request, picks the version of champion-t<T>
+                       --> get_service("NAME/VERSION")   @serve.multiplexed: one SamplerService per
+                                                         registry version, loaded and warmed here
+                       --> run_batch((service, request)) @serve.batch: one sampling pass per version
+                                                         in the batch, in a worker thread
+                     poll (a background task): reads the registry aliases
 
-Hot swap: every poll_interval_s the ingress reads the aliases; a version it has not served yet is
-loaded by the sampler first (a warm-up call), and only then do new requests go to it. Requests
-already running keep the version they started with, so a promotion or a rollback fails nothing.
+One process per replica: a request costs one Ray hop (proxy -> replica). The former split into an
+ingress and a sampler deployment cost a second hop per request, which outweighed the model itself
+(~1.5 ms per call at T=4) on small models (benchmarks/serve_load.py).
+
+Hot swap: every poll_interval_s each replica reads the aliases; a version it has not served yet is
+loaded and run once in that replica first, and only then do its new requests go to it. Requests
+already running keep the version (and the SamplerService object) they started with, so a promotion
+or a rollback fails nothing. With several replicas each one polls and warms its own models (one
+copy per replica and version) and switches at its own poll: for up to poll_interval_s after a
+promotion, responses may come from either version. A new replica takes traffic only after its
+first poll, champions loaded.
 
 `serve run configs/serve.yaml` builds it with `build_app(args)`; so does `fldd serve`.
 """
@@ -26,7 +37,6 @@ from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve import Application
-from ray.serve.handle import DeploymentHandle
 
 from fldd.model import FLDDModel
 from fldd.service import GenerationRequest, PreparedRequest, RequestError, SamplerService
@@ -35,7 +45,8 @@ from serving.schemas import (GenerateRequest, GenerateResponse, ModelEntry, Mode
 from serving.settings import ServeSettings
 
 log = logging.getLogger("ray.serve")
-MAX_MODELS_PER_REPLICA = 8  # budgets x (current + previous holder during a swap)
+MAX_MODELS_PER_REPLICA = 8  # budgets x (current + previous holder during a swap), per replica
+FIRST_POLL_TIMEOUT_S = 120.0  # a replica waits this long for its first registry poll before serving
 Loader = Callable[[str, str, str, str], FLDDModel]  # (tracking_uri, name, version, device) -> model
 
 
@@ -48,7 +59,7 @@ _max_body_bytes = 65536
 
 
 def set_max_body_bytes(limit: int) -> None:
-    """The BodyLimit of this process. A module function, not app state: Serve ships the ingress
+    """The BodyLimit of this process. A module function, not app state: Serve ships the deployment
     class with its own copy of the FastAPI app, while this module (and BodyLimit) is imported."""
     global _max_body_bytes
     _max_body_bytes = limit
@@ -104,68 +115,63 @@ api.add_middleware(BodyLimit)
 
 
 @serve.deployment
-class Sampler:
-    """Holds one SamplerService per registry version (multiplexed) and samples in batches."""
+@serve.ingress(api)
+class GenerationServer:
+    """The HTTP API, the registry view (which version serves which budget, polled), the loaded
+    versions (multiplexed) and the batcher, in one replica."""
 
-    def __init__(self, settings: dict[str, Any], loader: Loader = load_registered_model):
+    async def __init__(self, settings: dict[str, Any], loader: Loader = load_registered_model):
         self.settings = ServeSettings.from_dict(settings)
         self.loader = loader
+        set_max_body_bytes(self.settings.max_body_bytes)
         # a replica given a GPU sees it; one given none sees no CUDA device at all
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.run_batch.set_max_batch_size(self.settings.max_batch_size)
         self.run_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+        self.snapshots: dict[str, ModelSnapshot] = {}
+        self.warm: set[str] = set()  # model ids this replica has loaded and run once
+        self.polled_at: float | None = None
+        self.poll_error: str | None = None
+        self._polled_once = asyncio.Event()
+        self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
+        # The proxy routes to a replica once this constructor returns: wait for the first poll, so that
+        # a replica added by autoscaling starts with the champions loaded and warmed instead of
+        # answering 503. Bounded: a registry that hangs leaves the replica up and /readyz says why.
+        try:
+            await asyncio.wait_for(self._polled_once.wait(), FIRST_POLL_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            log.warning(f"the first registry poll took over {FIRST_POLL_TIMEOUT_S} s; starting without it")
 
     @serve.multiplexed(max_num_models_per_replica=MAX_MODELS_PER_REPLICA)
     async def get_service(self, key: str) -> SamplerService:
+        """The service of registry version `key` ("NAME/VERSION"), loaded on first use and cached
+        (least recently used out beyond MAX_MODELS_PER_REPLICA). The key is always passed in: the
+        HTTP requests carry no multiplexed model id."""
         name, version = split_model_id(key)
-        model = await asyncio.to_thread(self.loader, self.settings.tracking_uri, name, version, self.device)
-        return SamplerService(model, self.settings.limits)
 
-    async def warm(self) -> int:
-        """Load the request's version (the ingress calls this before routing traffic to it)."""
-        return (await self.get_service(serve.get_multiplexed_model_id())).num_steps
+        def load() -> SamplerService:
+            service = SamplerService(self.loader(self.settings.tracking_uri, name, version, self.device),
+                                     self.settings.limits)
+            # one pass now, so that lazy set-up (CUDA context and kernels, allocator) is paid here and
+            # a version that cannot sample is never routed to
+            service.generate([service.prepare(GenerationRequest(num_samples=1, seed=0))])
+            return service
 
-    async def generate(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Check, then sample in the current batch. Refusals come back as {"error": ...} so that a bad
-        request never fails the batch it would have joined."""
-        service = await self.get_service(serve.get_multiplexed_model_id())
-        try:
-            prepared = service.prepare(GenerationRequest(**request))
-        except RequestError as error:
-            return {"error": {"field": error.field, "message": error.message}}
-        tokens, batch_requests = await self.run_batch((service, prepared))
-        return {"seed": prepared.seed, "steps": service.num_steps, "tokens": tokens.tolist(),
-                "samples": service.render(tokens, prepared.format), "batch_requests": batch_requests}
+        return await asyncio.to_thread(load)  # off the event loop: other versions keep serving
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)  # reset from the config in __init__
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)  # reset from the config in __init__
     async def run_batch(self, items: list[tuple[SamplerService, PreparedRequest]]) -> list[tuple[torch.Tensor, int]]:
-        # Serve splits batches by multiplexed model id; grouping by service keeps that true regardless
+        # a batch may mix versions (requests carry no multiplexed model id): one pass per service
         groups: dict[int, list[int]] = {}
         for index, (service, _) in enumerate(items):
             groups.setdefault(id(service), []).append(index)
         results: dict[int, tuple[torch.Tensor, int]] = {}
         for indices in groups.values():
             service = items[indices[0]][0]
-            # off the event loop: requests keep queueing for the next batch while this one samples
+            # off the event loop: requests keep arriving and queueing for the next batch while this one samples
             samples = await asyncio.to_thread(service.generate, [items[i][1] for i in indices])
             results.update({i: (s, len(items)) for i, s in zip(indices, samples)})
         return [results[i] for i in range(len(items))]
-
-
-@serve.deployment
-@serve.ingress(api)
-class Ingress:
-    """The HTTP API. Holds the registry view (which version serves which budget) and polls it."""
-
-    def __init__(self, sampler: DeploymentHandle, settings: dict[str, Any]):
-        self.sampler = sampler
-        self.settings = ServeSettings.from_dict(settings)
-        set_max_body_bytes(self.settings.max_body_bytes)
-        self.snapshots: dict[str, ModelSnapshot] = {}
-        self.warm: set[str] = set()  # model ids the sampler has loaded for us
-        self.polled_at: float | None = None
-        self.poll_error: str | None = None
-        self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
 
     async def _poll_forever(self) -> None:
         while True:
@@ -174,10 +180,11 @@ class Ingress:
             except Exception as error:  # keep serving what was served; say why in /readyz
                 self.poll_error = f"registry poll failed: {type(error).__name__}: {error}"
                 log.warning(self.poll_error)
+            self._polled_once.set()
             await asyncio.sleep(self.settings.poll_interval_s)
 
     async def poll(self) -> None:
-        """Read the aliases of every served model; warm up new versions, then switch to them."""
+        """Read the aliases of every served model; load and warm new versions, then switch to them."""
         for name in self.settings.models:
             snapshot = await asyncio.to_thread(read_registry, self.settings.tracking_uri, name)
             previous = self.snapshots.get(name)
@@ -187,7 +194,7 @@ class Ingress:
                 if key in self.warm:
                     continue
                 try:
-                    await self.sampler.options(multiplexed_model_id=key).warm.remote()
+                    await self.get_service(key)
                     self.warm.add(key)
                     log.info(f"serving {key} for T={steps}")
                 except Exception as error:  # keep the previous holder of that budget, if any
@@ -198,6 +205,7 @@ class Ingress:
                     else:
                         budgets[steps] = held
             versions = {**(previous.versions if previous else {}), **snapshot.versions}
+            # one assignment: a request reads either the old snapshot or the new one, never a mix
             self.snapshots[name] = ModelSnapshot(name, snapshot.registered, budgets, snapshot.default_steps,
                                                  {v: versions[v] for v in set(budgets.values()) if v in versions})
         self.polled_at, self.poll_error = time.time(), None
@@ -261,14 +269,21 @@ class Ingress:
             raise _error(422, "steps", f"{steps}: not a served step budget of {name!r}; served: "
                          f"{sorted(snapshot.budgets)}")
         version = snapshot.budgets[steps]
-        request = {"num_samples": body.num_samples, "seed": body.seed, "prefix": body.prefix, "format": body.format}
-        if body.conditioning is not None:
-            request.update(positions=body.conditioning.positions, tokens=body.conditioning.tokens)
-        result = await self.sampler.options(multiplexed_model_id=model_id(name, version)).generate.remote(request)
-        if "error" in result:
-            raise _error(422, result["error"]["field"], result["error"]["message"])
-        return GenerateResponse(model=name, version=version, alias=f"champion-t{steps}", format=body.format,
-                                elapsed_s=time.perf_counter() - start, **result)
+        # the service is fetched once: this request keeps its version whatever the poller does meanwhile
+        service = await self.get_service(model_id(name, version))
+        clamp = body.conditioning
+        request = GenerationRequest(num_samples=body.num_samples, seed=body.seed, prefix=body.prefix,
+                                    format=body.format, positions=clamp.positions if clamp else None,
+                                    tokens=clamp.tokens if clamp else None)
+        try:  # checked before batching: a bad request never fails the batch it would have joined
+            prepared = service.prepare(request)
+        except RequestError as error:
+            raise _error(422, error.field, error.message) from None
+        tokens, batch_requests = await self.run_batch((service, prepared))
+        return GenerateResponse(model=name, version=version, alias=f"champion-t{steps}", steps=service.num_steps,
+                                seed=prepared.seed, format=body.format, samples=service.render(tokens, body.format),
+                                tokens=tokens.tolist(), batch_requests=batch_requests,
+                                elapsed_s=time.perf_counter() - start)
 
 
 def build_application(args: dict[str, Any], loader: Loader = load_registered_model) -> Application:
@@ -277,8 +292,7 @@ def build_application(args: dict[str, Any], loader: Loader = load_registered_mod
     from pipelines.tracking import tracking_uri
 
     settings = ServeSettings.from_dict(args, default_tracking_uri=tracking_uri())
-    sampler = Sampler.options(**settings.sampler).bind(settings.to_dict(), loader)
-    return Ingress.options(**settings.ingress).bind(sampler, settings.to_dict())
+    return GenerationServer.options(**settings.deployment).bind(settings.to_dict(), loader)
 
 
 def build_app(args: dict[str, Any]) -> Application:

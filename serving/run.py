@@ -102,6 +102,7 @@ def serve_until_stopped(config: str | Path = DEFAULT_CONFIG, *, models: list[str
     endpoint = None
     try:
         endpoint = start_endpoint(config, models=models, port=port, host=host, address=address)
+        signal.signal(signal.SIGTERM, stop)  # again: ray.init installed its own handler, which exits without cleanup
         print(f"fldd serve: serving {endpoint.models} at {endpoint.url} (API docs: {endpoint.url}/docs; "
               f"readiness: {endpoint.url}/readyz)\n  {endpoint.example_curl()}\nCtrl-C or SIGTERM stops it.",
               flush=True)

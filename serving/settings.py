@@ -1,7 +1,7 @@
 """The serving application's settings: the `args:` of an application in configs/serve.yaml.
 
-Deployment options (replicas, autoscaling, CPUs/GPUs, max_ongoing_requests) are plain Ray Serve
-deployment options for the two deployments, `ingress` and `sampler`.
+Deployment options (replicas or autoscaling, CPUs/GPUs, max_ongoing_requests) are plain Ray Serve
+deployment options of the application's one deployment, under `deployment:`.
 """
 
 from __future__ import annotations
@@ -12,10 +12,12 @@ from typing import Any
 
 from fldd.service import Limits
 
-# Ray Serve's default max_ongoing_requests (5) caps batching and throughput (STACK_NOTES): both
-# deployments get this unless the config says otherwise.
+# Ray Serve's default max_ongoing_requests (5) caps batching and throughput (STACK_NOTES): the
+# deployment gets this unless the config says otherwise.
 DEFAULT_MAX_ONGOING_REQUESTS = 64
-KEYS = ("models", "tracking_uri", "poll_interval_s", "max_body_bytes", "limits", "batching", "ingress", "sampler")
+KEYS = ("models", "tracking_uri", "poll_interval_s", "max_body_bytes", "limits", "batching", "deployment")
+# the two deployments of earlier configs, now one: named in the error so an old file is easy to fix
+FORMER_DEPLOYMENT_KEYS = ("ingress", "sampler")
 
 
 class SettingsError(ValueError):
@@ -30,13 +32,20 @@ class ServeSettings:
     max_body_bytes: int = 65536  # larger request bodies get 413
     limits: Limits = field(default_factory=Limits)
     max_batch_size: int = 16  # requests per @serve.batch call
-    batch_wait_timeout_s: float = 0.005
-    ingress: dict[str, Any] = field(default_factory=dict)  # Ray Serve deployment options
-    sampler: dict[str, Any] = field(default_factory=dict)
+    # no wait: batches still form, from the requests that queue while the previous batch samples (one
+    # batch runs at a time); waiting only delayed lone requests (benchmarks/serve_load.py: p50 at
+    # concurrency 1 ~5 ms lower with 0 than with 0.005, no measurable change at 8 and 32)
+    batch_wait_timeout_s: float = 0.0
+    deployment: dict[str, Any] = field(default_factory=dict)  # Ray Serve deployment options
 
     @classmethod
     def from_dict(cls, args: dict[str, Any], default_tracking_uri: str | None = None) -> ServeSettings:
         args = dict(args or {})
+        former = [key for key in FORMER_DEPLOYMENT_KEYS if key in args]
+        if former:
+            raise SettingsError(f"{', '.join(former)}: the ingress and the sampler are one deployment now; merge "
+                                f"their options into `deployment:` (num_replicas or autoscaling_config, "
+                                f"max_ongoing_requests, ray_actor_options)")
         unknown = sorted(set(args) - set(KEYS))
         if unknown:
             raise SettingsError(f"unknown keys {unknown}; expected some of {list(KEYS)}")
@@ -59,7 +68,7 @@ class ServeSettings:
         unknown = sorted(set(batching) - {"max_batch_size", "batch_wait_timeout_s"})
         if unknown:
             raise SettingsError(f"batching: unknown keys {unknown}; expected max_batch_size, batch_wait_timeout_s")
-        size, wait = batching.get("max_batch_size", 16), batching.get("batch_wait_timeout_s", 0.005)
+        size, wait = batching.get("max_batch_size", 16), batching.get("batch_wait_timeout_s", 0.0)
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise SettingsError(f"batching.max_batch_size={size!r}: must be an integer >= 1")
         if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= 10:
@@ -68,16 +77,17 @@ class ServeSettings:
             limits = Limits.from_dict(args.get("limits"))
         except ValueError as error:
             raise SettingsError(str(error)) from error
-        deployments = {}
-        for name in ("ingress", "sampler"):
-            options = dict(args.get(name) or {})
-            options.setdefault("max_ongoing_requests", DEFAULT_MAX_ONGOING_REQUESTS)
-            if name == "sampler" and options["max_ongoing_requests"] < size:
-                raise SettingsError(f"sampler.max_ongoing_requests={options['max_ongoing_requests']} < "
-                                    f"batching.max_batch_size={size}: batches could never fill")
-            deployments[name] = options
+        deployment = args.get("deployment") or {}
+        if not isinstance(deployment, dict):
+            raise SettingsError(f"deployment={deployment!r}: must be a mapping of Ray Serve deployment options")
+        deployment = dict(deployment)
+        deployment.setdefault("max_ongoing_requests", DEFAULT_MAX_ONGOING_REQUESTS)
+        ongoing = deployment["max_ongoing_requests"]
+        if isinstance(ongoing, bool) or not isinstance(ongoing, int) or ongoing < size:
+            raise SettingsError(f"deployment.max_ongoing_requests={ongoing!r}: must be an integer >= "
+                                f"batching.max_batch_size={size}, or batches could never fill")
         return cls(models=tuple(models), tracking_uri=uri, poll_interval_s=float(poll), max_body_bytes=body,
-                   limits=limits, max_batch_size=size, batch_wait_timeout_s=float(wait), **deployments)
+                   limits=limits, max_batch_size=size, batch_wait_timeout_s=float(wait), deployment=deployment)
 
     def to_dict(self) -> dict[str, Any]:
         """The args form (what from_dict reads): replicas receive settings as plain data."""
@@ -85,4 +95,4 @@ class ServeSettings:
                 "max_body_bytes": self.max_body_bytes, "limits": vars(self.limits).copy(),
                 "batching": {"max_batch_size": self.max_batch_size,
                              "batch_wait_timeout_s": self.batch_wait_timeout_s},
-                "ingress": dict(self.ingress), "sampler": dict(self.sampler)}
+                "deployment": dict(self.deployment)}

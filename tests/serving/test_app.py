@@ -1,8 +1,9 @@
 """The generation endpoint over real HTTP: formats, conditioning, seeds inside batches, ~35 kinds
 of bad input, hot swap on promotion and rollback under load, and `fldd serve` stopping on SIGTERM.
 
-One module-scoped server serves three registered models, all trained here for a few steps:
-toy2d (fldd forward, T=2 and T=4), text and binarized digits (masked forward, T=2)."""
+One module-scoped server (the app's one deployment: FastAPI ingress, model cache and batcher)
+serves three registered models, all trained here for a few steps: toy2d (fldd forward, T=2 and
+T=4), text and binarized digits (masked forward, T=2)."""
 
 import base64
 import os
@@ -36,7 +37,7 @@ ARGS = {"models": [TOY, TEXT, DIGITS], "poll_interval_s": 0.5, "max_body_bytes":
         "limits": {"max_num_samples": MAX_NUM_SAMPLES, "max_batch_rows": 256},
         "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.05},
         # logical CPUs: the session cluster has 2 and the tests' own training needs none
-        "ingress": {"ray_actor_options": {"num_cpus": 0}}, "sampler": {"ray_actor_options": {"num_cpus": 0}}}
+        "deployment": {"ray_actor_options": {"num_cpus": 0}}}
 
 
 def small(cfg: FLDDConfig, steps: int, **overrides) -> FLDDConfig:
@@ -117,6 +118,14 @@ def test_no_champion_yet_is_503_with_a_message(server):
     assert f"no registered model {TOY!r}" in before["readyz"].json()["detail"]
     assert before["generate"].status_code == 503, before["generate"].text
     assert f"no registered model {TOY!r}" in before["generate"].json()["detail"]
+
+
+def test_one_deployment_serves_http_and_samples(server):
+    """The FastAPI ingress is also the model holder and the batcher: one Ray hop per request."""
+    from ray import serve
+
+    deployments = serve.status().applications["fldd-test"].deployments
+    assert list(deployments) == ["GenerationServer"], deployments
 
 
 def test_health_docs_and_models(server):
@@ -364,8 +373,7 @@ def test_fldd_serve_stops_cleanly_on_sigterm(server, tmp_path):
     port = free_port()
     application["http_options"]["port"] = 1  # --port must win
     app_args = application["applications"][0]["args"]
-    app_args.update(ingress={"ray_actor_options": {"num_cpus": 0}},
-                    sampler={"ray_actor_options": {"num_cpus": 0}, "max_ongoing_requests": 16}, poll_interval_s=1)
+    app_args.update(deployment={"ray_actor_options": {"num_cpus": 0}, "max_ongoing_requests": 16}, poll_interval_s=1)
     config = tmp_path / "serve.yaml"
     config.write_text(yaml.safe_dump(application))
     env = {**os.environ, "FLDD_HOME": str(home), "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60"}

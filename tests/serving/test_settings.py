@@ -1,0 +1,49 @@
+"""The serve config's `args` (serving.settings): one `deployment:` section, clear errors naming the
+key, and the shipped configs/serve.yaml. No Ray here."""
+
+import re
+
+import pytest
+import yaml
+
+from pipelines.cli import CONFIG_DIR
+from serving.settings import DEFAULT_MAX_ONGOING_REQUESTS, ServeSettings, SettingsError
+
+BASE = {"models": ["m"], "tracking_uri": "sqlite:////tmp/x.db"}
+
+
+def test_shipped_config_has_one_deployment():
+    args = yaml.safe_load((CONFIG_DIR / "serve.yaml").read_text())["applications"][0]["args"]
+    settings = ServeSettings.from_dict(args, default_tracking_uri="sqlite:////tmp/x.db")
+    assert "ingress" not in args and "sampler" not in args
+    assert settings.deployment["max_ongoing_requests"] >= settings.max_batch_size
+    assert {"autoscaling_config", "ray_actor_options"} <= set(settings.deployment)
+    assert ServeSettings.from_dict(settings.to_dict()) == settings  # what replicas receive
+
+
+def test_deployment_defaults_and_passthrough():
+    assert ServeSettings.from_dict(BASE).deployment == {"max_ongoing_requests": DEFAULT_MAX_ONGOING_REQUESTS}
+    options = {"num_replicas": 2, "ray_actor_options": {"num_cpus": 1, "num_gpus": 1}}
+    assert ServeSettings.from_dict({**BASE, "deployment": options}).deployment == {
+        **options, "max_ongoing_requests": DEFAULT_MAX_ONGOING_REQUESTS}
+
+
+@pytest.mark.parametrize("old", [{"ingress": {"num_replicas": 1}}, {"sampler": {"max_ongoing_requests": 64}},
+                                 {"ingress": {}, "sampler": {}}])
+def test_former_two_deployment_sections_say_merge_into_deployment(old):
+    with pytest.raises(SettingsError) as error:
+        ServeSettings.from_dict({**BASE, **old})
+    message = str(error.value)
+    assert all(key in message for key in old) and "`deployment:`" in message, message
+
+
+@pytest.mark.parametrize("args, key", [
+    ({"deployment": {"max_ongoing_requests": 8}, "batching": {"max_batch_size": 16}},
+     "deployment.max_ongoing_requests"),
+    ({"deployment": {"max_ongoing_requests": "64"}}, "deployment.max_ongoing_requests"),
+    ({"deployment": ["num_replicas", 2]}, "deployment="),
+    ({"replicas": 2}, "unknown keys ['replicas']"),
+])
+def test_bad_deployment_options_name_the_key(args, key):
+    with pytest.raises(SettingsError, match=re.escape(key)):
+        ServeSettings.from_dict({**BASE, **args})
