@@ -41,6 +41,8 @@ def steady_rate(history: list[dict]) -> float:
 
 def waited_rate(stamps: list[tuple[int, float]]) -> float:
     """Steps per wall-clock second between the first and the last (step, seconds) stamp."""
+    if len(stamps) < 2:
+        raise ValueError(f"{len(stamps)} logged interval(s): raise --steps to at least twice train.log_every")
     (first_step, first_time), (last_step, last_time) = stamps[0], stamps[-1]
     return (last_step - first_step) / (last_time - first_time)
 

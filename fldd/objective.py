@@ -14,6 +14,8 @@ the whole sequence's L: per-position credit is biased (every KL_j depends on all
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import math
 from dataclasses import dataclass, field
 
@@ -88,10 +90,12 @@ class NELBOEstimate:
 
 @torch.no_grad()
 def evaluate_nelbo(model, data: Tensor, *, num_passes: int = 10, batch_size: int = 512,
-                   generator: torch.Generator | None = None) -> NELBOEstimate:
+                   generator: torch.Generator | None = None,
+                   on_batch: Callable[[int], None] | None = None) -> NELBOEstimate:
     """T-step NELBO of `model` on `data` (N, D), in bits per token with a standard error.
 
     Every pass visits every t = 1..T with a fresh z_t ~ q(z_t|x); the bound is the *sum* over t.
+    `on_batch(rows)` is called after each batch of rows (a progress bar).
     """
     check_tokens(data, model.config.vocab_size, model.config.seq_len, name="data")
     if num_passes < 1:
@@ -112,6 +116,8 @@ def evaluate_nelbo(model, data: Tensor, *, num_passes: int = 10, batch_size: int
                 total += kl.double() / num_passes
                 per_step[t_value - 1] += kl.double().sum().cpu() / num_passes
         per_example.append(total.cpu())
+        if on_batch is not None:
+            on_batch(x.shape[0])
     nats = torch.cat(per_example)
     to_bits = 1.0 / (D * math.log(2.0))
     n = nats.numel()

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from fldd.config import FLDDConfig, TrainConfig
+from fldd.config import ConfigError, FLDDConfig, TrainConfig
 from fldd.data import infinite_batches
 from fldd.model import CollapseReport, FLDDModel
 from fldd.objective import NELBOEstimate, evaluate_nelbo
@@ -191,6 +191,9 @@ def fit(cfg: FLDDConfig, train_data: Tensor, valid_data: Tensor, *, on_metrics: 
         eval_passes: int = 10, device: torch.device | str = "cpu") -> FitResult:
     """Train a model on in-memory data with the one loop; evaluate on the validation split."""
     cfg.validate()
+    if cfg.train.init_from:  # a run id or registry URI means MLflow, which this package never imports
+        raise ConfigError(f"train.init_from={cfg.train.init_from!r}: applied by pipelines.train.launch (fldd train "
+                          "--init-from); with fit(), load the source and call FLDDModel.init_from yourself")
     torch.manual_seed(cfg.train.seed)
     model = FLDDModel(cfg).to(device)
     optimizer = build_optimizer(model, cfg.train)

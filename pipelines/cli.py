@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from fldd.config import PARAMETERIZATIONS, ConfigError, FLDDConfig
 from fldd.data import DataError, load_splits, load_test_split
 from fldd.model import CheckpointError, FLDDModel
 from fldd.sampler import sample
+from pipelines.demo import DEMO_MODEL
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -83,8 +83,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model, run_id = load_model(args)
     held_out = load_splits(model.config)[1] if args.split == "valid" else load_test_split(model.config)
     measured = evaluate_model(model, held_out, passes=args.passes, seed=args.seed)
-    # evaluate_model names its keys after the validation split; say which split was measured
-    metrics = {re.sub(r"^valid_", f"{args.split}_", k): v for k, v in measured.items()}
+    # every key names the split it was measured on (evaluate_model calls its NELBO keys valid_*)
+    metrics = {f"{args.split}_{k.removeprefix('valid_')}": v for k, v in measured.items()}
     metrics["split"] = args.split
     if run_id is not None:
         from pipelines.tracking import Tracker, tracking_uri
@@ -115,6 +115,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """The whole product on one machine: sweep -> promotion -> Serve -> HTTP requests -> summary."""
     from pipelines.demo import DemoError, DemoOptions, run_demo
+    from pipelines.registry import RegistryError
+    from tune.sweep import SweepError, SweepInterrupted
 
     options = DemoOptions(steps=args.train_steps, budgets=args.budgets, port=args.port,
                           keep_serving=args.keep_serving, address=args.address, verbose=args.verbose,
@@ -124,13 +126,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         run_demo(options)
-    except DemoError as error:
+    except (KeyboardInterrupt, SweepInterrupted):  # Tune turns the first Ctrl-C into SweepInterrupted
+        print("\nfldd demo: interrupted; Serve and the demo's Ray cluster are stopped. Rerun the same command "
+              "to resume: finished trials are kept.", file=sys.stderr)
+        return 130
+    except (DemoError, SweepError, RegistryError) as error:
         print(f"fldd demo: error: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("\nfldd demo: interrupted; Serve and the demo's Ray cluster are stopped. Rerun `make demo` to "
-              "resume: finished trials are kept.", file=sys.stderr)
-        return 130
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s.")
     if not options.keep_serving:
         print(f"The demo stopped Serve and its Ray cluster. Serve the promoted models again with\n"
@@ -285,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="sweep YAML of the demo (default: configs/sweep-demo.yaml)")
     p.add_argument("--train-steps", type=int, help="optimizer steps per trial (default: the sweep file's)")
     p.add_argument("--budgets", type=int, nargs="+", metavar="T", help="step budgets (default: the sweep file's)")
-    p.add_argument("--model-name", default="fldd-demo-toy2d", help="registered model to promote into and serve")
+    p.add_argument("--model-name", default=DEMO_MODEL, help="registered model to promote into and serve")
     p.add_argument("--port", type=int, default=8000, help="HTTP port of the endpoint on 127.0.0.1")
     p.add_argument("--keep-serving", action="store_true", help="keep the endpoint up after the summary until Ctrl-C")
     p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a new local cluster)")
@@ -397,7 +399,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fldd {args.command}: error: {error}", file=sys.stderr)
         return 2
     except Exception as error:  # training failures: one clear line, details above in the log
-        if type(error).__name__ in ("TrainingError", "NonFiniteLossError", "MlflowException", "SweepError"):
+        from mlflow.exceptions import MlflowException
+
+        from fldd.train import NonFiniteLossError
+        from pipelines.train import TrainingError
+        from tune.sweep import SweepError
+
+        if isinstance(error, (TrainingError, NonFiniteLossError, MlflowException, SweepError)):
             print(f"fldd {args.command}: error: {error}", file=sys.stderr)
             return 1
         raise

@@ -10,9 +10,10 @@ are kept), a promotion of the version that already holds an alias changes nothin
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
+import os
+import socket
 import statistics
 import time
 import urllib.error
@@ -27,6 +28,7 @@ import yaml
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEMO_SWEEP = CONFIG_DIR / "sweep-demo.yaml"
 DEMO_MODEL = "fldd-demo-toy2d"
+DEMO_APP = "fldd-demo"  # its own Serve application name: never replaces a `fldd serve` app on a shared cluster
 READY_TIMEOUT_S = 180.0
 
 
@@ -65,6 +67,7 @@ class DemoOutcome:
     picture: Path | None = None
     conditional: dict[str, Any] | None = None
     url: str | None = None
+    example_steps: int = 2  # a served budget, for the printed curl line
     seconds: dict[str, float] = field(default_factory=dict)  # per stage
 
 
@@ -82,7 +85,9 @@ def demo_spec(options: DemoOptions):
         data["budgets"] = list(options.budgets)
     source = yaml.safe_dump(data, sort_keys=False)
     spec = SweepSpec.from_dict(data, CONFIG_DIR, source=source, default_name="demo")
-    spec.name = f"{spec.name}-{hashlib.sha1(source.encode()).hexdigest()[:8]}"
+    # the digest the sweep itself checks on resume (resolved base config included): a rerun of the
+    # same demo resumes, a changed one (new defaults too) is a new sweep instead of a refusal
+    spec.name = f"{spec.name}-{spec.digest()[:8]}"
     return spec
 
 
@@ -131,10 +136,11 @@ def run_demo(options: DemoOptions) -> DemoOutcome:
     from pipelines.reports import save_samples_by_budget
     from pipelines.tracking import project_home, tracking_uri
     from serving.run import start_endpoint
+    from tune.results import format_table
     from tune.sweep import run_sweep
 
     spec = demo_spec(options)
-    started_ray = not (ray.is_initialized() or options.address)
+    started_ray = not (ray.is_initialized() or options.address or os.environ.get("RAY_ADDRESS"))
     outcome = DemoOutcome(spec.name, [])
     endpoint = None
     clock = time.perf_counter()
@@ -144,11 +150,14 @@ def run_demo(options: DemoOptions) -> DemoOutcome:
               f"{spec.base.train.steps} steps each", flush=True)
         sweep = run_sweep(spec, address=options.address, verbose=options.verbose)
         outcome.seconds["sweep"] = time.perf_counter() - clock
+        print(format_table(sweep), flush=True)
         client = MlflowClient(tracking_uri())
         for T in spec.budgets:
             best = _best_by_parameterization(sweep.rows, T)
             if not best:
-                raise DemoError(f"sweep {spec.name!r}: no trial finished at T={T}; see the table above")
+                errors = "; ".join(f"{r.parameterization}: {r.status} {r.error}".strip() for r in sweep.rows
+                                   if r.budget == T)
+                raise DemoError(f"sweep {spec.name!r}: no trial finished at T={T} ({errors})")
             kl = {name: client.get_run(row.run_id).data.metrics.get("final_kl", math.nan) for name, row in best.items()}
             outcome.budgets.append(BudgetSummary(T, best, kl))
 
@@ -170,11 +179,19 @@ def run_demo(options: DemoOptions) -> DemoOutcome:
         # 3. the endpoint: Ray Serve over the registry's champion-t<T> aliases
         clock = time.perf_counter()
         print(f"\n[3/4] Ray Serve on 127.0.0.1:{options.port}", flush=True)
+        if started_ray:  # on our own fresh cluster, a listener on the port is someone else's server
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", options.port)) == 0:
+                    raise DemoError(f"port {options.port} on 127.0.0.1 is in use; pick a free one with --port")
         endpoint = start_endpoint(models=[options.model_name], port=options.port, address=options.address,
+                                  app_name=DEMO_APP,
                                   overrides={"poll_interval_s": 2.0,
                                              "limits": {"max_num_samples": max(64, options.picture_samples)}})
         outcome.url = endpoint.url
         ready = wait_until_ready(endpoint.url)
+        if options.model_name not in (ready.get("models") or {}):
+            raise DemoError(f"{endpoint.url}/readyz answered without {options.model_name!r}: is another server "
+                            f"on port {options.port}? Pick a free one with --port")
         served = {int(T): str(v) for T, v in ready["models"][options.model_name].items()}
         outcome.seconds["serve_start"] = time.perf_counter() - clock
 
@@ -195,12 +212,15 @@ def run_demo(options: DemoOptions) -> DemoOutcome:
                 summary.latency_ms.append(1000 * (time.perf_counter() - sent))
         if not samples:
             raise DemoError(f"the endpoint serves none of the budgets {spec.budgets}")
-        first = min(samples)
+        first = outcome.example_steps = min(samples)
         token = int(torch.mode(samples[first][:, 0]).values)  # a common first coordinate
-        outcome.conditional = post_json(f"{endpoint.url}/v1/generate",
-                                        {"num_samples": 8, "steps": first, "seed": 0,
-                                         "conditioning": {"positions": [0], "tokens": [token]}})
-        outcome.conditional["given"] = {"positions": [0], "tokens": [token]}
+        given = {"positions": [0], "tokens": [token]}
+        try:
+            outcome.conditional = post_json(f"{endpoint.url}/v1/generate",
+                                            {"num_samples": 8, "steps": first, "seed": 0, "conditioning": given})
+        except DemoError as error:  # e.g. a champion whose forward is not masking: the summary still comes
+            outcome.conditional = {"error": str(error), "steps": first}
+        outcome.conditional["given"] = given
         outcome.seconds["requests"] = time.perf_counter() - clock
         out_dir = project_home() / "demo"
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -211,8 +231,11 @@ def run_demo(options: DemoOptions) -> DemoOutcome:
         print(format_summary(outcome, options.model_name), flush=True)
         if options.keep_serving:
             print("\nServing until Ctrl-C.", flush=True)
-            while True:
-                time.sleep(1)
+            try:
+                while True:
+                    time.sleep(1)
+            except KeyboardInterrupt:
+                print("stopping Serve", flush=True)
     finally:
         try:
             if endpoint is not None:
@@ -243,17 +266,17 @@ def format_summary(outcome: DemoOutcome, model_name: str) -> str:
                      f"{', '.join(d.aliases_moved) if d and d.aliases_moved else '-':<22} "
                      f"{'v' + summary.served_version if summary.served_version else '-':>6} {latency:>29}")
     if outcome.conditional:
-        given = outcome.conditional["given"]
+        given, answer = outcome.conditional["given"], outcome.conditional.get("tokens") or outcome.conditional["error"]
         lines += ["", f"conditional request (T={outcome.conditional['steps']}, x[0] clamped to {given['tokens'][0]}):"
-                  f" {outcome.conditional['tokens']}"]
+                  f" {answer}"]
     if outcome.picture:
         lines.append(f"\nsamples per budget, drawn over HTTP, beside the test split: {outcome.picture}")
     times = ", ".join(f"{k} {v:.0f} s" for k, v in outcome.seconds.items())
     lines += [f"time: {times}", "",
               f"MLflow UI:  mlflow ui --backend-store-uri {tracking_uri()} --host 127.0.0.1",
-              f"registry:   fldd models --name {model_name}"]
+              f"registry:   fldd models {model_name}"]
     if outcome.url:
         lines += [f"endpoint:   {outcome.url} (API docs at {outcome.url}/docs)",
                   f"  curl -s -X POST {outcome.url}/v1/generate -H 'Content-Type: application/json' "
-                  "-d '{\"num_samples\": 4, \"steps\": 2, \"seed\": 0}'"]
+                  f"-d '{{\"num_samples\": 4, \"steps\": {outcome.example_steps}, \"seed\": 0}}'"]
     return "\n".join(lines)

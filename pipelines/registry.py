@@ -391,10 +391,10 @@ def _identity_refusal(client: MlflowClient, name: str, identity: dict[str, str])
     return None
 
 
-def _evaluate(model: FLDDModel, data: torch.Tensor, passes: int, seed: int):
-    from fldd.objective import evaluate_nelbo
+def _evaluate(model: FLDDModel, data: torch.Tensor, passes: int, seed: int, label: str = "test NELBO"):
+    from pipelines.reports import nelbo_with_progress
 
-    return evaluate_nelbo(model.eval(), data, num_passes=passes, generator=torch.Generator().manual_seed(seed))
+    return nelbo_with_progress(model.eval(), data, passes, seed, label)
 
 
 def _register(client: MlflowClient, name: str, run: Run, cfg: FLDDConfig, model: FLDDModel,
@@ -437,8 +437,9 @@ def _register(client: MlflowClient, name: str, run: Run, cfg: FLDDConfig, model:
 
 @contextlib.contextmanager
 def uninterrupted() -> Iterator[None]:
-    """Ctrl-C and SIGTERM wait until the block ends, then take effect: the aliases of one decision and
-    their history tags move together or not at all. (Signals reach only the main thread.)"""
+    """Ctrl-C and SIGTERM wait until the block ends, then take effect, so a signal never leaves the
+    aliases of one decision and their history tags half-moved. (An MLflow error in between still
+    can: the registry has no transactions. Signals reach only the main thread.)"""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -523,7 +524,7 @@ def promote_run(run: Run, *, model_name: str | None = None, margin: float | None
                         holder_version=str(holder.version) if holder is not None else None,
                         test_examples=int(test.shape[0]), test_split=fingerprint, **base)
 
-    estimate = _evaluate(candidate, test, passes, seed)
+    estimate = _evaluate(candidate, test, passes, seed, f"test NELBO of run {run_id[:8]}, T={T}")
     decision.candidate_test_bits = estimate.bits_per_token
     decision.candidate_test_stderr = estimate.stderr_bits_per_token
     if holder_model is None:
@@ -532,7 +533,7 @@ def promote_run(run: Run, *, model_name: str | None = None, margin: float | None
         else:
             decision.reason = f"non-finite test NELBO {estimate.bits_per_token}"
     else:
-        held = _evaluate(holder_model, test, passes, seed)
+        held = _evaluate(holder_model, test, passes, seed, f"test NELBO of holder v{holder.version}")
         diff = held.per_example_bits - estimate.per_example_bits  # > 0 where the candidate is better
         n = diff.numel()
         decision.holder_test_bits = held.bits_per_token

@@ -19,6 +19,14 @@ from fldd.model import FLDDModel  # noqa: E402
 from fldd.objective import evaluate_nelbo  # noqa: E402
 from fldd.sample_metrics import CharNGram, digits_metrics, text_metrics  # noqa: E402
 from fldd.sampler import sample  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+
+def nelbo_with_progress(model: FLDDModel, data: torch.Tensor, passes: int, seed: int, label: str):
+    """evaluate_nelbo with a progress bar over the rows (on a terminal only)."""
+    with tqdm(total=len(data), desc=f"{label} ({passes} passes)", unit="row", leave=False, disable=None) as bar:
+        return evaluate_nelbo(model, data, num_passes=passes, generator=torch.Generator().manual_seed(seed),
+                              on_batch=bar.update)
 
 
 def evaluate_model(model: FLDDModel, valid: torch.Tensor, *, passes: int = 10, seed: int = 0,
@@ -26,7 +34,7 @@ def evaluate_model(model: FLDDModel, valid: torch.Tensor, *, passes: int = 10, s
     """Held-out metrics (EVALUATION.md) on `valid` (any held-out split): NELBO (bits/token, sum over
     t), exact KL/TV on the 2-D toys, digits-FD / confidence / copy rate on digits, gen-BPC with
     unigram entropy and distinct-4-grams on text, and the collapse flag."""
-    estimate = evaluate_nelbo(model, valid, num_passes=passes, generator=torch.Generator().manual_seed(seed))
+    estimate = nelbo_with_progress(model, valid, passes, seed, "evaluating")
     metrics: dict[str, Any] = {"valid_nelbo_bits": estimate.bits_per_token,
                                "valid_nelbo_stderr": estimate.stderr_bits_per_token}
     for t, bits in enumerate(estimate.kl_per_step_bits_per_token, start=1):

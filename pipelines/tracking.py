@@ -106,9 +106,13 @@ def ensure_experiment(client: MlflowClient, home: Path, name: str = EXPERIMENT) 
 
 
 def git_commit() -> str:
+    """HEAD, with "-dirty" when tracked files differ from it: a result from uncommitted code says so."""
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=PACKAGE_ROOT, capture_output=True, text=True,
-                              timeout=5).stdout.strip() or "unknown"
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PACKAGE_ROOT, capture_output=True, text=True,
+                              timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PACKAGE_ROOT,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return f"{head}-dirty" if head and dirty else head or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 

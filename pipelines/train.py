@@ -27,6 +27,7 @@ import ray
 import ray.data
 import ray.train
 import torch
+from mlflow.exceptions import MlflowException
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer, get_device, prepare_model
 
@@ -219,7 +220,7 @@ class TrainingProgress:
     """A bar over the run's optimizer steps with the latest metrics in its description: tqdm in the
     driver (local mode), Ray's tqdm_ray on a worker (drawn by the driver, not as log lines)."""
 
-    SHOWN = ("nelbo", "valid_nelbo_bits", "information_retained_max", "steps_per_second")
+    SHOWN = ("nelbo", "information_retained_max", "steps_per_second")
 
     def __init__(self, total: int, start: int, in_driver: bool):
         if in_driver:
@@ -452,8 +453,8 @@ def load_init_model(cfg: FLDDConfig, tracking: str) -> FLDDModel:
             source = FLDDModel.load(download_model_file(tracking, reference)[0])
     except (OSError, CheckpointError) as error:
         raise ConfigError(f"train.init_from={reference!r}: cannot load a model from it: {error}") from error
-    except Exception as error:  # MLflow's own errors: no such run, model or alias
-        raise ConfigError(f"train.init_from={reference!r}: {type(error).__name__}: {error}") from error
+    except MlflowException as error:  # no such run, model, version or alias
+        raise ConfigError(f"train.init_from={reference!r}: {error.message}") from error
     torch.manual_seed(cfg.train.seed)
     model = FLDDModel(cfg)
     model.init_from(source)
@@ -473,8 +474,10 @@ def prepare_run(cfg: FLDDConfig, opts: LaunchOptions) -> PreparedRun:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size}: each of {world} worker(s) needs "
                           f"{rows_per_micro} rows per micro-batch, the training split has {len(train_data)}")
     storage = _storage_path(opts, home)
-    # before anything is written: a source that does not fit is bad input, named here
-    init_state = load_init_model(cfg, tracking_uri(home)).state_dict() if cfg.train.init_from else None
+    # before anything is written: a source that does not fit is bad input, named here. Only for a
+    # run that has not started: a resume continues from its checkpoint (the source may have moved on)
+    fresh = "://" in storage or not checkpoints_on_disk(Path(storage) / name)
+    init_state = load_init_model(cfg, tracking_uri(home)).state_dict() if cfg.train.init_from and fresh else None
     _check_resume_config(cfg, storage, name)
 
     init_ray(opts.address)

@@ -55,17 +55,20 @@ class Endpoint:
 
 
 def start_endpoint(config: str | Path = DEFAULT_CONFIG, *, models: list[str] | None = None, port: int | None = None,
-                   host: str | None = None, address: str | None = None,
-                   overrides: dict[str, Any] | None = None) -> Endpoint:
-    """Deploy the app of a Serve config (its `args` updated with `overrides`) on the Ray cluster this
-    process is connected to, a cluster at `address`, or a new local one; return once it is deployed."""
+                   host: str | None = None, address: str | None = None, overrides: dict[str, Any] | None = None,
+                   app_name: str | None = None) -> Endpoint:
+    """Deploy the app of a Serve config (its `args` updated with `overrides`, one level deep) on the
+    Ray cluster this process is connected to, a cluster at `address`, or a new local one, under the
+    config's application name or `app_name`; return once it is deployed."""
     http, application = read_serve_config(config)
-    args = {**dict(application.get("args") or {}), **(overrides or {})}
+    args = dict(application.get("args") or {})
+    for key, value in (overrides or {}).items():  # {"limits": {...}} keeps the file's other limits
+        args[key] = {**args[key], **value} if isinstance(value, dict) and isinstance(args.get(key), dict) else value
     if models:
         args["models"] = list(models)
     host = host or http.get("host") or "127.0.0.1"
     port = int(port if port is not None else http.get("port", 8000))
-    name, prefix = application.get("name", "fldd"), application.get("route_prefix", "/")
+    name, prefix = app_name or application.get("name", "fldd"), application.get("route_prefix", "/")
     # the HTTP proxy misses Serve's 5 s readiness checks on a busy 2-core box (STACK_NOTES);
     # it must be in the environment before Ray starts
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")

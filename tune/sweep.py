@@ -257,7 +257,8 @@ def run_sweep(spec: SweepSpec, *, name: str | None = None, address: str | None =
     ensure_experiment(MlflowClient(mlflow_uri), home)
     # the bars below are the sweep's progress; Tune's own tables and the trials' worker logs are
     # noise here (a failed trial's error is in the final table and in Tune's error.txt)
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    if not verbose:
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     init_ray(address, log_to_driver=verbose)
     r = spec.resources
     check_cluster(storage, mlflow_uri, r.workers_per_trial, r.cpus_per_worker, r.gpus_per_worker,
@@ -274,7 +275,8 @@ def run_sweep(spec: SweepSpec, *, name: str | None = None, address: str | None =
     trials_by_budget: dict[int, list] = {}
     try:
         for budget in spec.budgets:
-            trials_by_budget[budget] = _run_budget(spec, name, budget, storage, home, mlflow_uri, parent, progress)
+            trials_by_budget[budget] = _run_budget(spec, name, budget, storage, home, mlflow_uri, parent, progress,
+                                                   verbose)
         rows = collect_rows(spec, name, trials_by_budget, mlflow_uri)
         outcome = SweepOutcome(name, parent.run_id, rows, best_per_budget(rows), time.perf_counter() - start)
         log_results(outcome, parent, home)
@@ -286,7 +288,7 @@ def run_sweep(spec: SweepSpec, *, name: str | None = None, address: str | None =
 
 
 def _run_budget(spec: SweepSpec, name: str, budget: int, storage: str, home: Path, mlflow_uri: str,
-                parent: Tracker, progress: bool) -> list:
+                parent: Tracker, progress: bool, verbose: bool = False) -> list:
     experiment = f"{name}-T{budget}"
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, spec=spec, budget=budget, sweep=name, parent_run_id=parent.run_id,
@@ -303,7 +305,8 @@ def _run_budget(spec: SweepSpec, name: str, budget: int, storage: str, home: Pat
             trainable, param_space=spec.param_space(),
             tune_config=tune.TuneConfig(metric=SCORE, mode="min", scheduler=_scheduler(spec), num_samples=spec.samples,
                                         max_concurrent_trials=max_concurrent(spec)),
-            run_config=tune.RunConfig(name=experiment, storage_path=storage, verbose=0, callbacks=[watcher],
+            run_config=tune.RunConfig(name=experiment, storage_path=storage, verbose=2 if verbose else 0,
+                                      callbacks=[watcher],
                                       failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)))
     tuner.fit()
     trials = tune.ExperimentAnalysis(path).trials  # every trial of this budget, restored ones included

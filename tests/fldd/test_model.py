@@ -125,8 +125,15 @@ def test_a_model_started_from_a_baseline_is_that_baseline_at_step_0(source_overr
     ({**MASKED_CARRY, "process.num_steps": 3}, "process.num_steps"),
 ])
 def test_an_incompatible_source_is_refused_naming_the_field(source_overrides, message):
-    from fldd.config import ConfigError
-
     model = tiny_model(FLDD_MASK_CARRY)
     with pytest.raises(ConfigError, match=message):
         model.init_from(tiny_model(source_overrides))
+
+
+def test_a_general_learned_forward_must_start_exactly_at_the_source():
+    warm = {"process.method": "fldd", "process.warm_start": "masked", "process.forward_init_scale": 0.0}
+    with pytest.raises(ConfigError, match="warm_start_floor"):  # the default floor 1e-3 is not "at" it
+        tiny_model(warm).init_from(tiny_model({"process.method": "masked"}))
+    with pytest.raises(ConfigError, match="forward_init_scale"):
+        tiny_model({**warm, "process.forward_init_scale": 1.0, "process.warm_start_floor": 1e-12}).init_from(
+            tiny_model({"process.method": "masked"}))

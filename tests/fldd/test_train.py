@@ -183,3 +183,13 @@ def test_builtin_data_checks_shape():
         load_splits(FLDDConfig().with_overrides({"data.name": "mixture8"}))
     with pytest.raises(DataError, match="data.name='nope'"):
         load_splits(FLDDConfig().with_overrides({"data.name": "nope"}))
+
+
+def test_fit_refuses_a_config_that_asks_to_start_from_a_model():
+    from fldd.config import ConfigError
+    from fldd.train import fit
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config({"train.init_from": "runs:/abc/model"})
+    with pytest.raises(ConfigError, match="train.init_from"):
+        fit(cfg, torch.zeros(8, 2, dtype=torch.long), torch.zeros(8, 2, dtype=torch.long))

@@ -3,7 +3,6 @@ project home: the sweep trains every cell, promotion moves the champion aliases,
 real HTTP at every budget (and a conditional request keeps its clamp), and a second run reuses
 everything: no trial retrained, no alias moved."""
 
-import json
 import socket
 import urllib.error
 import urllib.request
@@ -15,7 +14,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pipelines import registry
-from pipelines.demo import DEMO_SWEEP, DemoOptions, demo_spec, run_demo
+from pipelines.demo import DEMO_APP, DEMO_SWEEP, DemoOptions, demo_spec, run_demo
+from pipelines.cli import CONFIG_DIR
 from pipelines.tracking import SWEEP_TAG, tracking_uri
 
 SMALL = {"train.steps": 60, "train.checkpoint_every": 30, "train.log_every": 30, "data.num_train": 2000,
@@ -69,12 +69,18 @@ def test_demo_runs_sweep_promotion_serving_and_requests_and_a_rerun_reuses_them(
         assert all(row[0] == clamp for row in first.conditional["tokens"])
         assert Path(first.picture).stat().st_size > 1000 and first.picture.suffix == ".png"
         # Serve's application is gone once the demo returns (it did not keep serving)
-        assert "fldd" not in serve.status().applications
+        assert DEMO_APP not in serve.status().applications
         with pytest.raises((urllib.error.URLError, ConnectionError)):
             urllib.request.urlopen(f"{first.url}/readyz", timeout=5)
 
         # a rerun: the sweep is restored (same runs, nothing retrained), the gate changes nothing
+        def logged(outcome):  # validation reports per trial run: a retrained trial would add more
+            return {row.run_id: len(client.get_metric_history(row.run_id, "valid_nelbo_bits"))
+                    for summary in outcome.budgets for row in summary.rows.values()}
+
+        before = logged(first)
         second = run_demo(small_demo)
+        assert logged(second) == before
         assert second.sweep_name == first.sweep_name
         for before, after in zip(first.budgets, second.budgets):
             assert {k: r.run_id for k, r in after.rows.items()} == {k: r.run_id for k, r in before.rows.items()}
@@ -86,10 +92,19 @@ def test_demo_runs_sweep_promotion_serving_and_requests_and_a_rerun_reuses_them(
         serve.shutdown()  # the next module starts Serve on a port of its own
 
 
-def test_demo_spec_names_the_sweep_by_its_content(small_demo):
+def test_demo_spec_names_the_sweep_by_the_digest_its_resume_checks(small_demo, tmp_path):
     same = demo_spec(small_demo)
     assert demo_spec(small_demo).name == same.name and same.name.startswith("demo-")
+    assert same.name == f"demo-{same.digest()[:8]}"
     small_demo.steps = 40
     changed = demo_spec(small_demo)
-    assert changed.name != same.name and changed.base.train.steps == 40
-    assert json.loads(json.dumps(changed.budgets)) == [2, 3]
+    assert changed.name != same.name and changed.base.train.steps == 40 and changed.budgets == [2, 3]
+    # a change outside the sweep file (its base config; a new default) is a new sweep, not a refused resume
+    base = tmp_path / "base.yaml"
+    base.write_text((CONFIG_DIR / "toy2d.yaml").read_text())
+    sweep = yaml.safe_load(small_demo.sweep_config.read_text())
+    small_demo.sweep_config.write_text(yaml.safe_dump({**sweep, "base": str(base)}))
+    before = demo_spec(small_demo).name
+    base.write_text(base.read_text().replace("  seed: 0\ndata:", "  seed: 0\n  weight_decay: 0.5\ndata:"))
+    assert "weight_decay: 0.5" in base.read_text()
+    assert demo_spec(small_demo).name != before

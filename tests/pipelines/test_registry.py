@@ -350,6 +350,27 @@ def test_sweep_promotes_the_best_eligible_trial_at_each_budget(runs, capsys):
     assert main(["promote", "--run", "0" * 32]) == 2
 
 
+def test_ctrl_c_between_the_two_alias_moves_waits_until_both_moved(runs, monkeypatch):
+    import signal
+
+    moved = []
+    real_move = registry._move_alias
+
+    def move_then_interrupt(client, name, alias, version):  # Ctrl-C right after the first alias moved
+        real_move(client, name, alias, version)
+        moved.append(alias)
+        if len(moved) == 1:
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(registry, "_move_alias", move_then_interrupt)
+    name = "ctrl-c-model"
+    with pytest.raises(KeyboardInterrupt):
+        registry.promote(run_id=runs["mid"], model_name=name, passes=2)
+    assert moved == ["champion-t2", "champion"]
+    aliases = client().get_registered_model(name).aliases
+    assert aliases["champion-t2"] == aliases["champion"]
+
+
 def test_nothing_touched_the_default_store(runs):
     """Registering, judging and loading go through clients on the project store: MLflow's
     process-wide default (./mlflow.db in the working directory) is never created."""
