@@ -108,3 +108,24 @@ def test_demo_spec_names_the_sweep_by_the_digest_its_resume_checks(small_demo, t
     base.write_text(base.read_text().replace("  seed: 0\ndata:", "  seed: 0\n  weight_decay: 0.5\ndata:"))
     assert "weight_decay: 0.5" in base.read_text()
     assert demo_spec(small_demo).name != before
+
+
+@pytest.mark.parametrize("raised, code", [("SweepInterrupted", 130), ("KeyboardInterrupt", 130),
+                                          ("SweepError", 1), ("RegistryError", 1), ("DemoError", 1)])
+def test_fldd_demo_turns_interrupts_and_stage_failures_into_exit_codes(raised, code, monkeypatch, capsys):
+    import pipelines.demo
+    from pipelines import registry
+    from pipelines.cli import main
+    from tune import sweep
+
+    errors = {"SweepInterrupted": sweep.SweepInterrupted("interrupted"), "KeyboardInterrupt": KeyboardInterrupt(),
+              "SweepError": sweep.SweepError("a trial failed"), "RegistryError": registry.RegistryError("no such run"),
+              "DemoError": pipelines.demo.DemoError("port in use")}
+
+    def fail(options):
+        raise errors[raised]
+
+    monkeypatch.setattr(pipelines.demo, "run_demo", fail)
+    assert main(["demo"]) == code
+    err = capsys.readouterr().err
+    assert ("interrupted" in err and "Rerun the same command" in err) if code == 130 else "fldd demo: error:" in err
