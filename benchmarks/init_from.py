@@ -7,9 +7,11 @@ best checkpoint on validation is kept, two runs at a time):
    `fldd-mask-carry`), N steps;
 2. FLDD from it: `fldd-mask-carry --init-from <baseline>`, M more steps, no reverse-only phase;
    its forward learning rate is chosen on the *validation* NELBO of seed 0 from a small grid;
-3. the comparison: `masked-x0` (the strongest fixed forward, MDLM's x0 reverse) trained N + M steps.
-Seeds 10, 11, 12, which play no part in the choice, are then run with the chosen setting, and every
-model is evaluated on the test split (10 passes, evaluation seed 0).
+3. the comparison: `masked-x0` (the strongest fixed forward, MDLM's x0 reverse) trained N + M steps,
+   its learning rate chosen the same way (seed-0 validation, a grid of the same size).
+Seeds 10, 11, 12, which play no part in the choices, are then run with the chosen settings, and every
+model is evaluated on the test split (10 passes, evaluation seed 0); the FLDD arm and masked-x0 are
+also compared paired (same test examples, same z_t draws).
 
     python benchmarks/init_from.py --out docs/results/init_from_digits_t4.json
 """
@@ -79,17 +81,57 @@ class Runner:
         return {"test_nelbo_bits": measured["test_nelbo_bits"], "test_nelbo_stderr": measured["test_nelbo_stderr"]}
 
 
+def paired_differences(rows: list[dict], home: Path, against: str = "masked-x0 (N+M)",
+                       candidate: str = "fldd-mask-carry from it (N+M)") -> list[dict]:
+    """Per seed: test NELBO of `against` minus `candidate`, paired over the same test examples and the
+    same z_t draws (evaluation seed 0, 10 passes), with the standard error of the paired mean."""
+    import math
+
+    import torch
+
+    from fldd.data import load_test_split
+    from fldd.model import FLDDModel
+    from fldd.objective import evaluate_nelbo
+    from pipelines.tracking import download_model_file, tracking_uri
+
+    def per_example(run_id: str) -> torch.Tensor:
+        model = FLDDModel.load(download_model_file(tracking_uri(home), f"runs:/{run_id}/model")[0]).eval()
+        test = load_test_split(model.config)
+        return evaluate_nelbo(model, test, num_passes=10, generator=torch.Generator().manual_seed(0)).per_example_bits
+
+    out = []
+    for seed in sorted({r["seed"] for r in rows}):
+        by_model = {r["model"]: r["run_id"] for r in rows if r["seed"] == seed}
+        diff = per_example(by_model[against]) - per_example(by_model[candidate])  # > 0: the candidate is better
+        out.append({"seed": seed, "against": against, "candidate": candidate, "mean_bits": diff.mean().item(),
+                    "stderr_bits": (diff.std(unbiased=True) / math.sqrt(diff.numel())).item(),
+                    "examples": diff.numel()})
+        print(f"  seed {seed}: {against} - {candidate} = {out[-1]['mean_bits']:+.4f} +- {out[-1]['stderr_bits']:.4f} "
+              f"bits/token (paired, {diff.numel()} test examples)", flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="digits")
     parser.add_argument("--T", type=int, default=4)
     parser.add_argument("--baseline-steps", type=int, default=3000, help="N")
     parser.add_argument("--init-steps", type=int, default=2000, help="M")
-    parser.add_argument("--forward-lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3])
+    parser.add_argument("--forward-lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3],
+                        help="forward learning rates of the FLDD arm, chosen on seed-0 validation")
+    parser.add_argument("--x0-lrs", type=float, nargs="+", default=[5e-4, 1e-3, 2e-3],
+                        help="learning rates of the masked-x0 arm, chosen the same way (equal tuning for both)")
     parser.add_argument("--checkpoint-every", type=int, default=250)
     parser.add_argument("--home", type=Path, default=ROOT / ".fldd" / "bench-init-from")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "init_from_digits_t4.json")
+    parser.add_argument("--paired-only", action="store_true",
+                        help="only (re)compute the paired test differences of the runs recorded in --out")
     args = parser.parse_args()
+    if args.paired_only:
+        result = json.loads(args.out.read_text())
+        result["paired"] = paired_differences(result["rows"], args.home)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        return
     args.home.mkdir(parents=True, exist_ok=True)
     runner = Runner(args, args.home)
     N, M = args.baseline_steps, args.init_steps
@@ -104,25 +146,36 @@ def main() -> None:
                             "--seed", str(seed), "--train-steps", str(M), "--init-from", f"runs:/{source.result()}/model",
                             "--set", "train.forward_freeze_fraction=0", "--set", f"train.forward_lr={lr}")
 
-    def fixed_x0(seed: int) -> str:
-        return runner.train(f"{tag}-masked-x0-s{seed}-{N + M}", "--method", "masked-x0", "--seed", str(seed),
-                            "--train-steps", str(N + M))
+    def fixed_x0(seed: int, lr: float) -> str:
+        suffix = "" if lr == 1e-3 else f"-lr{lr:g}"  # 1e-3: the config's default learning rate
+        return runner.train(f"{tag}-masked-x0-s{seed}-{N + M}{suffix}", "--method", "masked-x0", "--seed", str(seed),
+                            "--train-steps", str(N + M), "--set", f"train.lr={lr}")
 
+    # the store exists before two runs open it at once (concurrent SQLite schema creation fails)
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tracking import ensure_experiment, tracking_uri
+
+    ensure_experiment(MlflowClient(tracking_uri(args.home)), args.home)
     start = time.perf_counter()
     print(f"{tag}: baseline N={N}, FLDD from it M={M}, masked-x0 N+M={N + M}; selection seed {SELECTION_SEED}, "
           f"test seeds {TEST_SEEDS}; runs logged to {runner.log}", flush=True)
-    with ThreadPoolExecutor(max_workers=2) as pool:  # a dependency is always submitted before its dependents
+    # a dependency is submitted before its dependents, and long enough before that a waiting
+    # dependent seldom holds one of the two slots idle
+    with ThreadPoolExecutor(max_workers=2) as pool:
         base0 = pool.submit(baseline, SELECTION_SEED)
-        x0 = {seed: None for seed in TEST_SEEDS}
-        x0[TEST_SEEDS[0]] = pool.submit(fixed_x0, TEST_SEEDS[0])
-        candidates = {lr: pool.submit(from_baseline, SELECTION_SEED, base0, lr) for lr in args.forward_lrs}
         bases = {seed: pool.submit(baseline, seed) for seed in TEST_SEEDS}
-        for seed in TEST_SEEDS[1:]:
-            x0[seed] = pool.submit(fixed_x0, seed)
-        # the choice: validation NELBO of seed 0 only
+        x0_candidates = {lr: pool.submit(fixed_x0, SELECTION_SEED, lr) for lr in args.x0_lrs}
+        candidates = {lr: pool.submit(from_baseline, SELECTION_SEED, base0, lr) for lr in args.forward_lrs}
+        # the choices: validation NELBO of seed 0 only, the same way for both arms
+        x0_selection = {lr: metrics_of(f.result(), args.home)["final_valid_nelbo_bits"]
+                        for lr, f in x0_candidates.items()}
+        x0_lr = min(x0_selection, key=x0_selection.get)
+        print(f"  masked-x0: chosen lr {x0_lr:g} on validation (seed {SELECTION_SEED}): {x0_selection}", flush=True)
+        x0 = {seed: pool.submit(fixed_x0, seed, x0_lr) for seed in TEST_SEEDS}
         selection = {lr: metrics_of(f.result(), args.home)["final_valid_nelbo_bits"] for lr, f in candidates.items()}
         chosen = min(selection, key=selection.get)
-        print(f"  chosen forward_lr {chosen:g} on validation (seed {SELECTION_SEED}): {selection}", flush=True)
+        print(f"  FLDD: chosen forward_lr {chosen:g} on validation (seed {SELECTION_SEED}): {selection}", flush=True)
         learned = {seed: pool.submit(from_baseline, seed, bases[seed], chosen) for seed in TEST_SEEDS}
         runs = {seed: {"masked-carry (N)": bases[seed].result(), "fldd-mask-carry from it (N+M)": learned[seed].result(),
                        "masked-x0 (N+M)": x0[seed].result()} for seed in TEST_SEEDS}
@@ -136,17 +189,20 @@ def main() -> None:
             rows.append(row)
             print(f"  seed {seed} {model:<30} valid {row['valid_nelbo_bits']:.4f}  test {row['test_nelbo_bits']:.4f} "
                   f"+- {row['test_nelbo_stderr']:.4f}", flush=True)
+    paired = paired_differences(rows, args.home)
     result = {
         "command": "python benchmarks/init_from.py " + " ".join(
             f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-            for k, v in vars(args).items() if k not in ("out", "home")),
+            for k, v in vars(args).items() if k not in ("out", "home", "paired_only")),
         "protocol": {"config": args.config, "T": args.T, "baseline_steps": N, "init_steps": M,
                      "selection": {"seed": SELECTION_SEED, "split": "valid", "metric": "final_valid_nelbo_bits",
-                                   "forward_lr": selection, "chosen": chosen},
+                                   "fldd_forward_lr": selection, "fldd_chosen": chosen,
+                                   "masked_x0_lr": x0_selection, "masked_x0_chosen": x0_lr},
                      "test": {"seeds": list(TEST_SEEDS), "split": "test", "passes": 10, "eval_seed": 0}},
         "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
         "wall_seconds": time.perf_counter() - start,
         "rows": rows,
+        "paired": paired,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

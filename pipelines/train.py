@@ -46,6 +46,7 @@ STATE_FILE = "state.pt"  # full training state inside each Ray checkpoint
 MODEL_FILE = "model.pt"  # the inference model (FLDDModel.save format)
 RUN_CONFIG_FILE = "fldd_config.yaml"  # written beside the Ray run, checked on resume
 SCORE = "valid_nelbo_bits"
+CHECKPOINT_EVAL_SEED = 0
 VALID_ROWS_PER_CHECKPOINT = 2000  # validation NELBO at checkpoints: rows x 2 passes (final: all rows x 10)
 
 
@@ -173,8 +174,10 @@ def train_worker(loop_config: dict) -> dict:
         if rank != 0:
             ray.train.report(metrics, checkpoint=None)
             return
+        # the same rows and random numbers at every checkpoint (common random numbers): picking the
+        # best checkpoint compares models, not independent noise draws
         estimate = evaluate_nelbo(model, valid[:VALID_ROWS_PER_CHECKPOINT], num_passes=2,
-                                  generator=torch.Generator(device=device).manual_seed(step))
+                                  generator=torch.Generator(device=device).manual_seed(CHECKPOINT_EVAL_SEED))
         model.train()
         metrics[SCORE] = estimate.bits_per_token
         tracker.log_metrics(step, {SCORE: estimate.bits_per_token, "valid_nelbo_stderr": estimate.stderr_bits_per_token})
