@@ -160,17 +160,22 @@ class GenerationServer:
         return await asyncio.to_thread(load)  # off the event loop: other versions keep serving
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)  # reset from the config in __init__
-    async def run_batch(self, items: list[tuple[SamplerService, PreparedRequest]]) -> list[tuple[torch.Tensor, int]]:
+    async def run_batch(self, items: list[tuple[SamplerService, PreparedRequest]]
+                        ) -> list[tuple[torch.Tensor, int] | Exception]:
         # a batch may mix versions (requests carry no multiplexed model id): one pass per service
         groups: dict[int, list[int]] = {}
         for index, (service, _) in enumerate(items):
             groups.setdefault(id(service), []).append(index)
-        results: dict[int, tuple[torch.Tensor, int]] = {}
+        results: dict[int, tuple[torch.Tensor, int] | Exception] = {}
         for indices in groups.values():
             service = items[indices[0]][0]
-            # off the event loop: requests keep arriving and queueing for the next batch while this one samples
-            samples = await asyncio.to_thread(service.generate, [items[i][1] for i in indices])
-            results.update({i: (s, len(items)) for i, s in zip(indices, samples)})
+            try:
+                # off the event loop: requests keep arriving and queueing for the next batch while this one samples
+                samples = await asyncio.to_thread(service.generate, [items[i][1] for i in indices])
+            except Exception as error:  # only this version's requests fail, not the others in the batch
+                results.update({i: error for i in indices})
+                continue
+            results.update({i: (s, len(indices)) for i, s in zip(indices, samples)})
         return [results[i] for i in range(len(items))]
 
     async def _poll_forever(self) -> None:
@@ -191,12 +196,13 @@ class GenerationServer:
             budgets = dict(snapshot.budgets)
             for steps, version in snapshot.budgets.items():
                 key = model_id(name, version)
-                if key in self.warm:
-                    continue
                 try:
+                    # every poll: a cache hit keeps the live champions the most recently used (never
+                    # the ones evicted), and one evicted anyway is loaded again here, not in a request
                     await self.get_service(key)
-                    self.warm.add(key)
-                    log.info(f"serving {key} for T={steps}")
+                    if key not in self.warm:
+                        self.warm.add(key)
+                        log.info(f"serving {key} for T={steps}")
                 except Exception as error:  # keep the previous holder of that budget, if any
                     log.warning(f"could not load {key} for T={steps}: {error}")
                     held = previous.budgets.get(steps) if previous else None
@@ -270,7 +276,11 @@ class GenerationServer:
                          f"{sorted(snapshot.budgets)}")
         version = snapshot.budgets[steps]
         # the service is fetched once: this request keeps its version whatever the poller does meanwhile
-        service = await self.get_service(model_id(name, version))
+        try:
+            service = await self.get_service(model_id(name, version))
+        except Exception as error:  # a version that cannot be (re)loaded here: a server fault, said as such
+            raise HTTPException(503, detail=f"model {name!r} version {version} (T={steps}) cannot be loaded on "
+                                f"this replica: {type(error).__name__}: {error}") from None
         clamp = body.conditioning
         request = GenerationRequest(num_samples=body.num_samples, seed=body.seed, prefix=body.prefix,
                                     format=body.format, positions=clamp.positions if clamp else None,
@@ -279,7 +289,10 @@ class GenerationServer:
             prepared = service.prepare(request)
         except RequestError as error:
             raise _error(422, error.field, error.message) from None
-        tokens, batch_requests = await self.run_batch((service, prepared))
+        result = await self.run_batch((service, prepared))
+        if isinstance(result, Exception):
+            raise result
+        tokens, batch_requests = result
         return GenerateResponse(model=name, version=version, alias=f"champion-t{steps}", steps=service.num_steps,
                                 seed=prepared.seed, format=body.format, samples=service.render(tokens, body.format),
                                 tokens=tokens.tolist(), batch_requests=batch_requests,

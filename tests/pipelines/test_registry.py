@@ -363,9 +363,14 @@ def test_ctrl_c_between_the_two_alias_moves_waits_until_both_moved(runs, monkeyp
             signal.raise_signal(signal.SIGINT)
 
     monkeypatch.setattr(registry, "_move_alias", move_then_interrupt)
+    # a plain Ctrl-C handler for the test (the session's Ray may have installed its own)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     name = "ctrl-c-model"
-    with pytest.raises(KeyboardInterrupt):
-        registry.promote(run_id=runs["mid"], model_name=name, passes=2)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            registry.promote(run_id=runs["mid"], model_name=name, passes=2)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert moved == ["champion-t2", "champion"]
     aliases = client().get_registered_model(name).aliases
     assert aliases["champion-t2"] == aliases["champion"]
