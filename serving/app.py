@@ -19,7 +19,8 @@ already running keep the version (and the SamplerService object) they started wi
 or a rollback fails nothing. With several replicas each one polls and warms its own models (one
 copy per replica and version) and switches at its own poll: for up to poll_interval_s after a
 promotion, responses may come from either version. A new replica takes traffic only after its
-first poll, champions loaded.
+first poll (at most FIRST_POLL_TIMEOUT_S): champions loaded, or, if that poll failed, 503s until one
+succeeds.
 
 `serve run configs/serve.yaml` builds it with `build_app(args)`; so does `fldd serve`.
 """
