@@ -67,7 +67,7 @@ class DemoOutcome:
     picture: Path | None = None
     conditional: dict[str, Any] | None = None
     url: str | None = None
-    example_steps: int = 2  # a served budget, for the printed curl line
+    curl: str = ""  # an example request at a served budget
     seconds: dict[str, float] = field(default_factory=dict)  # per stage
 
 
@@ -212,7 +212,8 @@ def run_demo(options: DemoOptions) -> DemoOutcome:
                 summary.latency_ms.append(1000 * (time.perf_counter() - sent))
         if not samples:
             raise DemoError(f"the endpoint serves none of the budgets {spec.budgets}")
-        first = outcome.example_steps = min(samples)
+        first = min(samples)
+        outcome.curl = endpoint.example_curl(first)
         token = int(torch.mode(samples[first][:, 0]).values)  # a common first coordinate
         given = {"positions": [0], "tokens": [token]}
         try:
@@ -277,6 +278,5 @@ def format_summary(outcome: DemoOutcome, model_name: str) -> str:
               f"registry:   fldd models {model_name}"]
     if outcome.url:
         lines += [f"endpoint:   {outcome.url} (API docs at {outcome.url}/docs)",
-                  f"  curl -s -X POST {outcome.url}/v1/generate -H 'Content-Type: application/json' "
-                  f"-d '{{\"num_samples\": 4, \"steps\": {outcome.example_steps}, \"seed\": 0}}'"]
+                  f"  {outcome.curl}"]
     return "\n".join(lines)

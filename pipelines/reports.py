@@ -75,17 +75,25 @@ def save_sample_picture(model: FLDDModel, path: Path, num_samples: int = 4000, s
                                title=f"{model.config.process.method}, T={model.num_steps}")
 
 
-def save_tokens_picture(tokens: torch.Tensor, vocab_size: int, path: Path, title: str = "") -> Path:
-    """2-position data: a heat map of samples over the K x K grid; longer sequences: a token grid."""
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+def _draw_tokens(ax, tokens: torch.Tensor, vocab_size: int, rows: int) -> None:
+    """2-position data: a heat map of the samples over the K x K grid; longer sequences: the first
+    `rows` samples as a token grid."""
     if tokens.shape[1] == 2:
         counts = torch.zeros(vocab_size, vocab_size)
         counts.index_put_((tokens[:, 0], tokens[:, 1]), torch.ones(len(tokens)), accumulate=True)
         ax.imshow(counts.numpy(), origin="lower", cmap="magma")
+    else:
+        ax.imshow(tokens[:rows].numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+
+
+def save_tokens_picture(tokens: torch.Tensor, vocab_size: int, path: Path, title: str = "") -> Path:
+    """2-position data: a heat map of samples over the K x K grid; longer sequences: a token grid."""
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    _draw_tokens(ax, tokens, vocab_size, rows=64)
+    if tokens.shape[1] == 2:
         ax.set_xlabel("x[1]")
         ax.set_ylabel("x[0]")
     else:
-        ax.imshow(tokens[:64].numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
         ax.set_xlabel("position")
         ax.set_ylabel("sample")
     ax.set_title(f"{len(tokens)} samples, {title}")
@@ -129,12 +137,7 @@ def save_samples_by_budget(samples: dict[int, torch.Tensor], vocab_size: int, pa
     panels = ([("test split", data)] if data is not None else []) + [(f"T={T}", s) for T, s in sorted(samples.items())]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
     for ax, (title, tokens) in zip(axes[0], panels):
-        if tokens.shape[1] == 2:
-            counts = torch.zeros(vocab_size, vocab_size)
-            counts.index_put_((tokens[:, 0], tokens[:, 1]), torch.ones(len(tokens)), accumulate=True)
-            ax.imshow(counts.numpy(), origin="lower", cmap="magma")
-        else:
-            ax.imshow(tokens[:32].numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+        _draw_tokens(ax, tokens, vocab_size, rows=32)
         ax.set_title(f"{title} ({len(tokens)})", fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])

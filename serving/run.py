@@ -36,9 +36,11 @@ class Endpoint:
     models: list[str]
     own_cluster: bool  # this process started the Ray cluster (then stop() stops Serve and the cluster)
 
-    def example_curl(self) -> str:
+    def example_curl(self, steps: int | None = None) -> str:
+        """A generation request to paste; `steps` names a served budget (default: the champion's)."""
+        budget = "" if steps is None else f'\"steps\": {steps}, '
         return (f"curl -s -X POST {self.url}/v1/generate -H 'Content-Type: application/json' "
-                "-d '{\"num_samples\": 4, \"seed\": 0}'")
+                f"-d '{{\"num_samples\": 4, {budget}\"seed\": 0}}'")
 
     def stop(self) -> None:
         import ray
