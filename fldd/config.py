@@ -111,14 +111,14 @@ class DataConfig:
     seed: int = 0
     path: str = ""  # a Parquet token table (file or directory); with train.parquet + valid.parquet inside
     column: str = "tokens"  # its fixed-length integer list column
-    vocab_size: int = 0  # 0: read from the table's metadata
+    vocab_size: int = 0  # a table without vocabulary metadata: its vocabulary (0: largest token + 1)
     valid_fraction: float = 0.1  # held out when `path` has no valid.parquet (rows split with data.seed)
 
 
 @dataclass
 class FLDDConfig:
-    seq_len: int = 2  # D
-    vocab_size: int = 50  # K (data tokens; MASK, when used, is the extra state K)
+    seq_len: int = 0  # D; 0: from the data (fldd.data.resolve_data_shape)
+    vocab_size: int = 0  # K (data tokens; MASK, when used, is the extra state K); 0: from the data
     process: ProcessConfig = field(default_factory=ProcessConfig)
     reverse_network: NetworkConfig = field(default_factory=NetworkConfig)
     forward_network: NetworkConfig = field(default_factory=NetworkConfig)
@@ -172,8 +172,9 @@ class FLDDConfig:
                 raise ConfigError(f"{name}={value!r}: {why}")
 
         p, tr = self.process, self.train
-        require(self.seq_len >= 1, "seq_len", self.seq_len, "must be >= 1")
-        require(self.vocab_size >= 2, "vocab_size", self.vocab_size, "must be >= 2")
+        require(self.seq_len >= 0, "seq_len", self.seq_len, "must be >= 1 (or 0: from the data)")
+        require(self.vocab_size == 0 or self.vocab_size >= 2, "vocab_size", self.vocab_size,
+                "must be >= 2 (or 0: from the data)")
         require(p.method in METHODS, "process.method", p.method, f"must be one of {METHODS}")
         require(p.num_steps >= 1, "process.num_steps", p.num_steps, "T must be >= 1")
         require(p.prior in PRIORS, "process.prior", p.prior, f"must be one of {PRIORS}")

@@ -30,6 +30,7 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
+from fldd.codec import TokenCodec
 from fldd.config import DataConfig
 from fldd.token_table import DataError, token_table
 
@@ -156,7 +157,8 @@ def builtin_table(d: DataConfig, split: str) -> pa.Table:
     if split not in SPLITS:
         raise DataError(f"split={split!r}: expected one of {SPLITS}")
     spec = builtin(d.name)
-    return token_table(spec.splits(d)[split], spec.vocab_size)
+    codec = TokenCodec("chars", TEXT_ALPHABET) if d.name == "text" else None
+    return token_table(spec.splits(d)[split], spec.vocab_size, codec=codec)
 
 
 def data_pmf(name: str) -> Tensor | None:

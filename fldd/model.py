@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from fldd.codec import TokenCodec
 from fldd.config import ConfigError, FLDDConfig
 from fldd.forward import LOG_ZERO, ForwardProcess, build_forward_process, safe_log
 from fldd.networks import TokenNetwork
@@ -51,9 +52,13 @@ class CollapseReport:
 class FLDDModel(nn.Module):
     """Forward process u_phi (training only) + reverse network v_theta (training and sampling)."""
 
-    def __init__(self, config: FLDDConfig):
+    def __init__(self, config: FLDDConfig, codec: TokenCodec | None = None):
         super().__init__()
         self.config = config.validate()
+        if not (config.seq_len and config.vocab_size):
+            raise ConfigError(f"seq_len={config.seq_len}, vocab_size={config.vocab_size}: 0 means 'from the data'; "
+                              "resolve the config first (fldd.data.resolve_data_shape)")
+        self.codec = codec  # how token ids read back as text or table rows (None: plain ids)
         self.num_steps = config.process.num_steps
         self.num_states = config.num_states
         self.mask_id = config.vocab_size if config.uses_mask_state else None
@@ -199,8 +204,10 @@ class FLDDModel(nn.Module):
 
     # ---- persistence ---------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
-        torch.save({"format": CHECKPOINT_FORMAT, "config": self.config.to_dict(), "state_dict": self.state_dict()},
-                   Path(path))
+        payload = {"format": CHECKPOINT_FORMAT, "config": self.config.to_dict(), "state_dict": self.state_dict()}
+        if self.codec is not None:
+            payload["codec"] = self.codec.to_dict()
+        torch.save(payload, Path(path))
 
     @classmethod
     def load(cls, path: str | Path, *, expected_config: FLDDConfig | None = None,
@@ -225,7 +232,7 @@ class FLDDModel(nn.Module):
             if differences:
                 raise CheckpointError(f"checkpoint {str(path)!r} does not match the expected config: "
                                       + "; ".join(differences))
-        model = cls(config)
+        model = cls(config, TokenCodec.from_dict(payload["codec"]) if payload.get("codec") else None)
         model.load_state(payload["state_dict"], source=str(path))
         return model
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from fldd.config import ConfigError, FLDDConfig, TrainConfig
-from fldd.data import infinite_batches
+from fldd.data import infinite_batches, resolve_data_shape
 from fldd.model import CollapseReport, FLDDModel
 from fldd.objective import NELBOEstimate, evaluate_nelbo
 
@@ -189,8 +189,11 @@ class FitResult:
 
 def fit(cfg: FLDDConfig, train_data: Tensor, valid_data: Tensor, *, on_metrics: MetricsCallback | None = None,
         eval_passes: int = 10, device: torch.device | str = "cpu") -> FitResult:
-    """Train a model on in-memory data with the one loop; evaluate on the validation split."""
+    """Train a model on in-memory data with the one loop; evaluate on the validation split. A config
+    whose seq_len or vocab_size is 0 takes them from the data its `data` section names."""
     cfg.validate()
+    if not (cfg.seq_len and cfg.vocab_size):
+        cfg = resolve_data_shape(cfg)[0]
     if cfg.train.init_from:  # a run id or registry URI means MLflow, which this package never imports
         raise ConfigError(f"train.init_from={cfg.train.init_from!r}: applied by pipelines.train.launch (fldd train "
                           "--init-from); with fit(), load the source and call FLDDModel.init_from yourself")

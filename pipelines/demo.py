@@ -225,10 +225,10 @@ def run_demo(options: DemoOptions) -> DemoOutcome:
         outcome.seconds["requests"] = time.perf_counter() - clock
         out_dir = project_home() / "demo"
         out_dir.mkdir(parents=True, exist_ok=True)
-        from fldd.data import load_test_split
+        from fldd.data import load_test_split, resolve_data_shape
 
-        outcome.picture = save_samples_by_budget(samples, spec.base.vocab_size, out_dir / f"{spec.name}-samples.png",
-                                                 data=load_test_split(spec.base))
+        outcome.picture = save_samples_by_budget(samples, resolve_data_shape(spec.base)[0].vocab_size,
+                                                 out_dir / f"{spec.name}-samples.png", data=load_test_split(spec.base))
         print(format_summary(outcome, options.model_name), flush=True)
         if options.keep_serving:
             print("\nServing until Ctrl-C.", flush=True)

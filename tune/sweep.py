@@ -22,6 +22,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from tqdm.auto import tqdm
 
 from fldd.config import ConfigError
+from fldd.data import resolve_data_shape
 from pipelines.tracking import (BUDGET_TAG, KIND_TAG, PARENT_TAG, SWEEP_TAG, TRIAL_TAG, Tracker, ensure_experiment,
                                 find_or_create_run, git_commit, project_home, tracking_uri)
 from pipelines.train import SCORE, LaunchOptions, TrainingError, init_ray, launch
@@ -250,6 +251,9 @@ def run_sweep(spec: SweepSpec, *, name: str | None = None, address: str | None =
         if samples < 1:
             raise ConfigError(f"--samples {samples}: must be >= 1")
         spec.samples = samples
+    # the data describes itself (each trial resolves seq_len and vocab_size); bad data fails here,
+    # before any trial starts
+    resolve_data_shape(spec.base)
     home = project_home()
     storage = sweep_storage(storage, home)
     mlflow_uri = tracking_uri(home)

@@ -39,9 +39,10 @@ def test_unknown_and_mistyped_keys():
 
 
 def test_state_space_follows_method():
-    assert FLDDConfig().with_overrides({"process.method": "uniform"}).num_states == 50
-    assert FLDDConfig().with_overrides({"process.method": "fldd-mask"}).num_states == 51
-    assert FLDDConfig().with_overrides({"process.prior": "mask"}).num_states == 51
+    toy = FLDDConfig(vocab_size=50)
+    assert toy.with_overrides({"process.method": "uniform"}).num_states == 50
+    assert toy.with_overrides({"process.method": "fldd-mask"}).num_states == 51
+    assert toy.with_overrides({"process.prior": "mask"}).num_states == 51
 
 
 @pytest.mark.parametrize("name", sorted(PARAMETERIZATIONS))

@@ -44,10 +44,13 @@ def test_missing_column_vocab_and_file(tmp_path):
     with pytest.raises(DataError, match=r"column 'tokens' is missing \(columns: \['ids'\]\)"):
         read_token_table(path)
     assert read_token_table(path, column="ids")[0].tolist() == [[0, 1]]
-    nometa = write_raw(tmp_path / "n.parquet", [[0, 1]], pa.list_(pa.int64()), metadata={})
-    with pytest.raises(DataError, match="set data.vocab_size"):
-        read_token_table(nometa)
-    assert read_token_table(nometa, vocab_size=3)[1] == 3
+    nometa = write_raw(tmp_path / "n.parquet", [[0, 1], [4, 2]], pa.list_(pa.int64()), metadata={})
+    assert read_token_table(nometa)[1] == 5  # no metadata: the largest token + 1
+    assert read_token_table(nometa, vocab_size=7)[1] == 7  # or data.vocab_size
+    with pytest.raises(DataError, match=r"token outside \[0, vocab_size\) 4 \(vocab_size=3\)"):
+        read_token_table(nometa, vocab_size=3)
+    with pytest.raises(DataError, match="data.vocab_size=7, but .* says vocab_size=5 in its metadata"):
+        read_token_table(write_raw(tmp_path / "m.parquet", [[0, 1]], pa.list_(pa.int64())), vocab_size=7)
     with pytest.raises(DataError, match="no such file"):
         read_token_table(tmp_path / "missing.parquet")
 
@@ -122,3 +125,57 @@ def test_the_text_corpus_is_pinned_and_checked(tmp_path, monkeypatch):
             datasets._text_chunks()
     finally:
         datasets._text_chunks.cache_clear()
+
+
+def test_a_split_table_describes_itself(tmp_path, monkeypatch):
+    from fldd.codec import TokenCodec
+    from fldd.data import describe_data, find_splits, load_test_split, load_valid_split, resolve_data_shape
+
+    tokens = torch.randint(0, 9, (300, 5))
+    codec = TokenCodec("chars", "abcdefghi")
+    write_token_table(tmp_path / "t" / "train" / "a.parquet", tokens[:100], 9, codec=codec)
+    write_token_table(tmp_path / "t" / "train" / "sub" / "b.parquet", tokens[100:200], 9, codec=codec)
+    write_token_table(tmp_path / "t" / "valid.parquet", tokens[200:250], 9, codec=codec)
+    write_token_table(tmp_path / "t" / "test.parquet", tokens[250:], 9, codec=codec)
+    cfg = FLDDConfig().with_overrides({"data.path": str(tmp_path / "t")})
+    resolved, described = resolve_data_shape(cfg)
+    assert (resolved.seq_len, resolved.vocab_size, described.vocab_from) == (5, 9, "metadata")
+    assert described.rows == {"train": 200, "valid": 50, "test": 50} and described.streams
+    assert described.codec == codec and "decodes as chars" in described.summary()
+    assert torch.equal(load_splits(cfg)[0], tokens[:200]) and torch.equal(load_valid_split(cfg), tokens[200:250])
+    assert torch.equal(load_test_split(cfg), tokens[250:])
+    # the same table through a URI (the pyarrow file-system path that s3:// takes)
+    assert describe_data(cfg.with_overrides({"data.path": (tmp_path / "t").as_uri()})).rows == described.rows
+    # stated values must agree with the table, naming both
+    with pytest.raises(DataError, match=r"seq_len=4 in the config, but .*/t has rows of length 5"):
+        resolve_data_shape(cfg.with_overrides({"seq_len": 4}))
+    with pytest.raises(DataError, match=r"vocab_size=12 in the config, but .* has a vocabulary of 9"):
+        resolve_data_shape(cfg.with_overrides({"vocab_size": 12}))
+    # a split layout needs train and valid
+    write_token_table(tmp_path / "half" / "train.parquet", tokens, 9)
+    write_token_table(tmp_path / "half" / "test.parquet", tokens, 9)
+    with pytest.raises(DataError, match="has a test and train split but no valid"):
+        find_splits(tmp_path / "half")
+
+
+def test_table_without_metadata_takes_the_largest_token_and_says_so(tmp_path):
+    from fldd.data import resolve_data_shape
+
+    path = write_raw(tmp_path / "n.parquet", [[0, 1, 2], [6, 2, 0]], pa.list_(pa.int16()), metadata={})
+    resolved, described = resolve_data_shape(FLDDConfig().with_overrides({"data.path": str(path)}))
+    assert (resolved.seq_len, resolved.vocab_size) == (3, 7)
+    assert "vocab_size 7 (from largest token + 1)" in described.summary()
+
+
+def test_streaming_validation_counts_rows_across_record_batches(tmp_path, monkeypatch):
+    import fldd.data
+    from fldd.data import check_token_file, find_splits
+
+    monkeypatch.setattr(fldd.data, "SCAN_BATCH_ROWS", 100)  # the bad row sits in the third batch
+    tokens = torch.randint(0, 5, (300, 3))
+    tokens[250, 1] = 7
+    path = write_token_table(tmp_path / "big.parquet", tokens, 5)
+    files = find_splits(path)["all"]
+    with pytest.raises(DataError, match=r"big.parquet: row 250, column 'tokens': token outside \[0, vocab_size\) 7"):
+        check_token_file(files, files.paths[0], "tokens", 3, 5)
+    assert check_token_file(files, files.paths[0], "tokens", 3, 8) == 300

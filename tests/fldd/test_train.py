@@ -179,8 +179,15 @@ def test_evaluating_more_often_does_not_change_the_trained_model():
 
 
 def test_builtin_data_checks_shape():
-    with pytest.raises(DataError, match="vocab_size=8"):
-        load_splits(FLDDConfig().with_overrides({"data.name": "mixture8"}))
+    from fldd.data import resolve_data_shape
+
+    # the shape comes from the data where the config leaves it 0; a stated value must agree
+    resolved, described = resolve_data_shape(FLDDConfig().with_overrides({"data.name": "mixture8"}))
+    assert (resolved.seq_len, resolved.vocab_size, described.vocab_from) == (2, 8, "built-in")
+    with pytest.raises(DataError, match="vocab_size=50 in the config, but built-in mixture8 has a vocabulary of 8"):
+        load_splits(FLDDConfig(vocab_size=50).with_overrides({"data.name": "mixture8"}))
+    with pytest.raises(DataError, match="seq_len=3 in the config, but built-in mixture8 has rows of length 2"):
+        load_splits(FLDDConfig(seq_len=3).with_overrides({"data.name": "mixture8"}))
     with pytest.raises(DataError, match="data.name='nope'"):
         load_splits(FLDDConfig().with_overrides({"data.name": "nope"}))
 
