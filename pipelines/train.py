@@ -32,11 +32,14 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer, get_device, prepare_model
 
 from fldd.config import ConfigError, FLDDConfig
-from fldd.data import load_splits
+from fldd.codec import TokenCodec
+from fldd.data import (DataDescription, DataError, arrow_tokens, check_token_file, load_builtin_split, read_split,
+                       resolve_data_shape, split_in_memory, token_table)
 from fldd.model import CheckpointError, FLDDModel, config_differences
 from fldd.objective import evaluate_nelbo
 from fldd.train import NonFiniteLossError, TrainSchedule, build_optimizer, train_loop
 from pipelines import reports
+from pipelines.cluster import prepare_connection
 from pipelines.tracking import (DATASET_TAG, PARAMETERIZATION_TAG, Tracker, dataset_name, download_model_file,
                                 git_commit, log_sampler_model, project_home, start_run, tracking_uri)
 
@@ -48,6 +51,8 @@ RUN_CONFIG_FILE = "fldd_config.yaml"  # written beside the Ray run, checked on r
 SCORE = "valid_nelbo_bits"
 CHECKPOINT_EVAL_SEED = 0
 VALID_ROWS_PER_CHECKPOINT = 2000  # validation NELBO at checkpoints: rows x 2 passes (final: all rows x 10)
+SHUFFLE_BUFFER_ROWS = 16384  # a worker's local shuffle buffer, at least (rows; 16384 x 64 int64 = 8 MB)
+READ_TASK_CPUS = 0  # Ray Data read tasks and file checks: Train workers may hold every CPU (no deadlock)
 
 
 class TrainingError(RuntimeError):
@@ -113,7 +118,7 @@ def train_worker(loop_config: dict) -> dict:
         torch.set_num_threads(max(1, int(loop_config.get("threads_per_worker", 1))))
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    model = FLDDModel(cfg).to(device)
+    model = FLDDModel(cfg, TokenCodec.from_dict(loop_config["codec"]) if loop_config.get("codec") else None).to(device)
     optimizer = build_optimizer(model, cfg.train)
     start_step = 0
     boundaries = None  # phase boundaries of a resumed run: where they were when it started
@@ -153,13 +158,14 @@ def train_worker(loop_config: dict) -> dict:
                               parallel_strategy_kwargs={"find_unused_parameters": freezes_forward})
 
     tracker = Tracker(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
-    valid = torch.cat([b["data"] for b in ray.train.get_dataset_shard("valid").iter_torch_batches(
-        batch_size=8192)]).long() if rank == 0 else None
+    column, D = loop_config["column"], cfg.seq_len
+    valid = torch.cat([arrow_tokens(b[column], D) for b in ray.train.get_dataset_shard("valid").iter_batches(
+        batch_size=8192, batch_format="pyarrow")]) if rank == 0 else None
     progress = TrainingProgress(cfg.train.steps, start_step, in_driver=loop_config["local_mode"]) \
         if rank == 0 and not loop_config.get("quiet") else None
 
     accumulation = cfg.train.grad_accum_steps
-    batches = _shard_batches(ray.train.get_dataset_shard("train"), cfg.rows_per_micro_batch(world))
+    batches = _shard_batches(ray.train.get_dataset_shard("train"), cfg.rows_per_micro_batch(world), column, D)
     batches = _maybe_inject_failure(batches, loop_config, rank, world, start_step, accumulation)
 
     def on_metrics(step: int, metrics: dict) -> None:
@@ -309,15 +315,18 @@ def _prune_local_checkpoints(directory: Path, keep: int) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _shard_batches(shard, rows: int):
-    """Endless micro-batches of token rows from this worker's Ray Data shard (one pass per epoch)."""
+def _shard_batches(shard, rows: int, column: str, seq_len: int):
+    """Endless micro-batches of token rows from this worker's Ray Data shard (one pass per epoch).
+
+    Rows are mixed twice: the files' order is shuffled every epoch (streamed tables) or the rows once
+    in the driver (tables in memory), and a local buffer of SHUFFLE_BUFFER_ROWS reshuffles within."""
     while True:
         seen = 0
-        # rows were shuffled once in the driver; the buffer reshuffles locally every epoch
-        for batch in shard.iter_batches(batch_size=rows, batch_format="numpy", drop_last=True,
-                                        local_shuffle_buffer_size=max(8 * rows, 4096), prefetch_batches=4):
+        for batch in shard.iter_batches(batch_size=rows, batch_format="pyarrow", drop_last=True,
+                                        local_shuffle_buffer_size=max(8 * rows, SHUFFLE_BUFFER_ROWS),
+                                        prefetch_batches=4):
             seen += 1
-            yield torch.from_numpy(batch["data"]).long()
+            yield arrow_tokens(batch[column], seq_len)
         if seen == 0:
             raise RuntimeError(f"this worker's data shard has fewer than {rows} rows")
 
@@ -365,12 +374,18 @@ def _ray_log_level() -> int:
 
 
 def init_ray(address: str | None, log_to_driver: bool = True) -> None:
+    """Join the cluster at `address` (else RAY_ADDRESS), else start a fresh local one. Before joining,
+    pipelines.cluster.prepare_connection checks the address in milliseconds: it turns token auth on
+    when the cluster needs it and the token is on this machine, and otherwise raises
+    ClusterConnectionError (a ConfigError) saying what to do, instead of Ray's retries."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:  # a fresh local cluster (never attach to a stale one by accident)
         start_local_ray(log_to_driver=log_to_driver)
         return
+    # fail fast with what to do (no token, nothing listening); token mode on when the cluster needs it
+    prepare_connection(address)
     # tell the cluster's own processes which cluster they are in (see start_local_ray)
     env = {} if address == "auto" or address.startswith("ray://") else {"env_vars": {"RAY_ADDRESS": address}}
     ray.init(address=address, log_to_driver=log_to_driver, runtime_env=env or None, logging_level=_ray_log_level())
@@ -411,22 +426,49 @@ def _storage_path(opts: LaunchOptions, home: Path) -> str:
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every")
 
 
+def _storage_file_system(storage: str):
+    """(pyarrow FileSystem, path inside it) of a storage location: a local path, file://, s3://, gs://..."""
+    import pyarrow.fs
+
+    if "://" not in storage:
+        return pyarrow.fs.LocalFileSystem(), str(Path(storage).resolve())
+    try:
+        return pyarrow.fs.FileSystem.from_uri(storage)
+    except (pyarrow.ArrowInvalid, pyarrow.ArrowNotImplementedError, OSError) as error:
+        raise ConfigError(f"storage={storage!r}: not a path or file system URI pyarrow can open: {error}") from error
+
+
 def _check_resume_config(cfg: FLDDConfig, storage: str, name: str) -> None:
     """A rerun with the same name continues the same run: only RESUMABLE_CHANGES may differ.
     Anything else (model, data, optimizer settings) is refused here, naming the field, before any
-    worker starts or the MLflow run is touched."""
-    if "://" in storage:
-        return  # remote storage: the workers check the model-defining fields against the checkpoint
-    saved_path = Path(storage) / name / RUN_CONFIG_FILE
-    if saved_path.is_file():
-        saved, current = FLDDConfig.from_yaml(saved_path).to_flat_dict(), cfg.to_flat_dict()
+    worker starts or the MLflow run is touched. The config is kept beside the run
+    (<storage>/<name>/fldd_config.yaml) through the storage's file system: local and remote alike."""
+    import pyarrow.fs
+    import yaml
+
+    fs, root = _storage_file_system(storage)
+    run_dir = f"{root.rstrip('/')}/{name}"
+    saved_path = f"{run_dir}/{RUN_CONFIG_FILE}"
+    try:
+        data = None
+        if fs.get_file_info(saved_path).type == pyarrow.fs.FileType.File:
+            with fs.open_input_stream(saved_path) as stream:
+                data = yaml.safe_load(stream.read().decode()) or {}
+    except OSError as error:  # no credentials, no such bucket, no permission
+        raise ConfigError(f"storage={storage!r}: cannot read {saved_path}: {error}") from error
+    if data is not None:
+        saved, current = FLDDConfig.from_dict(data).to_flat_dict(), cfg.to_flat_dict()
         differences = [f"{k}: run has {saved[k]!r}, now {current[k]!r}" for k in current
                        if current[k] != saved[k] and k not in RESUMABLE_CHANGES]
         if differences:
             raise CheckpointError(f"run {name!r} exists in {storage} with different settings: "
                                   + "; ".join(differences) + ". Use another --name for a new run.")
-    saved_path.parent.mkdir(parents=True, exist_ok=True)
-    cfg.to_yaml(saved_path)
+    try:
+        fs.create_dir(run_dir, recursive=True)  # object stores have no directories: a no-op there
+        with fs.open_output_stream(saved_path) as stream:
+            stream.write(cfg.to_yaml().encode())
+    except OSError as error:
+        raise ConfigError(f"storage={storage!r}: cannot write {saved_path}: {error}") from error
 
 
 @dataclass
@@ -440,7 +482,9 @@ class PreparedRun:
     home: Path
     tracker: Tracker
     resumed: bool
-    train_data: torch.Tensor
+    data: DataDescription
+    train_data: torch.Tensor | None  # in memory (built-in data, a table without splits); None: streamed
+    train_rows: int
     valid_data: torch.Tensor
     init_state: dict[str, torch.Tensor] | None = None  # train.init_from: the starting weights
 
@@ -467,15 +511,21 @@ def load_init_model(cfg: FLDDConfig, tracking: str) -> FLDDModel:
 def prepare_run(cfg: FLDDConfig, opts: LaunchOptions) -> PreparedRun:
     """Validate in the driver (naming the field), join Ray, start or continue the MLflow run."""
     cfg.validate()
+    cfg, described = resolve_data_shape(cfg)  # seq_len and vocab_size from the data, or agreeing with it
     validate_launch(cfg, opts)
     home = project_home()
     name = opts.name or default_run_name(cfg)
-    train_data, valid_data = load_splits(cfg)  # validates the data here, in the driver
+    if not opts.quiet:
+        print(described.summary(), flush=True)
+    train_data, valid_data = None, None
+    if not described.streams:  # built-in data, or a table split in memory: validated here, in the driver
+        train_data, valid_data = _data_in_memory(cfg, described)
+    train_rows = described.rows["train"] if train_data is None else len(train_data)
     world = max(opts.workers, 1)
     rows_per_micro = cfg.rows_per_micro_batch(world)
-    if len(train_data) // world < rows_per_micro:
+    if train_rows // world < rows_per_micro:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size}: each of {world} worker(s) needs "
-                          f"{rows_per_micro} rows per micro-batch, the training split has {len(train_data)}")
+                          f"{rows_per_micro} rows per micro-batch, the training split has {train_rows}")
     storage = _storage_path(opts, home)
     # before anything is written: a source that does not fit is bad input, named here. Only for a
     # run that has not started: a resume continues from its checkpoint (the source may have moved on)
@@ -484,6 +534,9 @@ def prepare_run(cfg: FLDDConfig, opts: LaunchOptions) -> PreparedRun:
     _check_resume_config(cfg, storage, name)
 
     init_ray(opts.address)
+    if described.streams:  # every file checked on the cluster, before the MLflow run or any training
+        validate_on_cluster(cfg, described)
+        valid_data = read_split(described.splits["valid"], cfg.data.column, cfg.seq_len, cfg.vocab_size)
     if opts.workers > 0 and len(ray.nodes()) > 1 and ("://" not in storage or "MLFLOW_TRACKING_URI" not in os.environ):
         log.warning("this Ray cluster has %d nodes: --storage must be shared by all of them (now %s) and "
                     "MLFLOW_TRACKING_URI should name a tracking server (README: running on a cluster)",
@@ -491,19 +544,54 @@ def prepare_run(cfg: FLDDConfig, opts: LaunchOptions) -> PreparedRun:
     tags = {"git_commit": git_commit(), "ray_version": ray.__version__, "torch_version": torch.__version__,
             "workers": opts.workers, "device": "gpu" if opts.gpu else "cpu", "method": cfg.process.method,
             PARAMETERIZATION_TAG: cfg.parameterization, DATASET_TAG: dataset_name(cfg),
-            "num_steps_T": cfg.process.num_steps, "storage": storage, **opts.tags}
+            "num_steps_T": cfg.process.num_steps, "storage": storage,
+            "ray_gcs_address": ray.get_runtime_context().gcs_address, **opts.tags}  # the cluster it ran on
     tracker, resumed = start_run(cfg, name, tags, home)
     if not opts.quiet:
         print(f"MLflow run {tracker.run_id} ({'resumed' if resumed else 'new'}), tracking {tracker.uri}", flush=True)
-    return PreparedRun(cfg, opts, name, storage, home, tracker, resumed, train_data, valid_data, init_state)
+    return PreparedRun(cfg, opts, name, storage, home, tracker, resumed, described, train_data, train_rows,
+                       valid_data, init_state)
+
+
+def _data_in_memory(cfg: FLDDConfig, described: DataDescription) -> tuple[torch.Tensor, torch.Tensor]:
+    if not described.splits:  # built-in
+        return load_builtin_split(cfg, "train"), load_builtin_split(cfg, "valid")
+    tokens = read_split(described.splits["all"], cfg.data.column, cfg.seq_len, cfg.vocab_size)
+    return split_in_memory(tokens, cfg, described.source)
+
+
+def validate_on_cluster(cfg: FLDDConfig, described: DataDescription) -> dict[str, int]:
+    """Check every file of a split table in parallel Ray tasks (one per file, each streaming over
+    its row groups); raise the first problem in file order, naming the file and row. Returns the
+    rows per split."""
+    check = ray.remote(num_cpus=READ_TASK_CPUS, max_retries=0)(_check_file)
+    column, D, K = cfg.data.column, cfg.seq_len, cfg.vocab_size
+    pending = [(split, check.remote(files, path, column, D, K))
+               for split, files in described.splits.items() for path in files.paths]
+    rows: dict[str, int] = {}
+    for split, ref in pending:
+        count, problem = ray.get(ref)
+        if problem is not None:
+            for _, other in pending:
+                ray.cancel(other)
+            raise DataError(problem)
+        rows[split] = rows.get(split, 0) + count
+    return rows
+
+
+def _check_file(files, path: str, column: str, seq_len: int, vocab_size: int) -> tuple[int, str | None]:
+    """One file's validation as a Ray task: (rows, None), or (0, the DataError's message)."""
+    try:
+        return check_token_file(files, path, column, seq_len, vocab_size), None
+    except DataError as error:
+        return 0, str(error)
 
 
 def build_trainer(run: PreparedRun, failure_marker: Path) -> TorchTrainer:
     """The one TorchTrainer for a prepared run; `opts.callbacks` joins its run callbacks (a Tune
     trial adds TuneReportCallback, so sweeps fit this same trainer)."""
     cfg, opts = run.cfg, run.opts
-    # a sorted user table must not give sorted batches: shuffle rows once here (seeded)
-    shuffled = torch.randperm(len(run.train_data), generator=torch.Generator().manual_seed(cfg.data.seed))
+    quiet_ray_data()
     cpus = max(1, int(opts.cpus_per_worker))
     return TorchTrainer(
         train_worker,
@@ -512,7 +600,9 @@ def build_trainer(run: PreparedRun, failure_marker: Path) -> TorchTrainer:
                            "run_storage_dir": None if "://" in run.storage else str(Path(run.storage) / run.name),
                            "keep_checkpoints": opts.keep_checkpoints,
                            "inject_failure_at_step": opts.inject_failure_at_step,
-                           "failure_marker": str(failure_marker), "init_state": run.init_state},
+                           "failure_marker": str(failure_marker), "init_state": run.init_state,
+                           "column": cfg.data.column if run.train_data is None else "tokens",
+                           "codec": run.data.codec.to_dict() if run.data.codec else None},
         scaling_config=ScalingConfig(num_workers=opts.workers, use_gpu=opts.gpu,
                                      resources_per_worker=None if opts.workers == 0 else
                                      {"CPU": opts.cpus_per_worker, **({"GPU": 1} if opts.gpu else {})}),
@@ -521,10 +611,43 @@ def build_trainer(run: PreparedRun, failure_marker: Path) -> TorchTrainer:
                                                                 checkpoint_score_attribute=SCORE,
                                                                 checkpoint_score_order="min"),
                              failure_config=FailureConfig(max_failures=opts.max_failures)),
-        datasets={"train": ray.data.from_numpy(run.train_data[shuffled].numpy()),
-                  "valid": ray.data.from_numpy(run.valid_data.numpy())},
+        datasets={"train": training_dataset(run), "valid": ray.data.from_arrow(token_table(run.valid_data, cfg.vocab_size))},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
+
+
+def quiet_ray_data() -> None:
+    """The training bar is the progress; Ray Data's per-dataset bars and execution lines (drawn by
+    every worker, every epoch) are noise unless --verbose. Datasets carry the driver's context."""
+    if logging.getLogger("ray").getEffectiveLevel() <= logging.INFO:
+        return
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.enable_operator_progress_bars = False
+    context.print_on_execution_start = False
+    context.enable_auto_log_stats = False
+
+
+def training_dataset(run: PreparedRun) -> ray.data.Dataset:
+    """The training split as a Ray Dataset: a split table streams from its files (never read whole by
+    the driver; the files' order is reshuffled every epoch); data in memory goes in shuffled once (a
+    sorted table must not give sorted batches)."""
+    cfg = run.cfg
+    if run.train_data is None:
+        files = run.data.splits["train"]
+        context = ray.data.DataContext.get_current()
+        # Ray Data's V2 Parquet reader plans a ListFiles task that asks for a whole CPU, which never
+        # comes while the Train workers hold every CPU (2 workers on 2 cores, a full sweep): the run
+        # hangs. The V1 reader's tasks take READ_TASK_CPUS.
+        previous, context.use_datasource_v2 = context.use_datasource_v2, False
+        try:
+            return ray.data.read_parquet(
+                list(files.paths), filesystem=files.filesystem, columns=[cfg.data.column], num_cpus=READ_TASK_CPUS,
+                shuffle=ray.data.FileShuffleConfig(seed=cfg.data.seed, reseed_after_execution=True))
+        finally:
+            context.use_datasource_v2 = previous
+    shuffled = torch.randperm(len(run.train_data), generator=torch.Generator().manual_seed(cfg.data.seed))
+    return ray.data.from_arrow(token_table(run.train_data[shuffled], cfg.vocab_size))
 
 
 def finish_run(run: PreparedRun, result: ray.train.Result, train_seconds: float) -> TrainOutcome:

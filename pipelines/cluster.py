@@ -1,0 +1,126 @@
+"""Joining an existing Ray cluster: a quick look at its address before `ray.init`.
+
+`ray.init(address="HOST:PORT")` fails slowly and says little. Against a cluster with token
+authentication (Ray 2.60 turns it on for `ray start --head` on a machine with ~/.ray/auth_token)
+a client without RAY_AUTH_MODE=token retries "InvalidAuthToken" for about 20 s, then raises a bare
+ConnectionError; with an explicit address Ray never turns token mode on by itself, even when the
+token is on this machine. An address where nothing listens keeps `ray.init` waiting for minutes.
+
+`prepare_connection` asks the cluster's GCS for its cluster id over gRPC (milliseconds), once
+without a token and, if refused, once with this machine's token, and then:
+- no token auth: nothing to do;
+- token auth and a matching token here (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token):
+  turns RAY_AUTH_MODE=token on for this process, as `ray start` and `ray.init()` do for a local one;
+- no token here, a token the cluster refuses, RAY_AUTH_MODE=disabled, nothing listening, or not a
+  Ray GCS: raises ClusterConnectionError at once, with what to do.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from fldd.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+AUTH_MODE_ENV = "RAY_AUTH_MODE"  # ray._private.authentication.authentication_token_setup.AUTH_MODE_ENV_VAR
+PROBE_TIMEOUT_S = 5.0
+TOKEN_HELP = ("put the cluster's token (on the head node: `ray get-auth-token`, or its ~/.ray/auth_token) in "
+              "~/.ray/auth_token on this machine, or in RAY_AUTH_TOKEN (or a file named by RAY_AUTH_TOKEN_PATH), "
+              "and set RAY_AUTH_MODE=token")
+
+
+class ClusterConnectionError(ConfigError):
+    """The Ray cluster at an address cannot be joined from here; the message says why and what to do."""
+
+
+def _probe(address: str, token_headers: dict[str, str] | None, timeout: float):
+    """(status code name, details) of one GetClusterId call to the GCS at `address`."""
+    import grpc
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    # no HTTP proxy: a proxy would answer for any address (seen here: "http2 header with status: 404")
+    with grpc.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)]) as channel:
+        stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+        try:
+            stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), timeout=timeout,
+                              metadata=list((token_headers or {}).items()))
+        except grpc.RpcError as error:
+            return error.code().name, error.details() or ""
+    return "OK", ""
+
+
+def _local_token_headers() -> dict[str, str]:
+    """The authorization header from this machine's token ({} when there is none)."""
+    from ray._raylet import AuthenticationTokenLoader
+
+    loader = AuthenticationTokenLoader.instance()
+    loader.reset_cache()  # RAY_AUTH_TOKEN / HOME may have changed since Ray first looked
+    try:
+        return dict(loader.get_token_for_http_header(ignore_auth_mode=True))
+    except Exception as error:  # an unreadable or malformed token file
+        raise ClusterConnectionError(f"cannot read this machine's Ray auth token: {error}; {TOKEN_HELP}") from error
+
+
+def _enable_token_mode() -> None:
+    """RAY_AUTH_MODE=token for this process (and what it starts), as Ray's own `_enable_token_auth`."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    os.environ[AUTH_MODE_ENV] = "token"
+    Config.initialize("")  # Ray caches its config: re-read the environment
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def prepare_connection(address: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Check that the Ray cluster at HOST:PORT (its GCS) can be joined from here; turn token mode on
+    when the cluster needs it and the token is here. Raises ClusterConnectionError otherwise.
+
+    `auto` and `ray://` addresses (and TLS clusters, RAY_USE_TLS) are left to `ray.init`."""
+    if address == "auto" or "://" in address or os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterConnectionError(f"Ray address {address!r}: expected HOST:PORT (the head's GCS port, "
+                                     "6379 unless `ray start --head --port` chose another), auto or ray://HOST:PORT")
+    code, details = _probe(address, None, timeout)
+    if code == "OK":
+        return
+    if code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+        raise ClusterConnectionError(
+            f"no Ray cluster answers at {address} ({details or code}): start one with "
+            f"`ray start --head --port={port}` on {host}, or give the head's address and GCS port "
+            "(`ray start --head` prints it)")
+    if code != "UNAUTHENTICATED":
+        raise ClusterConnectionError(f"{address} does not answer as a Ray cluster's GCS (gRPC {code}: {details}): "
+                                     "give the head's GCS address (HOST:PORT), not its dashboard or client port")
+    # the cluster runs with token authentication
+    mode = os.environ.get(AUTH_MODE_ENV)
+    if mode is not None and mode.lower() != "token":
+        raise ClusterConnectionError(f"the Ray cluster at {address} requires token authentication, but "
+                                     f"{AUTH_MODE_ENV}={mode} here: set {AUTH_MODE_ENV}=token (the token must be "
+                                     "on this machine: ~/.ray/auth_token or RAY_AUTH_TOKEN)")
+    headers = _local_token_headers()
+    if not headers:
+        raise ClusterConnectionError(f"the Ray cluster at {address} requires token authentication and this "
+                                     f"machine has no token: {TOKEN_HELP}")
+    code, details = _probe(address, headers, timeout)
+    if code == "UNAUTHENTICATED":
+        raise ClusterConnectionError(f"the Ray cluster at {address} refused this machine's auth token (from "
+                                     f"{_token_source()}): it is not the cluster's; {TOKEN_HELP}")
+    if code != "OK":
+        raise ClusterConnectionError(f"the Ray cluster at {address} did not answer with the token (gRPC {code}: "
+                                     f"{details})")
+    if mode is None:
+        log.info("the Ray cluster at %s uses token authentication: joining with this machine's token "
+                 "(RAY_AUTH_MODE=token)", address)
+        _enable_token_mode()
+
+
+def _token_source() -> str:
+    """Where Ray reads the token from, in its order: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "RAY_AUTH_TOKEN"
+    if os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return f"RAY_AUTH_TOKEN_PATH={os.environ['RAY_AUTH_TOKEN_PATH']}"
+    return "~/.ray/auth_token"
