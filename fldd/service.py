@@ -8,6 +8,7 @@ requests. A `RequestError` names the request field that is wrong.
 from __future__ import annotations
 
 import base64
+import logging
 import math
 import secrets
 import struct
@@ -19,15 +20,23 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fldd.codec import CodecError, TokenCodec
 from fldd.config import FLDDConfig
-from fldd.datasets import TEXT_ALPHABET, tokens_to_text
+from fldd.datasets import TEXT_ALPHABET
 from fldd.model import FLDDModel
 from fldd.sampler import Draw, sample_batch
 
-FORMATS = ("tokens", "text", "png")
+log = logging.getLogger(__name__)
+
+FORMATS = ("tokens", "text", "png", "rows")
 MAX_SEED = 2**63 - 1  # a signed 64-bit integer: what JSON clients and torch.manual_seed all take
 MASKING_METHODS = ("masked", "fldd-mask")  # forwards that only ever replace tokens by MASK
 IMAGE_DATASETS = ("digits", "digits-binary")  # built-ins whose sequences are square images
+# models trained on the built-in text before codecs were saved with models: token i is TEXT_ALPHABET[i]
+BUILTIN_TEXT_CODEC = TokenCodec("chars", TEXT_ALPHABET)
+FORMAT_NEEDS = {"text": "is for text models (a chars or bytes codec)",
+                "png": "is for image data (square sequences of pixels)",
+                "rows": "is for table models (a columns codec, from `fldd data prepare --csv`)"}
 
 
 class RequestError(ValueError):
@@ -89,19 +98,34 @@ class PreparedRequest:
     condition_mask: Tensor | None = None
 
 
-def data_kind(cfg: FLDDConfig) -> str:
-    """text | image | tokens: which output formats besides token ids make sense for the data."""
+def model_codec(cfg: FLDDConfig, codec: TokenCodec | None = None) -> TokenCodec | None:
+    """The codec that decodes a model's samples: its own (saved with it), else the built-in text's
+    alphabet for a model of the built-in text data set; None when the codec does not fit the model
+    (another vocabulary size, or a columns codec for another sequence length)."""
+    if codec is None and not cfg.data.path and cfg.data.name == "text":
+        codec = BUILTIN_TEXT_CODEC
+    if codec is None or codec.vocab_size != cfg.vocab_size:
+        return None
+    if codec.kind == "columns" and len(codec.columns) != cfg.seq_len:
+        return None
+    return codec
+
+
+def data_kind(cfg: FLDDConfig, codec: TokenCodec | None = None) -> str:
+    """text | rows | image | tokens: which output formats besides token ids make sense for the data
+    (`codec`: the model's, see model_codec)."""
+    codec = model_codec(cfg, codec)
+    if codec is not None:
+        return "text" if codec.is_text else "rows"
     if cfg.data.path:
         return "tokens"
-    if cfg.data.name == "text":
-        return "text"
     side = math.isqrt(cfg.seq_len)
     return "image" if cfg.data.name in IMAGE_DATASETS and side * side == cfg.seq_len else "tokens"
 
 
-def formats_for(cfg: FLDDConfig) -> tuple[str, ...]:
-    kind = data_kind(cfg)
-    return ("tokens",) + (("text",) if kind == "text" else ()) + (("png",) if kind == "image" else ())
+def formats_for(cfg: FLDDConfig, codec: TokenCodec | None = None) -> tuple[str, ...]:
+    kind = data_kind(cfg, codec)
+    return ("tokens",) + {"text": ("text",), "rows": ("rows",), "image": ("png",)}.get(kind, ())
 
 
 def conditioning_supported(cfg: FLDDConfig) -> bool:
@@ -136,7 +160,12 @@ class SamplerService:
         self.model = model.eval().requires_grad_(False)
         self.limits = limits or Limits()
         self.config = model.config
-        self.formats = formats_for(self.config)
+        self.codec = model_codec(self.config, model.codec)  # None: samples are token ids only
+        if model.codec is not None and self.codec is None:
+            log.warning("the model's %s codec (vocabulary %d) does not fit its vocab_size=%d / seq_len=%d: "
+                        "samples are served as token ids only", model.codec.kind, model.codec.vocab_size,
+                        self.config.vocab_size, self.config.seq_len)
+        self.formats = formats_for(self.config, self.codec)
 
     @property
     def num_steps(self) -> int:
@@ -144,7 +173,7 @@ class SamplerService:
 
     def prepare(self, request: GenerationRequest) -> PreparedRequest:
         """Check a request against the limits and this model; RequestError names the field."""
-        cfg, limits = self.config, self.limits
+        limits = self.limits
         n = request.num_samples
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= limits.max_num_samples:
             raise RequestError("num_samples", f"{n!r}: must be an integer in [1, {limits.max_num_samples}]")
@@ -156,9 +185,8 @@ class SamplerService:
         if request.format not in FORMATS:
             raise RequestError("format", f"{request.format!r}: must be one of {list(FORMATS)}")
         if request.format not in self.formats:
-            why = {"text": "is for text models", "png": "is for image data (square sequences of pixels)"}
-            raise RequestError("format", f"{request.format!r} {why[request.format]}; this model "
-                               f"({cfg.data.name}) offers {list(self.formats)}")
+            raise RequestError("format", f"{request.format!r} {FORMAT_NEEDS[request.format]}; this model "
+                               f"({self._data_name()}) offers {list(self.formats)}")
         condition, mask = self._clamp(request)
         return PreparedRequest(n, seed, request.format, condition, mask)
 
@@ -209,21 +237,29 @@ class SamplerService:
         mask[positions] = True
         return condition, mask
 
+    def _data_name(self) -> str:
+        return self.config.data.path or self.config.data.name
+
     def _prefix_tokens(self, prefix: str) -> tuple[list[int], list[int]]:
         D = self.config.seq_len
-        if data_kind(self.config) != "text":
+        codec = self.codec
+        if codec is None or not codec.is_text:
             raise RequestError("prefix", f"a text prefix is for text models; this model's data is "
-                               f"{self.config.data.name!r}: use conditioning {{positions, tokens}}")
+                               f"{self._data_name()!r}: use conditioning {{positions, tokens}}")
         if not isinstance(prefix, str) or not prefix:
             raise RequestError("prefix", "must be a non-empty string")
-        if len(prefix) > min(D - 1, self.limits.max_prefix_chars):
-            raise RequestError("prefix", f"{len(prefix)} characters: longer than the sequence allows "
+        if len(prefix) > self.limits.max_prefix_chars:
+            raise RequestError("prefix", f"{len(prefix)} characters: longer than limits.max_prefix_chars="
+                               f"{self.limits.max_prefix_chars}")
+        try:
+            tokens = codec.encode(prefix)
+        except CodecError as error:
+            raise RequestError("prefix", str(error)) from None
+        if len(tokens) > D - 1:
+            unit = "bytes" if codec.kind == "bytes" else "characters"
+            raise RequestError("prefix", f"{len(tokens)} {unit}: longer than the sequence allows "
                                f"(at most {D - 1} of {D}, leaving one to generate)")
-        outside = sorted({ch for ch in prefix if ch not in TEXT_ALPHABET})
-        if outside:
-            raise RequestError("prefix", f"characters {''.join(outside)!r} are outside the alphabet "
-                               "(lowercase a-z and space)")
-        return list(range(len(prefix))), [TEXT_ALPHABET.index(ch) for ch in prefix]
+        return list(range(len(tokens))), tokens
 
     def generate(self, requests: Sequence[PreparedRequest]) -> list[Tensor]:
         """Samples (n, D) per prepared request, in order: batched passes of at most
@@ -243,9 +279,13 @@ class SamplerService:
         return out
 
     def render(self, tokens: Tensor, format: str) -> list:
-        """Samples in a response format: token id lists, strings, or base64 PNGs."""
-        if format == "text":
-            return tokens_to_text(tokens)
+        """Samples in a response format: token id lists, strings (text), {column: category} objects
+        (rows; None for an id past that column's categories), or base64 PNGs."""
+        if format in ("text", "rows"):
+            if format not in self.formats:  # prepare() refuses these; a direct caller gets the same words
+                raise RequestError("format", f"{format!r} {FORMAT_NEEDS[format]}; this model offers "
+                                   f"{list(self.formats)}")
+            return [self.codec.decode(row) for row in tokens.tolist()]
         if format == "png":
             return [png_base64(row, self.config.vocab_size) for row in tokens]
         return tokens.tolist()

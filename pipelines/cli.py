@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
+from fldd.codec import CodecError
 from fldd.config import PARAMETERIZATIONS, ConfigError, FLDDConfig
-from fldd.data import DataError, load_splits, load_test_split
+from fldd.data import DataError, load_test_split, load_valid_split, resolve_data_shape
 from fldd.model import CheckpointError, FLDDModel
 from fldd.sampler import sample
 from pipelines.demo import DEMO_MODEL
@@ -48,7 +49,8 @@ def build_config(args: argparse.Namespace) -> FLDDConfig:
         overrides["train.seed"] = args.seed
     if getattr(args, "init_from", None):
         overrides["train.init_from"] = args.init_from
-    return cfg.with_overrides(overrides).with_overrides(args.set or [])
+    cfg = cfg.with_overrides(overrides).with_overrides(args.set or [])
+    return resolve_data_shape(cfg)[0]  # seq_len and vocab_size from the data (DataError if stated otherwise)
 
 
 def format_samples(tokens: torch.Tensor) -> str:
@@ -81,7 +83,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipelines.reports import evaluate_model
 
     model, run_id = load_model(args)
-    held_out = load_splits(model.config)[1] if args.split == "valid" else load_test_split(model.config)
+    held_out = load_valid_split(model.config) if args.split == "valid" else load_test_split(model.config)
     measured = evaluate_model(model, held_out, passes=args.passes, seed=args.seed)
     # every key names the split it was measured on (evaluate_model calls its NELBO keys valid_*)
     metrics = {f"{args.split}_{k.removeprefix('valid_')}": v for k, v in measured.items()}
@@ -96,20 +98,100 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def decode_samples(model: FLDDModel, tokens: torch.Tensor, fmt: str = "auto") -> tuple[str, list]:
+    """(format, samples): token id lists, strings (text) or {column: category} objects (rows), with
+    the model's codec; `auto` decodes whenever the model has one."""
+    from fldd.service import model_codec
+
+    codec = model_codec(model.config, model.codec)
+    if fmt == "auto":
+        fmt = "tokens" if codec is None else "text" if codec.is_text else "rows"
+    if fmt == "tokens":
+        return fmt, tokens.tolist()
+    if codec is None or codec.is_text != (fmt == "text"):
+        has = "no codec (its samples are token ids only)" if codec is None else f"a {codec.kind} codec"
+        raise CodecError(f"--format {fmt}: this model has {has}; use --format "
+                         f"{'tokens' if codec is None else 'text' if codec.is_text else 'rows'}")
+    return fmt, [codec.decode(row) for row in tokens.tolist()]
+
+
+def sample_lines(fmt: str, samples: list) -> tuple[list[str], bool]:
+    """One line per sample, and whether text samples were written as JSON strings (because some
+    hold newlines or other control characters)."""
+    if fmt == "tokens":
+        return [" ".join(str(v) for v in row) for row in samples], False
+    if fmt == "rows":
+        return [json.dumps(row, ensure_ascii=False) for row in samples], False
+    quoted = not all(text.isprintable() for text in samples)
+    return [json.dumps(text, ensure_ascii=False) if quoted else text for text in samples], quoted
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     model, _ = load_model(args)
     tokens = sample(model, args.num_samples, generator=torch.Generator().manual_seed(args.seed))
-    if not args.out:
-        print(format_samples(tokens))
-    elif args.out.endswith(".png"):
+    out = args.out or ""
+    if out.endswith(".png"):
         from pipelines.reports import save_tokens_picture
 
-        save_tokens_picture(tokens, model.config.vocab_size, Path(args.out), title=f"T={model.num_steps}")
-        print(f"wrote a picture of {args.num_samples} samples to {args.out}")
+        save_tokens_picture(tokens, model.config.vocab_size, Path(out), title=f"T={model.num_steps}")
+        print(f"wrote a picture of {args.num_samples} samples to {out}")
+        return 0
+    if out and not out.endswith((".jsonl", ".txt")):
+        Path(out).write_text(json.dumps(tokens.tolist()))
+        print(f"wrote {args.num_samples} samples (token ids, JSON) to {out}")
+        return 0
+    fmt, samples = decode_samples(model, tokens, args.format)
+    if out.endswith(".jsonl"):
+        Path(out).write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples), encoding="utf-8")
+        print(f"wrote {args.num_samples} samples ({fmt}, one JSON value per line) to {out}")
+        return 0
+    lines, quoted = sample_lines(fmt, samples)
+    if quoted:
+        print("(samples hold newlines or other control characters: each is written as a JSON string)", file=sys.stderr)
+    if out:
+        Path(out).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        print(f"wrote {args.num_samples} samples ({fmt}, one per line) to {out}")
+    elif fmt == "tokens":
+        print(format_samples(tokens))
     else:
-        Path(args.out).write_text(json.dumps(tokens.tolist()))
-        print(f"wrote {args.num_samples} samples (token ids, JSON) to {args.out}")
+        print("\n".join(lines))
     return 0
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from fldd.prepare import prepare_csv, prepare_text
+
+    common = {"valid_fraction": args.valid_fraction, "test_fraction": args.test_fraction, "seed": args.seed,
+              "force": args.force}
+    if args.csv:
+        text_only = [flag for flag, given in (("--seq-len", args.seq_len is not None), ("--alphabet", args.alphabet
+                     is not None), ("--bytes", args.bytes), ("--unknown", args.unknown is not None),
+                     ("--lowercase", args.lowercase)) if given]
+        if text_only:
+            raise DataError(f"{', '.join(text_only)}: for --text only (a CSV row holds one token per --columns "
+                            "entry)")
+        columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
+        result = prepare_csv(args.csv, columns, args.out, **common)
+    else:
+        if args.columns:
+            raise DataError("--columns: for --csv only")
+        result = prepare_text(args.text, args.out, seq_len=64 if args.seq_len is None else args.seq_len,
+                              alphabet=args.alphabet, use_bytes=args.bytes, unknown=args.unknown,
+                              lowercase=args.lowercase, **common)
+    print(result.summary())
+    where = Path(result.out).resolve()
+    print(f"next:\n  fldd data inspect {where}\n  fldd train --config text --set data.path={where}"
+          "   # seq_len, vocab_size and codec come from the table")
+    return 0
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    """Exit 0: a sound table; 1: problems found (listed); 2: unreadable."""
+    from fldd.prepare import format_inspect, inspect_data
+
+    report = inspect_data(args.path, column=args.column, top=args.top)
+    print(json.dumps(report, indent=2, ensure_ascii=False) if args.json else format_inspect(report))
+    return 1 if report["problems"] else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -274,8 +356,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("-n", "--num-samples", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="write to FILE: .png for a picture, anything else for JSON token ids")
+    p.add_argument("--out", help="write to FILE: .png a picture of the token ids, .jsonl one sample per line as "
+                   "JSON, .txt one sample per line (as printed), anything else a JSON list of token ids")
     p.set_defaults(func=cmd_sample)
+
+    p.add_argument("--format", choices=["auto", "tokens", "text", "rows"], default="auto",
+                   help="how samples are printed or written to .txt/.jsonl: auto (default) decodes them with the "
+                   "model's codec (text models: strings; table models: {column: category} objects), tokens keeps "
+                   "the ids")
+
+    add_data_parser(sub)
 
     p = sub.add_parser(
         "demo", help="the whole pipeline on one machine: sweep, promotion, Serve, HTTP requests (a few minutes)",
@@ -379,6 +469,86 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DATA_PREPARE_HELP = """\
+Turn text files or a categorical CSV table into a token table that `fldd train` reads as is:
+DIR/train.parquet, DIR/valid.parquet, DIR/test.parquet (column "tokens", fixed-length lists of
+int64, schema metadata fldd.vocab_size and fldd.codec) and DIR/fldd_data.json describing them.
+
+text: the files (in the order given; globs are expanded, '**' recurses) are read as one stream
+and cut into non-overlapping rows of --seq-len tokens; the tail shorter than that is dropped
+(and reported). Tokens are characters (UTF-8, line endings read as \\n) over an alphabet - by
+default the sorted set of characters found in the corpus; with --alphabet, a character outside it
+is an error naming file, line and column, unless --unknown CHAR maps such characters to CHAR -
+or bytes (--bytes: vocabulary 256, any encoding).
+
+csv: one row per record, one token per --columns entry (position j = column j). Each column's
+vocabulary is its sorted distinct values as strings (an empty cell is the category ""); token ids
+start at 0 in every column; vocab_size is the largest column's.
+
+splits: blocks of up to 32 consecutive rows (fewer for small data) go whole to train, valid or
+test, drawn with --seed, so neighbouring rows rarely straddle two splits. Every split must be
+non-empty. The input is read twice, a block at a time: memory does not grow with the corpus."""
+
+
+def add_data_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="prepare text or CSV files as token tables, and inspect token tables",
+                       description="Prepare text or categorical CSV files as token tables (train/valid/test with a "
+                       "codec that decodes samples back to text or table rows), and inspect token tables.")
+    data = p.add_subparsers(dest="data_command", required=True, metavar="{prepare,inspect}")
+
+    q = data.add_parser(
+        "prepare", help="text files or a CSV table -> DIR/{train,valid,test}.parquet + fldd_data.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter, description=DATA_PREPARE_HELP,
+        epilog="exit status: 0 written, 2 bad input (one line naming the problem).\n"
+        "examples:\n  fldd data prepare --text 'corpus/**/*.txt' --out data/corpus --seq-len 128\n"
+        "  fldd data prepare --text notes.md --out data/notes --alphabet 'abcdefghijklmnopqrstuvwxyz .' "
+        "--lowercase --unknown ' '\n"
+        "  fldd data prepare --text dump.bin --bytes --out data/bytes\n"
+        "  fldd data prepare --csv survey.csv --columns age_band,region,answer --out data/survey\n"
+        "then: fldd data inspect data/corpus; fldd train --config text --set data.path=$PWD/data/corpus")
+    source = q.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", nargs="+", metavar="FILE_OR_GLOB", help="text files (quote globs)")
+    source.add_argument("--csv", nargs="+", metavar="FILE_OR_GLOB",
+                        help="CSV file(s) with a header row (several files need the chosen columns)")
+    q.add_argument("--out", required=True, metavar="DIR", help="output directory (new or empty, else --force)")
+    q.add_argument("--columns", metavar="A,B,C", help="--csv: the columns to keep, in order (comma-separated)")
+    q.add_argument("--seq-len", type=int, metavar="N", help="--text: tokens per row (default 64)")
+    vocabulary = q.add_mutually_exclusive_group()
+    vocabulary.add_argument("--alphabet", metavar="CHARS", help="--text: the characters, token i = CHARS[i] "
+                            "(in bash, $'...' writes a newline as \\n); default: those found in the corpus")
+    vocabulary.add_argument("--bytes", action="store_true", help="--text: byte-level tokens (vocabulary 256)")
+    q.add_argument("--unknown", metavar="CHAR", help="--text with --alphabet: map characters outside the alphabet "
+                   "to CHAR (one of the alphabet) instead of stopping with an error")
+    q.add_argument("--lowercase", action="store_true", help="--text: lowercase the text first")
+    q.add_argument("--valid-fraction", type=float, default=0.05, metavar="F",
+                   help="share of rows held out for validation (default 0.05)")
+    q.add_argument("--test-fraction", type=float, default=0.05, metavar="F",
+                   help="share of rows held out for the final test (default 0.05)")
+    q.add_argument("--seed", type=int, default=0, metavar="S", help="which blocks go to which split (default 0)")
+    q.add_argument("--force", action="store_true", help="write into a non-empty DIR (replacing the splits and "
+                   "fldd_data.json there; other files are left alone)")
+    q.set_defaults(func=cmd_data_prepare)
+
+    q = data.add_parser(
+        "inspect", help="rows per split, shape, vocabulary, codec, token histogram, copies across splits, examples",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Report on a token table: a prepared directory, any directory with train/valid/test splits\n"
+        "(split.parquet files or split/ directories), any other directory of .parquet files, or one file.\n"
+        "Rows per split, sequence length, vocabulary size and where it comes from (the fldd.vocab_size\n"
+        "metadata, else the largest token + 1), the codec, the most frequent tokens (decoded where a\n"
+        "codec exists), how many valid/test rows are exact copies of a train row (64-bit row hashes), and\n"
+        "decoded example rows. Streams over row groups: memory grows only with the train rows' hashes.",
+        epilog="exit status: 0 no problems, 1 problems found (listed as `problem:`), 2 unreadable table.")
+    q.add_argument("path", metavar="DIR_OR_FILE")
+    q.add_argument("--json", action="store_true", help="machine-readable output")
+    q.add_argument("--column", default="tokens", help="the token column (default tokens)")
+    q.add_argument("--top", type=int, default=10, metavar="N", help="tokens in the histogram (default 10)")
+    q.set_defaults(func=cmd_data_inspect)
+    for command in data.choices.values():
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="show INFO logs")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pipelines.logs import quiet_logs
@@ -395,8 +565,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_TRACKING_URI", tracking_uri())
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, DataError, FileNotFoundError) as error:
-        print(f"fldd {args.command}: error: {error}", file=sys.stderr)
+    except (ConfigError, CheckpointError, DataError, CodecError, FileNotFoundError) as error:
+        command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
+        print(f"fldd {command}: error: {error}", file=sys.stderr)
         return 2
     except Exception as error:  # training failures: one clear line, details above in the log
         from mlflow.exceptions import MlflowException

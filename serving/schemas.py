@@ -55,8 +55,11 @@ class GenerateRequest(BaseModel):
         None, description="same seed and same model version -> same samples (default: random, returned)")
     conditioning: Conditioning | None = None
     prefix: StrictStr | None = Field(None, min_length=1, max_length=4096,
-                                     description="text models: a prefix to complete (a-z and space)")
-    format: Literal[FORMATS] = Field("tokens", description="tokens | text (text models) | png (image data, base64)")
+                                     description="text models: a prefix to complete, in the model's alphabet "
+                                     "(the built-in text: a-z and space)")
+    format: Literal[FORMATS] = Field("tokens", description="tokens | text (text models: a chars or bytes codec) | "
+                                     "png (image data, base64) | rows (table models: one {column: category} "
+                                     "object per sample)")
 
 
 class GenerateResponse(BaseModel):
@@ -66,7 +69,9 @@ class GenerateResponse(BaseModel):
     steps: int
     seed: int
     format: str
-    samples: list[list[int]] | list[str] = Field(description="token ids, strings, or base64 PNGs per sample")
+    samples: list[list[int]] | list[str] | list[dict[str, str | None]] = Field(
+        description="per sample: token ids, a string (text, or a base64 PNG), or a {column: category} object "
+        "(rows; null for a token past that column's categories)")
     tokens: list[list[int]] = Field(description="token ids per sample, whatever the format")
     batch_requests: int = Field(description="requests that shared this sampling pass")
     elapsed_s: float = Field(description="time taken inside the server, seconds")

@@ -45,6 +45,17 @@ def test_save_load_round_trip(tmp_path, variant):
     assert loaded.config == model.config
 
 
+def test_codec_survives_save_and_load(tmp_path):
+    from fldd.codec import TokenCodec
+
+    codec = TokenCodec("columns", columns=("size", "colour"), categories=(("L", "M", "S"), ("blue", "réd")))
+    model = FLDDModel(tiny_config(K=3, D=2), codec=codec)
+    model.save(tmp_path / "with.pt")
+    assert FLDDModel.load(tmp_path / "with.pt").codec == codec
+    FLDDModel(tiny_config()).save(tmp_path / "without.pt")
+    assert FLDDModel.load(tmp_path / "without.pt").codec is None
+
+
 def test_load_errors(tmp_path):
     model = tiny_model(T=3, double=False)
     path = tmp_path / "model.pt"

@@ -7,11 +7,12 @@ import zlib
 import pytest
 import torch
 
+from fldd.codec import TokenCodec
 from fldd.config import FLDDConfig
 from fldd.model import FLDDModel
 from fldd.sampler import sample
 from fldd.service import GenerationRequest, Limits, RequestError, SamplerService, png_base64
-from tests.conftest import tiny_model
+from tests.conftest import tiny_config, tiny_model
 
 
 def masked_service(**limits) -> SamplerService:
@@ -66,6 +67,7 @@ def test_sampling_never_touches_the_model_mode_or_gradients():
     ({"format": "gif"}, "format", "one of"),
     ({"format": "text"}, "format", "text models"),
     ({"format": "png"}, "format", "image data"),
+    ({"format": "rows"}, "format", "table models"),
     ({"positions": [1]}, "conditioning.tokens", "together"),
     ({"positions": [1, 2], "tokens": [1]}, "conditioning.tokens", "same length"),
     ({"positions": [6], "tokens": [1]}, "conditioning.positions", "outside [0, 6)"),
@@ -89,9 +91,10 @@ def test_conditioning_needs_a_masking_forward():
 
 
 def test_text_prefix_and_format():
-    cfg = FLDDConfig.from_yaml("configs/text.yaml").with_overrides(
-        {"process.method": "masked", "process.num_steps": 2, "reverse_network.arch": "mlp",
-         "reverse_network.width": 16, "forward_network.arch": "mlp", "forward_network.width": 16})
+    cfg = FLDDConfig.from_yaml("configs/text.yaml").with_overrides(  # a model from before codecs: none saved
+        {"seq_len": 64, "vocab_size": 27, "process.method": "masked", "process.num_steps": 2,
+         "reverse_network.arch": "mlp", "reverse_network.width": 16, "forward_network.arch": "mlp",
+         "forward_network.width": 16})
     service = SamplerService(FLDDModel(cfg))
     assert service.formats == ("tokens", "text")
     prepared, tokens = service(GenerationRequest(num_samples=2, seed=0, prefix="hi there", format="text"))
@@ -117,3 +120,58 @@ def test_limits_from_config():
         Limits.from_dict({"max_num_samples": 100, "max_batch_rows": 10})
     with pytest.raises(ValueError, match="limits.max_num_samples"):
         Limits.from_dict({"max_num_samples": 0})
+
+
+def codec_service(codec: TokenCodec, *, K: int, D: int, method: str = "masked") -> SamplerService:
+    torch.manual_seed(0)
+    return SamplerService(FLDDModel(tiny_config({"process.method": method}, T=2, K=K, D=D), codec=codec))
+
+
+def test_chars_codec_decodes_text_and_encodes_the_prefix():
+    alphabet = "\n abcdeé."
+    service = codec_service(TokenCodec("chars", alphabet), K=len(alphabet), D=12)
+    assert service.formats == ("tokens", "text")
+    prepared, tokens = service(GenerationRequest(num_samples=3, seed=1, prefix="é\nab", format="text"))
+    assert prepared.condition[:4].tolist() == [alphabet.index(ch) for ch in "é\nab"]
+    texts = service.render(tokens, "text")
+    assert texts == ["".join(alphabet[t] for t in row) for row in tokens.tolist()]
+    assert all(text.startswith("é\nab") and len(text) == 12 for text in texts)
+    with pytest.raises(RequestError, match="'Zx' are outside the alphabet") as caught:
+        service.prepare(GenerationRequest(prefix="axZ"))
+    assert caught.value.field == "prefix"
+    with pytest.raises(RequestError, match="12 characters: longer than"):
+        service.prepare(GenerationRequest(prefix="a" * 12))
+
+
+def test_bytes_codec_prefix_counts_bytes():
+    service = codec_service(TokenCodec("bytes"), K=256, D=6)
+    assert service.formats == ("tokens", "text")
+    prepared, tokens = service(GenerationRequest(num_samples=2, seed=0, prefix="é!", format="text"))
+    assert prepared.condition[:3].tolist() == list("é!".encode()) and prepared.condition_mask.sum() == 3
+    assert all(text.startswith("é!") for text in service.render(tokens, "text"))
+    with pytest.raises(RequestError, match="6 bytes: longer than"):
+        service.prepare(GenerationRequest(prefix="ééé"))
+
+
+def test_columns_codec_offers_rows():
+    codec = TokenCodec("columns", columns=("size", "colour"), categories=(("L", "M", "S"), ("blue", "red")))
+    service = codec_service(codec, K=3, D=2)
+    assert service.formats == ("tokens", "rows")
+    _, tokens = service(GenerationRequest(num_samples=50, seed=0, format="rows", positions=[1], tokens=[1]))
+    rows = service.render(tokens, "rows")
+    assert all(row["colour"] == "red" and row["size"] in ("L", "M", "S") for row in rows)
+    assert rows == [codec.decode(row) for row in tokens.tolist()]
+    assert codec.decode([0, 2]) == {"size": "L", "colour": None}  # an id past the column's categories
+    for request, field, message in ((GenerationRequest(format="text"), "format", "text models"),
+                                    (GenerationRequest(format="png"), "format", "image data"),
+                                    (GenerationRequest(prefix="L"), "prefix", "text models")):
+        with pytest.raises(RequestError, match=message) as caught:
+            service.prepare(request)
+        assert caught.value.field == field
+
+
+def test_a_codec_that_does_not_fit_the_model_is_ignored():
+    service = codec_service(TokenCodec("chars", "abc"), K=4, D=3)  # 3 symbols, vocabulary 4
+    assert service.codec is None and service.formats == ("tokens",)
+    with pytest.raises(RequestError, match="text models"):
+        service.render(torch.zeros(1, 3, dtype=torch.long), "text")

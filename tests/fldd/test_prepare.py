@@ -1,0 +1,343 @@
+"""fldd.prepare and `fldd data`: text and CSV files as token tables (round trips through
+fldd.data.read_token_table and the codec), seeded block splits, errors that name the problem, and
+the streaming inspect report."""
+
+import csv
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import fldd.prepare as prepare
+from fldd.codec import CODEC_KEY, CodecError, TokenCodec, codec_from_metadata
+from fldd.data import read_token_table
+from fldd.prepare import SPLITS, inspect_data, plan_splits, prepare_csv, prepare_text
+from fldd.token_table import VOCAB_KEY, DataError
+from pipelines.cli import main
+
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "naïve", "café", "—", "42"]
+
+
+def corpus_files(tmp_path, count=3, words=4000):
+    """Files of pseudo-random text with newlines; returns (paths, their concatenation)."""
+    rng = np.random.default_rng(1)
+    texts = []
+    for i in range(count):
+        picked = rng.choice(WORDS, size=words // count)
+        texts.append("".join(w + ("\n" if rng.random() < 0.1 else " ") for w in picked))
+    paths = []
+    for i, text in enumerate(texts):
+        path = tmp_path / "corpus" / f"part{i}.txt"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        paths.append(path)
+    return paths, "".join(texts)
+
+
+def expected_splits(chunks, valid_fraction, test_fraction, seed):
+    plan = plan_splits(len(chunks), valid_fraction, test_fraction, seed)
+    which = plan.assignment[np.arange(len(chunks)) // plan.block_rows]
+    return {name: [c for c, w in zip(chunks, which) if w == i] for i, name in enumerate(SPLITS)}, plan
+
+
+def decoded_splits(out, codec=None):
+    result = {}
+    for split in SPLITS:
+        tokens, vocab = read_token_table(out / f"{split}.parquet")
+        metadata = pq.read_schema(out / f"{split}.parquet").metadata
+        found = codec_from_metadata(metadata)
+        assert codec is None or found == codec
+        assert vocab == found.vocab_size == int(metadata[VOCAB_KEY])
+        result[split] = [found.decode(row) for row in tokens.tolist()]
+    return result
+
+
+@pytest.mark.parametrize("read_chars", [7, prepare.READ_CHARS])
+def test_text_round_trip(tmp_path, monkeypatch, read_chars):
+    monkeypatch.setattr(prepare, "READ_CHARS", read_chars)  # 7: rows, lines and the carry cross block ends
+    paths, text = corpus_files(tmp_path)
+    out = tmp_path / "out"
+    result = prepare_text([str(tmp_path / "corpus" / "*.txt")], out, seq_len=16, valid_fraction=0.1,
+                          test_fraction=0.1, seed=3)
+    assert result.sources == [str(p) for p in paths]
+    codec = TokenCodec("chars", "".join(sorted(set(text))))
+    assert result.vocabulary_from == "corpus" and result.token_codec == codec
+    chunks = [text[i:i + 16] for i in range(0, len(text) - 15, 16)]
+    want, plan = expected_splits(chunks, 0.1, 0.1, 3)
+    assert decoded_splits(out, codec) == want
+    assert result.tokens_dropped == len(text) % 16 and result.tokens_total == len(text)
+    assert result.rows == {name: len(rows) for name, rows in want.items()} and all(result.rows.values())
+    described = json.loads((out / "fldd_data.json").read_text())
+    assert described["rows"] == result.rows and described["codec"] == codec.to_dict()
+    assert described["tokens_dropped"] == len(text) % 16 and described["seed"] == 3 and described["seq_len"] == 16
+    schema = pq.read_schema(out / "train.parquet")
+    assert schema.field("tokens").type == pa.list_(pa.int64(), 16)
+    assert json.loads(schema.metadata[CODEC_KEY]) == codec.to_dict()
+
+
+def test_bytes_round_trip_and_lowercase(tmp_path):
+    raw = ("Ünïcode AND ascii\r\n" * 300).encode("utf-8")
+    (tmp_path / "a.bin").write_bytes(raw)
+    result = prepare_text([str(tmp_path / "a.bin")], tmp_path / "out", seq_len=10, use_bytes=True, lowercase=True)
+    assert result.vocab_size == 256 and result.token_codec == TokenCodec("bytes")
+    chunks = [raw.lower()[i:i + 10] for i in range(0, len(raw) - 9, 10)]
+    want, _ = expected_splits(chunks, 0.05, 0.05, 0)
+    for split in SPLITS:
+        tokens, vocab = read_token_table(tmp_path / "out" / f"{split}.parquet")
+        assert vocab == 256 and [bytes(row) for row in tokens.tolist()] == want[split]
+
+
+def test_given_alphabet_unknown_characters(tmp_path):
+    (tmp_path / "a.txt").write_text("abc\nab\nabXc\n")
+    with pytest.raises(DataError, match=r"a\.txt:3:3: character 'X' \(U\+0058\) is not in the alphabet"):
+        prepare_text([str(tmp_path / "a.txt")], tmp_path / "out", seq_len=2, alphabet="abc\n")
+    assert not (tmp_path / "out" / "train.parquet").exists()
+    (tmp_path / "b.txt").write_text("abc\nabXc" * 40)
+    result = prepare_text([str(tmp_path / "b.txt")], tmp_path / "out2", seq_len=4, alphabet="\nabc", unknown="c")
+    assert result.unknown_replaced == 40 and result.vocabulary_from == "--alphabet"
+    decoded = [s for rows in decoded_splits(tmp_path / "out2").values() for s in rows]
+    assert sorted(decoded) == sorted(["abc\n", "abcc"] * 40)
+
+
+def test_seeds_choose_blocks(tmp_path):
+    _, text = corpus_files(tmp_path, count=1, words=6000)
+    path = str(tmp_path / "corpus" / "part0.txt")
+    tables = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        prepare_text([path], tmp_path / name, seq_len=4, seed=seed)
+        tables[name] = {s: read_token_table(tmp_path / name / f"{s}.parquet")[0] for s in SPLITS}
+    assert all((tables["a"][s] == tables["b"][s]).all() for s in SPLITS)
+    a, c = tables["a"]["valid"], tables["c"]["valid"]
+    assert a.shape != c.shape or (a != c).any()
+    # whole blocks of consecutive rows go to one split: runs of a split are whole blocks
+    plan = plan_splits(len(text) // 4, 0.05, 0.05, 0)
+    assert plan.block_rows == 32
+    which = plan.assignment[np.arange(len(text) // 4) // plan.block_rows]
+    starts = np.flatnonzero(np.diff(which)) + 1
+    assert (starts % plan.block_rows == 0).all() and len(starts) > 4
+
+
+def test_plan_splits_small_and_invalid():
+    plan = plan_splits(3, 0.05, 0.05, seed=0)
+    assert plan.block_rows == 1 and sorted(plan.assignment.tolist()) == [0, 1, 2]
+    plan = plan_splits(100, 0.05, 0.05, seed=0)  # blocks shrink so each held-out split gets about two
+    assert plan.block_rows == 2 and (plan.assignment == 1).sum() >= 2
+    with pytest.raises(DataError, match="too few to fill train, valid and test"):
+        plan_splits(2, 0.05, 0.05, seed=0)
+    with pytest.raises(DataError, match="--valid-fraction=0: must be in"):
+        plan_splits(100, 0, 0.05, seed=0)
+    with pytest.raises(DataError, match="leave nothing to train on"):
+        plan_splits(100, 0.5, 0.5, seed=0)
+
+
+def write_csv(path, rows, header=("id", "size", "colour", "note")):
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def test_csv_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = [[str(i), str(rng.choice(["S", "M", "L", "XL"])), str(rng.choice(["red", "blue", ""])),
+             str(rng.choice(["a, quoted", "é", "plain"]))] for i in range(400)]
+    write_csv(tmp_path / "t.csv", rows)
+    result = prepare_csv([str(tmp_path / "t.csv")], ["note", "size", "colour"], tmp_path / "out", seed=5)
+    codec = result.token_codec
+    assert codec.columns == ("note", "size", "colour")
+    assert codec.categories == (("a, quoted", "plain", "é"), ("L", "M", "S", "XL"), ("", "blue", "red"))
+    assert result.vocab_size == 4 and result.seq_len == 3
+    records = [{"note": r[3], "size": r[1], "colour": r[2]} for r in rows]
+    want, _ = expected_splits(records, 0.05, 0.05, 5)
+    assert decoded_splits(tmp_path / "out", codec) == want
+    assert sum(result.rows.values()) == 400 and all(result.rows.values())
+
+
+def test_csv_errors(tmp_path):
+    write_csv(tmp_path / "t.csv", [["1", "S", "red", "x"]] * 50)
+    with pytest.raises(DataError, match=r"no column\(s\) \['weight'\]; its columns are \['id', 'size', 'colour', "):
+        prepare_csv([str(tmp_path / "t.csv")], ["size", "weight"], tmp_path / "out")
+    with pytest.raises(DataError, match=r"needs --columns a,b,c: the columns of .* are \['id', 'size'"):
+        prepare_csv([str(tmp_path / "t.csv")], None, tmp_path / "out")
+    with pytest.raises(DataError, match="every column holds a single value"):
+        prepare_csv([str(tmp_path / "t.csv")], ["size", "colour"], tmp_path / "out2")
+    (tmp_path / "bad.csv").write_text("a,b\n1,2\n3\n")
+    with pytest.raises(DataError, match=r"bad\.csv: .*Expected 2 columns, got 1"):
+        prepare_csv([str(tmp_path / "bad.csv")], ["a"], tmp_path / "out3")
+    (tmp_path / "header.csv").write_text("a,b\n")
+    with pytest.raises(DataError, match="no records below the header"):
+        prepare_csv([str(tmp_path / "header.csv")], ["a"], tmp_path / "out4")
+
+
+def test_text_errors(tmp_path):
+    (tmp_path / "short.txt").write_text("abcdef")
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    out = tmp_path / "out"
+    cases = [
+        (dict(inputs=[str(tmp_path / "nothing*.txt")]), "nothing\\*.txt: no such file, and no files match"),
+        (dict(inputs=[str(tmp_path)]), "is a directory"),
+        (dict(inputs=[str(tmp_path / "empty.txt")]), "the corpus is empty"),
+        (dict(inputs=[str(tmp_path / "short.txt")], seq_len=0), "--seq-len=0: must be an integer >= 1"),
+        (dict(inputs=[str(tmp_path / "short.txt")], seq_len=10), "6 token\\(s\\), fewer than --seq-len 10"),
+        (dict(inputs=[str(tmp_path / "short.txt")], seq_len=3), "too few to fill train, valid and test"),
+        (dict(inputs=[str(tmp_path / "latin1.txt")], seq_len=1), "not UTF-8 text .* --bytes"),
+        (dict(inputs=[str(tmp_path / "short.txt")], unknown="a"), "--unknown needs --alphabet"),
+        (dict(inputs=[str(tmp_path / "short.txt")], alphabet="ab", unknown="z"), "must be one character of"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(DataError, match=message):
+            prepare_text(out=out, **kwargs)
+    with pytest.raises(CodecError, match="at least 2 distinct"):
+        prepare_text([str(tmp_path / "short.txt")], out, alphabet="aab")
+    (tmp_path / "same.txt").write_text("aaaaaaaaaa")
+    with pytest.raises(DataError, match="single distinct character"):
+        prepare_text([str(tmp_path / "same.txt")], out, seq_len=1)
+    assert not out.exists()  # nothing is created before the input is known to be good
+
+
+def test_output_directory_is_not_overwritten_without_force(tmp_path):
+    paths, _ = corpus_files(tmp_path, count=1)
+    out = tmp_path / "out"
+    prepare_text([str(paths[0])], out, seq_len=8)
+    (out / "mine.txt").write_text("keep")
+    with pytest.raises(DataError, match="not empty; choose another, or pass --force"):
+        prepare_text([str(paths[0])], out, seq_len=8)
+    result = prepare_text([str(paths[0])], out, seq_len=4, force=True)
+    assert (out / "mine.txt").read_text() == "keep" and result.seq_len == 4
+    assert read_token_table(out / "train.parquet")[0].shape[1] == 4
+    assert not list(out.glob(".*partial"))
+
+
+def test_inspect_prepared_directory(tmp_path):
+    (tmp_path / "a.txt").write_text("abcd" * 2000)  # every row is the same: held-out rows copy train rows
+    prepare_text([str(tmp_path / "a.txt")], tmp_path / "out", seq_len=4)
+    report = inspect_data(tmp_path / "out")
+    rows = {t["split"]: t["rows"] for t in report["tables"]}
+    assert list(rows) == list(SPLITS) and rows == report["prepared"]["rows"] and sum(rows.values()) == 2000
+    assert report["seq_len"] == 4 and report["vocab_size"] == 4 and report["codec_kind"] == "chars"
+    assert report["vocab_from"].startswith("fldd.vocab_size metadata")
+    assert {h["symbol"] for h in report["histogram"]} == set("abcd") and report["histogram"][0]["count"] == 2000
+    assert report["duplicates"] == {s: {"copies_of_train_rows": rows[s], "rows": rows[s]} for s in ("valid", "test")}
+    assert [e["decoded"] for e in report["examples"]] == ["abcd"] * 3
+    assert report["prepared"]["tokens_dropped"] == 0 and report["problems"] == []
+    text = prepare.format_inspect(report)
+    assert "vocabulary size 4 (from fldd.vocab_size metadata)" in text
+    assert f"valid {rows['valid']} of {rows['valid']} rows" in text
+
+
+def test_inspect_csv_and_no_copies(tmp_path):
+    rows = [[str(i), str(i % 7), str(i % 11), "x"] for i in range(700)]  # (i mod 7, i mod 11): 77 distinct rows
+    write_csv(tmp_path / "t.csv", rows)
+    prepare_csv([str(tmp_path / "t.csv")], ["id", "size"], tmp_path / "out")  # id: every row distinct
+    report = inspect_data(tmp_path / "out")
+    assert report["codec_kind"] == "columns" and report["vocab_size"] == 700 and report["seq_len"] == 2
+    assert all(d["copies_of_train_rows"] == 0 for d in report["duplicates"].values())
+    assert [c["column"] for c in report["columns"]] == ["id", "size"] and report["columns"][1]["used"] == 7
+    assert report["examples"][0]["decoded"] == {"id": "0", "size": "0"}
+
+
+def test_inspect_table_without_metadata(tmp_path):
+    values = pa.array([[0, 5, 2], [1, 1, 1], [4, 0, 0]], type=pa.list_(pa.int32()))
+    pq.write_table(pa.table({"tokens": values}), tmp_path / "plain.parquet", row_group_size=2)
+    report = inspect_data(tmp_path / "plain.parquet")
+    assert report["tables"] == [{"split": "all", "files": [str(tmp_path / "plain.parquet")], "rows": 3,
+                                 "row_groups": 2}]
+    assert report["vocab_size"] == 6 and report["vocab_from"].startswith("largest token + 1: the table has no")
+    assert report["codec"] is None and report["duplicates"] == {} and report["histogram"][0] == \
+        {"token": 0, "count": 3, "share": 3 / 9, "symbol": None}
+    assert [e["tokens"] for e in report["examples"]] == [[0, 5, 2], [1, 1, 1], [4, 0, 0]]
+    assert "largest token + 1" in prepare.format_inspect(report)
+
+
+def test_inspect_reports_problems(tmp_path):
+    table = pa.table({"tokens": pa.array([[0, 5], [1, 1]], type=pa.list_(pa.int64()))})
+    pq.write_table(table.replace_schema_metadata({VOCAB_KEY: b"3"}), tmp_path / "t.parquet")
+    assert "token 5 is outside [0, 3)" in inspect_data(tmp_path / "t.parquet")["problems"][0]
+    pq.write_table(pa.table({"tokens": pa.array([[0, 5], [1]])}), tmp_path / "ragged.parquet")
+    with pytest.raises(DataError, match="row 1, column 'tokens': length 1, other rows have length 2"):
+        inspect_data(tmp_path / "ragged.parquet")
+    with pytest.raises(DataError, match="column 'ids' is missing"):
+        inspect_data(tmp_path / "t.parquet", column="ids")
+
+
+# ---- the command line ------------------------------------------------------------------------
+
+def test_cli_prepare_and_inspect(tmp_path, capsys):
+    paths, text = corpus_files(tmp_path, count=2)
+    out = tmp_path / "out"
+    assert main(["data", "prepare", "--text", str(tmp_path / "corpus" / "*.txt"), "--out", str(out),
+                 "--seq-len", "32", "--seed", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "sorted set of characters found in the corpus" in printed
+    dropped = f"dropped the last {len(text) % 32} token(s)" if len(text) % 32 else "no tokens dropped"
+    assert dropped in printed and "fldd train --config text" in printed
+    assert main(["data", "inspect", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["seq_len"] == 32 and report["codec"]["kind"] == "chars"
+    assert sum(t["rows"] for t in report["tables"]) == len(text) // 32
+    assert main(["data", "inspect", str(out)]) == 0
+    assert "examples:" in capsys.readouterr().out
+    # refusals: exit 2, one line naming the problem
+    for argv, message in (
+        (["--text", str(tmp_path / "none*.txt"), "--out", str(tmp_path / "o2")], "no files match"),
+        (["--text", str(paths[0]), "--out", str(out)], "not empty"),
+        (["--text", str(paths[0]), "--out", str(tmp_path / "o3"), "--seq-len", "0"], "--seq-len=0"),
+        (["--text", str(paths[0]), "--out", str(tmp_path / "o4"), "--alphabet", "ab"], "is not in the alphabet"),
+        (["--text", str(paths[0]), "--out", str(tmp_path / "o5"), "--alphabet", "aa"], "at least 2 distinct"),
+        (["--text", str(paths[0]), "--out", str(tmp_path / "o6"), "--columns", "a"], "--columns: for --csv only"),
+        (["--csv", str(paths[0]), "--out", str(tmp_path / "o7"), "--seq-len", "3"], "--seq-len: for --text only"),
+    ):
+        assert main(["data", "prepare", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("fldd data prepare: error:") and message in err and err.count("\n") == 1, err
+
+
+def test_cli_csv_and_inspect_exit_codes(tmp_path, capsys):
+    write_csv(tmp_path / "t.csv", [[str(i), str(i % 3), str(i % 5), ""] for i in range(300)])
+    assert main(["data", "prepare", "--csv", str(tmp_path / "t.csv"), "--columns", "size, colour",
+                 "--out", str(tmp_path / "out")]) == 0
+    assert "codec columns: 2 columns, categories per column: size 3, colour 5" in capsys.readouterr().out
+    assert main(["data", "prepare", "--csv", str(tmp_path / "t.csv"), "--columns", "size,weight",
+                 "--out", str(tmp_path / "o2")]) == 2
+    assert "no column(s) ['weight']; its columns are ['id', 'size', 'colour', 'note']" in capsys.readouterr().err
+    table = pa.table({"tokens": pa.array([[0, 5]], type=pa.list_(pa.int64()))})
+    pq.write_table(table.replace_schema_metadata({VOCAB_KEY: b"3"}), tmp_path / "bad.parquet")
+    assert main(["data", "inspect", str(tmp_path / "bad.parquet")]) == 1
+    assert "problem: token 5 is outside [0, 3)" in capsys.readouterr().out
+    assert main(["data", "inspect", str(tmp_path / "missing")]) == 2
+    assert "fldd data inspect: error:" in capsys.readouterr().err
+
+
+def test_cli_sample_decodes_with_the_codec(tmp_path, capsys):
+    from fldd.model import FLDDModel
+    from tests.conftest import tiny_config
+
+    alphabet = "ab\nc"
+    FLDDModel(tiny_config({"process.method": "masked"}, K=4, D=5), codec=TokenCodec("chars", alphabet)).save(
+        tmp_path / "text.pt")
+    assert main(["sample", "--checkpoint", str(tmp_path / "text.pt"), "-n", "40", "--seed", "3"]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert len(lines) == 40 and "JSON string" in captured.err  # some samples hold a newline: quoted
+    texts = [json.loads(line) for line in lines]
+    assert all(len(t) == 5 and set(t) <= set(alphabet) for t in texts)
+    assert main(["sample", "--checkpoint", str(tmp_path / "text.pt"), "-n", "40", "--seed", "3", "--out",
+                 str(tmp_path / "s.jsonl")]) == 0
+    assert [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()] == texts
+    assert "wrote 40 samples (text, one JSON value per line)" in capsys.readouterr().out
+    assert main(["sample", "--checkpoint", str(tmp_path / "text.pt"), "-n", "2", "--format", "tokens"]) == 0
+    assert all(len(line.split()) == 5 for line in capsys.readouterr().out.splitlines())
+    assert main(["sample", "--checkpoint", str(tmp_path / "text.pt"), "--format", "rows"]) == 2
+    assert "--format rows: this model has a chars codec; use --format text" in capsys.readouterr().err
+
+    codec = TokenCodec("columns", columns=("size", "colour"), categories=(("L", "S"), ("blue", "red")))
+    FLDDModel(tiny_config(K=2, D=2), codec=codec).save(tmp_path / "rows.pt")
+    assert main(["sample", "--checkpoint", str(tmp_path / "rows.pt"), "-n", "4"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 4 and all(r["size"] in ("L", "S") and r["colour"] in ("blue", "red") for r in rows)
+    FLDDModel(tiny_config(K=2, D=2)).save(tmp_path / "plain.pt")
+    assert main(["sample", "--checkpoint", str(tmp_path / "plain.pt"), "--format", "text"]) == 2
+    assert "this model has no codec" in capsys.readouterr().err
