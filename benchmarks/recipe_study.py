@@ -4,7 +4,11 @@ Compares forward initialisations and schedules (spec section 5b) against the fix
 with the same reverse network and optimizer steps. Selection uses the validation split only.
 Prints a markdown table and writes docs/results/recipe_study.json.
 
-    python benchmarks/recipe_study.py [--steps 3000] [--seeds 0 1 2] [--processes 2]
+    python benchmarks/recipe_study.py [--steps 3000] [--seeds 0 1 2] [--processes 2] [--recipes pilot x30]
+
+Each record keeps its learning curve (`curve`: information retained and training NELBO at every
+log step, validation NELBO at 20 evaluations), so a slow start is told apart from a collapse:
+    python benchmarks/recipe_study.py --steps 20000 --recipes pilot x30 --out docs/results/slow_start.json
 """
 
 from __future__ import annotations
@@ -35,19 +39,23 @@ RECIPES = {
     "masked warm start + random residual (default)": {},
     "fixed masked forward (baseline)": {"process.method": "masked"},
 }
+SHORT_NAMES = dict(zip(("pilot", "x30", "warm-exact", "warm-default", "masked"), RECIPES))
+CURVE_KEYS = ("information_retained_max", "nelbo", "valid_nelbo_bits")
 
 
 def run_one(job: tuple[str, int, int]) -> dict:
     name, seed, steps = job
     torch.set_num_threads(1)
     cfg = FLDDConfig.from_yaml(ROOT / "configs" / "toy2d.yaml").with_overrides(
-        {**RECIPES[name], "train.steps": steps, "train.seed": seed})
+        {**RECIPES[name], "train.steps": steps, "train.seed": seed, "train.log_every": max(steps // 100, 1),
+         "train.eval_every": max(steps // 20, 1)})
     train, valid = load_splits(cfg)
     result = fit(cfg, train, valid)
+    curve = [{"step": h["step"], **{k: h[k] for k in CURVE_KEYS if k in h}} for h in result.history]
     exact = exact_distribution_metrics(result.model, data_pmf("toy2d"))
     return {"recipe": name, "seed": seed, "steps": steps, "valid_nelbo_bits": result.valid_nelbo.bits_per_token,
             "kl": exact["kl"], "tv": exact["tv"], "collapsed": bool(result.collapse and result.collapse.collapsed),
-            "train_seconds": result.train_seconds}
+            "train_seconds": result.train_seconds, "curve": curve}
 
 
 def main() -> None:
@@ -55,9 +63,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--recipes", nargs="+", choices=list(SHORT_NAMES), default=list(SHORT_NAMES))
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    jobs = [(name, seed, args.steps) for name in RECIPES for seed in args.seeds]
+    chosen = [SHORT_NAMES[short] for short in args.recipes]
+    jobs = [(name, seed, args.steps) for name in chosen for seed in args.seeds]
     records = []
     with ProcessPoolExecutor(args.processes) as pool:
         for i, record in enumerate(pool.map(run_one, jobs), 1):
@@ -66,14 +76,15 @@ def main() -> None:
                   f"NELBO {record['valid_nelbo_bits']:.4f} collapsed={record['collapsed']}", flush=True)
     print(f"\n| recipe | exact KL per seed {args.seeds} | mean KL | valid NELBO (bits/token) | collapsed |")
     print("|---|---|---|---|---|")
-    for name in RECIPES:
+    for name in chosen:
         rows = [r for r in records if r["recipe"] == name]
         kls = " / ".join(f"{r['kl']:.4f}" for r in rows)
         nelbo = statistics.mean(r["valid_nelbo_bits"] for r in rows)
         print(f"| {name} | {kls} | {statistics.mean(r['kl'] for r in rows):.4f} | {nelbo:.4f} | "
               f"{sum(r['collapsed'] for r in rows)}/{len(rows)} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    command = f"python benchmarks/recipe_study.py --steps {args.steps} --seeds {' '.join(map(str, args.seeds))}"
+    command = (f"python benchmarks/recipe_study.py --steps {args.steps} --seeds {' '.join(map(str, args.seeds))} "
+               f"--recipes {' '.join(args.recipes)} --out {args.out}")
     args.out.write_text(json.dumps({"command": command, "records": records}, indent=2) + "\n")
     print(f"\nwrote {args.out}")
 
