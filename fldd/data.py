@@ -37,6 +37,9 @@ from fldd.datasets import SPLITS, builtin, builtin_table
 from fldd.token_table import VOCAB_KEY, DataError, token_table  # public here too, for callers
 
 SCAN_BATCH_ROWS = 65536  # rows per record batch when streaming over a file
+MAX_INFERRED_VOCAB = 1 << 20  # a larger vocabulary is taken from metadata or data.vocab_size, never guessed
+
+
 def write_token_table(path: str | Path, tokens: Tensor | np.ndarray, vocab_size: int, column: str = "tokens",
                       codec: TokenCodec | None = None) -> Path:
     """Write (N, D) integer tokens as a Parquet token table with its vocabulary size (and codec)."""
@@ -152,7 +155,7 @@ def describe_data(cfg: FLDDConfig) -> DataDescription:
         return DataDescription(f"built-in {d.name}", spec.seq_len, spec.vocab_size, "built-in",
                                codec_from_metadata(table.schema.metadata), sizes)
     splits = find_splits(d.path)
-    vocab, codec, seq_len, rows = 0, None, 0, {}
+    vocab, vocab_file, codec, seq_len, rows = 0, "", None, 0, {}
     for split, files in splits.items():
         rows[split] = 0
         for path in files.paths:
@@ -162,21 +165,30 @@ def describe_data(cfg: FLDDConfig) -> DataDescription:
                 raise DataError(f"{files.name(path)}: column {d.column!r} is missing (columns: {schema.names})")
             rows[split] += parquet.metadata.num_rows
             metadata = schema.metadata or {}
-            if not vocab and VOCAB_KEY in metadata:
-                vocab = int(metadata[VOCAB_KEY])
+            if VOCAB_KEY in metadata:
+                if vocab and int(metadata[VOCAB_KEY]) != vocab:
+                    raise DataError(f"{files.name(path)} says vocab_size={int(metadata[VOCAB_KEY])} in its metadata, "
+                                    f"but {vocab_file} says {vocab}: the files of one table must agree")
+                vocab, vocab_file = int(metadata[VOCAB_KEY]), files.name(path)
             codec = codec or codec_from_metadata(metadata)
             if not seq_len:
                 seq_len = _first_row_length(parquet, schema.field(d.column).type, d.column)
     if not seq_len:
         raise DataError(f"{d.path}: column {d.column!r}: the table is empty")
-    vocab_from = "metadata"
-    if d.vocab_size and vocab and d.vocab_size != vocab:
-        raise DataError(f"data.vocab_size={d.vocab_size}, but {d.path} says vocab_size={vocab} in its metadata")
-    if d.vocab_size:
-        vocab, vocab_from = d.vocab_size, "data.vocab_size" if not vocab else "metadata"
-    elif not vocab:
-        vocab = 1 + max(_largest_token(files, d.column) for files in splits.values())
-        vocab, vocab_from = max(vocab, 2), "largest token + 1"
+    if vocab:
+        if d.vocab_size and d.vocab_size != vocab:
+            raise DataError(f"data.vocab_size={d.vocab_size}, but {d.path} says vocab_size={vocab} in its metadata")
+        vocab_from = "metadata"
+    elif d.vocab_size or cfg.vocab_size:  # stated: every token is checked against it when the data is validated
+        vocab = d.vocab_size or cfg.vocab_size
+        vocab_from = "data.vocab_size" if d.vocab_size else "the config's vocab_size"
+    else:
+        largest = max(_largest_token(files, d.column) for files in splits.values())
+        if largest + 1 > MAX_INFERRED_VOCAB:
+            raise DataError(f"{d.path}: no {VOCAB_KEY.decode()!r} metadata and the largest token is {largest}: a "
+                            f"vocabulary of {largest + 1:,} is implausible; set data.vocab_size (or write the "
+                            "metadata) if it is meant")
+        vocab, vocab_from = max(largest + 1, 2), "largest token + 1"
     return DataDescription(str(d.path), seq_len, vocab, vocab_from, codec, rows, splits)
 
 
@@ -205,7 +217,7 @@ def resolve_data_shape(cfg: FLDDConfig) -> tuple[FLDDConfig, DataDescription]:
     described = describe_data(cfg)
     for key, found in (("seq_len", described.seq_len), ("vocab_size", described.vocab_size)):
         stated = getattr(cfg, key)
-        if stated and stated != found:
+        if stated and stated != found:  # (a table without metadata takes a stated vocab_size as its own)
             what = "rows of length" if key == "seq_len" else "a vocabulary of"
             raise DataError(f"{key}={stated} in the config, but {described.source} has {what} {found} "
                             f"(vocabulary from {described.vocab_from}): drop {key} from the config (it comes "
@@ -248,11 +260,10 @@ def read_split(files: TableFiles, column: str, seq_len: int, vocab_size: int) ->
 
 def read_token_table(path: str | Path, column: str = "tokens", vocab_size: int = 0) -> tuple[Tensor, int]:
     """Read and validate a whole token table: returns ((N, D) int64 tokens, vocab_size)."""
-    cfg = FLDDConfig(seq_len=0, vocab_size=0).with_overrides({"data.path": str(path), "data.column": column,
-                                                                "data.vocab_size": vocab_size})
+    cfg = FLDDConfig().with_overrides({"data.path": str(path), "data.column": column, "data.vocab_size": vocab_size})
     described = describe_data(cfg)
-    files = [f for f in described.splits.values()]
-    tokens = torch.cat([read_split(f, column, described.seq_len, described.vocab_size) for f in files])
+    tokens = torch.cat([read_split(files, column, described.seq_len, described.vocab_size)
+                        for files in described.splits.values()])
     return tokens, described.vocab_size
 
 

@@ -22,9 +22,16 @@ smallest split still gets at least two blocks), and whole blocks are assigned to
 test with a seeded permutation, in the proportions asked. Neighbouring rows (the two halves of a
 sentence) therefore rarely straddle two splits.
 
-Output: DIR/{train,valid,test}.parquet, token tables as fldd.token_table writes them (column
-"tokens", fixed_size_list<int64>, metadata fldd.vocab_size and fldd.codec), written in row groups
-with ParquetWriter, plus DIR/fldd_data.json describing how they were made.
+Output: DIR/train/part-00000.parquet ..., DIR/valid.parquet and DIR/test.parquet, token tables as
+fldd.token_table writes them (column "tokens", fixed_size_list<int64>, metadata fldd.vocab_size
+and fldd.codec), written in row groups with ParquetWriter, plus DIR/fldd_data.json describing how
+they were made (with every file and its rows). Training streams the train files, reshuffling the
+order of the files every epoch and rows only within a local buffer, so the train split is written
+as train_parts() files (one per 50,000 rows, rounded down; 1 to 64), and each train block goes to
+a part chosen by a seeded permutation (equal numbers of blocks per part): every part is a random
+sample of blocks from the whole corpus. Each row group of a part is also written in a seeded
+random row order. Memory stays bounded: one row group per output file is buffered (at most 16M
+tokens across the train parts).
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ import glob
 import json
 import math
 import os
+import re
+import shutil
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -44,15 +53,22 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from fldd.codec import CODEC_KEY, CodecError, TokenCodec, codec_from_metadata
+from fldd.data import MAX_INFERRED_VOCAB, SCAN_BATCH_ROWS, _filesystem, _open, _validate_column, find_splits
+from fldd.datasets import SPLITS
 from fldd.token_table import VOCAB_KEY, DataError
 
-SPLITS = ("train", "valid", "test")
 DATA_JSON = "fldd_data.json"
 DATA_FORMAT = "fldd-data/1"
 MAX_BLOCK_ROWS = 32  # consecutive rows kept together in one split
+PART_ROWS = 50_000  # train rows per part file: PART_ROWS to 2 x PART_ROWS (see train_parts)
+MAX_TRAIN_PARTS = 64
+PART_PATTERN = re.compile(r"part-\d{5}\.parquet")
+TRAIN_PARTIAL = ".train.partial"  # the train parts are written here, then renamed to DIR/train
+TRAIN_BUFFER_TOKENS = 1 << 24  # tokens buffered across all train parts (128 MiB of int64) at most
 ROW_GROUP_TOKENS = 1 << 20  # tokens per Parquet row group (8 MiB of int64)
 READ_CHARS = 1 << 20  # characters (or bytes) read at a time
 CSV_BLOCK_BYTES = 1 << 22
@@ -118,10 +134,15 @@ def _where(file: Path, block: str, line: int, position: int) -> str:
 
 @dataclass(frozen=True)
 class SplitPlan:
-    """Row i goes to split assignment[i // block_rows] (0 train, 1 valid, 2 test)."""
+    """Row i goes to split assignment[i // block_rows] (0 train, 1 valid, 2 test); a train block
+    goes to part file part[block] of the train split (-1 for held-out blocks)."""
 
     block_rows: int
     assignment: np.ndarray
+    part: np.ndarray
+    num_parts: int
+    num_rows: int
+    seed: int
 
 
 def check_fractions(valid_fraction: float, test_fraction: float) -> None:
@@ -133,11 +154,20 @@ def check_fractions(valid_fraction: float, test_fraction: float) -> None:
                         "to train on: their sum must be below 1")
 
 
+def train_parts(train_rows: int) -> int:
+    """How many part files the train split is written as: one per PART_ROWS rows, rounded down,
+    at least 1 and at most MAX_TRAIN_PARTS, so a part holds PART_ROWS to 2 x PART_ROWS rows (one
+    part below 2 x PART_ROWS rows; parts grow past that only beyond MAX_TRAIN_PARTS x PART_ROWS)."""
+    return max(1, min(MAX_TRAIN_PARTS, train_rows // PART_ROWS))
+
+
 def plan_splits(num_rows: int, valid_fraction: float, test_fraction: float, seed: int,
                 max_block_rows: int = MAX_BLOCK_ROWS) -> SplitPlan:
     """Whole blocks of consecutive rows to each split, chosen by a permutation seeded with `seed`.
     Blocks hold up to max_block_rows rows, fewer when the data is small, so that the smaller held-out
-    split still gets about two blocks; every split gets at least one (else DataError)."""
+    split still gets about two blocks; every split gets at least one (else DataError). The train
+    blocks are then dealt to train_parts() part files in a second seeded permutation: each part gets
+    an equal number of blocks (give or take one), drawn from the whole corpus."""
     check_fractions(valid_fraction, test_fraction)
     wanted_blocks = math.ceil(2 / min(valid_fraction, test_fraction))
     block = max(1, min(max_block_rows, num_rows // wanted_blocks))
@@ -147,11 +177,18 @@ def plan_splits(num_rows: int, valid_fraction: float, test_fraction: float, seed
     if num_valid + num_test >= num_blocks:
         raise DataError(f"{num_rows} row(s) are too few to fill train, valid and test: prepare more data, or "
                         "a shorter --seq-len for text")
-    order = np.random.default_rng(seed).permutation(num_blocks)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(num_blocks)
     assignment = np.zeros(num_blocks, dtype=np.int8)
     assignment[order[:num_valid]] = 1
     assignment[order[num_valid:num_valid + num_test]] = 2
-    return SplitPlan(block, assignment)
+    train_blocks = np.flatnonzero(assignment == 0)
+    sizes = np.full(num_blocks, block)
+    sizes[-1] = num_rows - (num_blocks - 1) * block
+    num_parts = min(train_parts(int(sizes[train_blocks].sum())), len(train_blocks))  # no part is empty
+    part = np.full(num_blocks, -1, dtype=np.int64)
+    part[rng.permutation(train_blocks)] = np.arange(len(train_blocks)) % num_parts
+    return SplitPlan(block, assignment, part, num_parts, num_rows, seed)
 
 
 def table_schema(seq_len: int, codec: TokenCodec, column: str = "tokens") -> pa.Schema:
@@ -160,19 +197,37 @@ def table_schema(seq_len: int, codec: TokenCodec, column: str = "tokens") -> pa.
     return pa.schema([pa.field(column, pa.list_(pa.int64(), seq_len))], metadata=metadata)
 
 
+def part_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
 class _SplitWriter:
-    """Rows in stream order -> train/valid/test Parquet files (under temporary names until commit)."""
+    """Rows in stream order -> DIR/train/part-*.parquet, DIR/valid.parquet and DIR/test.parquet
+    (under temporary names until commit). Outputs are numbered: the train parts first, then valid
+    and test. Each output buffers at most one row group; a train part's row group is written in a
+    seeded random row order, so consecutive rows of a part come from different blocks."""
 
     def __init__(self, out: Path, seq_len: int, codec: TokenCodec, plan: SplitPlan):
         self.out, self.seq_len, self.plan = out, seq_len, plan
         self.schema = table_schema(seq_len, codec)
-        self.group_rows = max(1, ROW_GROUP_TOKENS // seq_len)
+        parts = plan.num_parts
+        self.train_dir = out / TRAIN_PARTIAL
+        self.partial = [self.train_dir / part_name(i) for i in range(parts)] + \
+            [out / f".{name}.parquet.partial" for name in SPLITS[1:]]
+        self.final = [Path("train") / part_name(i) for i in range(parts)] + [Path(f"{n}.parquet") for n in SPLITS[1:]]
+        held_out_rows = max(1, ROW_GROUP_TOKENS // seq_len)
+        train_rows = max(1, min(ROW_GROUP_TOKENS, TRAIN_BUFFER_TOKENS // parts) // seq_len)
+        self.group_rows = [train_rows] * parts + [held_out_rows] * (len(SPLITS) - 1)
+        self.rng = np.random.default_rng([plan.seed, 1])  # row order within a train part's row group
         self.next_row = 0
         self.carry = np.zeros(0, dtype=np.int64)
-        self.pending: list[list[np.ndarray]] = [[] for _ in SPLITS]
-        self.rows = [0 for _ in SPLITS]
-        self.partial = [out / f".{name}.parquet.partial" for name in SPLITS]
-        self.writers = [pq.ParquetWriter(path, self.schema) for path in self.partial]
+        self.pending: list[list[np.ndarray]] = [[] for _ in self.partial]
+        self.pending_rows = [0 for _ in self.partial]
+        self.rows = [0 for _ in self.partial]
+        self.writers: list[pq.ParquetWriter] = []
+        self.train_dir.mkdir()
+        for path in self.partial:
+            self.writers.append(pq.ParquetWriter(path, self.schema))
 
     def add_tokens(self, tokens: np.ndarray) -> None:
         """A stretch of the token stream: complete rows are written, the rest waits for more."""
@@ -185,34 +240,53 @@ class _SplitWriter:
     def add_rows(self, rows: np.ndarray) -> None:
         index = self.next_row + np.arange(len(rows))
         self.next_row += len(rows)
-        which = self.plan.assignment[index // self.plan.block_rows]
-        for split in range(len(SPLITS)):
-            chosen = rows[which == split]
-            if len(chosen):
-                self.pending[split].append(chosen)
-                self.rows[split] += len(chosen)
-                if sum(len(p) for p in self.pending[split]) >= self.group_rows:
-                    self._flush(split)
+        if self.next_row > self.plan.num_rows:
+            raise _changed()
+        blocks = index // self.plan.block_rows
+        split = self.plan.assignment[blocks]
+        which = np.where(split == 0, self.plan.part[blocks], self.plan.num_parts + split.astype(np.int64) - 1)
+        for output in np.unique(which).tolist():
+            chosen = rows[which == output]
+            self.pending[output].append(chosen)
+            self.pending_rows[output] += len(chosen)
+            self.rows[output] += len(chosen)
+            if self.pending_rows[output] >= self.group_rows[output]:
+                self._flush(output)
 
-    def _flush(self, split: int) -> None:
-        if not self.pending[split]:
+    def _flush(self, output: int) -> None:
+        if not self.pending[output]:
             return
-        rows = np.concatenate(self.pending[split])
-        self.pending[split] = []
-        for start in range(0, len(rows), self.group_rows):
-            part = rows[start:start + self.group_rows]
-            column = pa.FixedSizeListArray.from_arrays(pa.array(part.reshape(-1)), self.seq_len)
-            self.writers[split].write_table(pa.Table.from_arrays([column], schema=self.schema))
+        rows = np.concatenate(self.pending[output])
+        self.pending[output], self.pending_rows[output] = [], 0
+        if output < self.plan.num_parts:
+            rows = rows[self.rng.permutation(len(rows))]
+        size = self.group_rows[output]
+        for start in range(0, len(rows), size):
+            column = pa.FixedSizeListArray.from_arrays(pa.array(rows[start:start + size].reshape(-1)), self.seq_len)
+            self.writers[output].write_table(pa.Table.from_arrays([column], schema=self.schema))
 
     def commit(self) -> int:
         """Close the files, move them into place; returns the tokens left over (the dropped tail)."""
-        for split in range(len(SPLITS)):
-            self._flush(split)
+        if self.next_row != self.plan.num_rows:
+            raise _changed()
+        for output in range(len(self.partial)):
+            self._flush(output)
         for writer in self.writers:
             writer.close()
-        for name, path in zip(SPLITS, self.partial):
-            os.replace(path, self.out / f"{name}.parquet")
+        os.replace(self.train_dir, self.out / "train")  # claim_output removed the old train/
+        for path, final in zip(self.partial[self.plan.num_parts:], self.final[self.plan.num_parts:]):
+            os.replace(path, self.out / final)
         return len(self.carry)
+
+    def files(self) -> dict[str, list[dict[str, Any]]]:
+        """{split: [{"file": path relative to DIR, "rows": n}, ...]} (for fldd_data.json)."""
+        parts = self.plan.num_parts
+        listed = [{"file": str(final), "rows": rows} for final, rows in zip(self.final, self.rows)]
+        return {"train": listed[:parts], **{name: [entry] for name, entry in zip(SPLITS[1:], listed[parts:])}}
+
+    def split_rows(self) -> dict[str, int]:
+        parts = self.plan.num_parts
+        return {"train": sum(self.rows[:parts]), **dict(zip(SPLITS[1:], self.rows[parts:]))}
 
     def abort(self) -> None:
         for writer in self.writers:
@@ -222,22 +296,54 @@ class _SplitWriter:
                 pass
         for path in self.partial:
             path.unlink(missing_ok=True)
+        shutil.rmtree(self.train_dir, ignore_errors=True)
+
+
+def _changed() -> DataError:
+    return DataError("the input changed while it was being prepared (the second pass found a different number "
+                     "of rows); run prepare again")
+
+
+def _ours(directory: Path) -> list[Path]:
+    """What a previous `prepare` wrote in DIR/train: part-NNNNN.parquet files; DataError for anything else
+    there (it would join the training data, and it is not ours to delete)."""
+    found = list(directory.iterdir())
+    foreign = sorted(p.name for p in found if not (p.is_file() and PART_PATTERN.fullmatch(p.name)))
+    if foreign:
+        raise DataError(f"--out {directory}: holds files `fldd data prepare` did not write ({', '.join(foreign[:5])}"
+                        f"{' ...' if len(foreign) > 5 else ''}); prepare writes its train split there: move them "
+                        "away, or choose another --out")
+    return found
 
 
 def check_output(out: Path, force: bool) -> None:
-    """Refuse a non-empty output directory unless force (checked before any reading)."""
+    """Refuse a non-empty output directory unless force (checked before any reading); with force,
+    refuse a DIR/train that holds anything but the part files a previous `prepare` wrote."""
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise DataError(f"--out {out}: directory is not empty; choose another, or pass --force to overwrite "
                         "the splits there")
+    train = out / "train"
+    if train.is_dir():
+        _ours(train)
+    elif train.exists():
+        raise DataError(f"--out {out}: {train} exists and is not a directory; prepare writes its train split there")
 
 
 def claim_output(out: Path) -> None:
-    """Create the output directory; remove the files a previous `prepare` wrote there (nothing else)."""
+    """Create the output directory; remove what a previous `prepare` wrote there (nothing else): the
+    splits (train/ with its part files, or train.parquet from older versions), fldd_data.json, and
+    the temporary files of an interrupted run."""
     out.mkdir(parents=True, exist_ok=True)
-    for name in [f"{s}.parquet" for s in SPLITS] + [DATA_JSON]:
+    for name in [f"{s}.parquet" for s in SPLITS] + [f".{s}.parquet.partial" for s in SPLITS] + [DATA_JSON]:
         (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / TRAIN_PARTIAL, ignore_errors=True)
+    train = out / "train"
+    if train.is_dir():
+        for path in _ours(train):
+            path.unlink()
+        train.rmdir()
 
 
 @dataclass
@@ -261,6 +367,7 @@ class Prepared:
     lowercase: bool = False
     unknown: str | None = None
     unknown_replaced: int = 0
+    files: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # split -> [{"file", "rows"}]
     notes: list[str] = field(default_factory=list)
     format: str = DATA_FORMAT
 
@@ -299,7 +406,14 @@ class Prepared:
             lines.append(f"  dropped the last {self.tokens_dropped:,} token(s): a tail shorter than "
                          f"--seq-len {self.seq_len}" if self.tokens_dropped else "  no tokens dropped")
         lines.extend(f"  note: {note}" for note in self.notes)
-        lines.append(f"  wrote {', '.join(f'{s}.parquet' for s in SPLITS)} and {DATA_JSON}")
+        parts = self.files.get("train", [])
+        sizes = sorted(part["rows"] for part in parts)
+        if len(sizes) == 1:
+            train = f"train/{part_name(0)}"
+        else:
+            spread = f"{sizes[0]:,} rows" if sizes[0] == sizes[-1] else f"{sizes[0]:,} to {sizes[-1]:,} rows"
+            train = f"train/ ({len(sizes)} part files of {spread}, each a random sample of the train blocks)"
+        lines.append(f"  wrote {train}, {', '.join(f'{s}.parquet' for s in SPLITS[1:])} and {DATA_JSON}")
         return "\n".join(lines)
 
 
@@ -309,7 +423,7 @@ def _finish(writer: _SplitWriter, result: Prepared) -> Prepared:
     except BaseException:
         writer.abort()
         raise
-    result.rows = dict(zip(SPLITS, writer.rows))
+    result.rows, result.files = writer.split_rows(), writer.files()
     out = Path(result.out)
     (out / DATA_JSON).write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n")
     return result
@@ -528,51 +642,12 @@ def prepare_csv(inputs: Sequence[str], columns: Sequence[str] | None, out: str |
 # Inspect
 # ---------------------------------------------------------------------------------------------
 
-def _tables(path: Path) -> dict[str, list[Path]]:
-    """{split: files} for a split directory (split.parquet or a split/ directory of files), else
-    {"all": every .parquet file} for any other directory or a single file."""
-    if path.is_file():
-        return {"all": [path]}
-    if not path.is_dir():
-        raise DataError(f"{path}: no such file or directory")
-    tables = {}
-    for split in SPLITS:
-        if (path / f"{split}.parquet").is_file():
-            tables[split] = [path / f"{split}.parquet"]
-        elif (path / split).is_dir():
-            tables[split] = sorted(p for p in (path / split).rglob("*.parquet") if p.is_file())
-    if not tables:
-        tables = {"all": sorted(p for p in path.rglob("*.parquet") if p.is_file())}
-    empty = [split for split, files in tables.items() if not files]
-    if empty:
-        raise DataError(f"{path}: no .parquet files{'' if empty == ['all'] else ' for split ' + empty[0]}")
-    return tables
-
-
 def _row_hashes(rows: np.ndarray) -> np.ndarray:
     """64-bit hashes of int64 rows (odd random multipliers, wrapping arithmetic): equal rows hash
     equally; distinct rows collide with probability about 2^-64."""
     multipliers = np.random.default_rng(20240614).integers(1, 2**62, size=rows.shape[1], dtype=np.uint64) * 2 + 1
     with np.errstate(over="ignore"):
         return (rows.astype(np.uint64) * multipliers).sum(axis=1, dtype=np.uint64)
-
-
-def _batch_tokens(data: pa.Array, name: str, column: str, offset: int, seq_len: int | None) -> np.ndarray:
-    kind = data.type
-    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)) \
-            or not pa.types.is_integer(kind.value_type):
-        raise DataError(f"{name}: column {column!r} has type {kind}; expected a list of integers")
-    if data.null_count:
-        row = int(np.nonzero(np.asarray(data.is_null()))[0][0])
-        raise DataError(f"{name}: row {offset + row}, column {column!r}: null row")
-    lengths = np.asarray(pc.list_value_length(data))
-    expected = seq_len if seq_len is not None else (int(lengths[0]) if len(lengths) else 0)
-    ragged = np.nonzero(lengths != expected)[0]
-    if ragged.size:
-        row = int(ragged[0])
-        raise DataError(f"{name}: row {offset + row}, column {column!r}: length {lengths[row]}, other rows "
-                        f"have length {expected}")
-    return np.asarray(pc.list_flatten(data)).astype(np.int64).reshape(len(data), expected)
 
 
 def symbol(codec: TokenCodec | None, token: int) -> str | None:
@@ -593,13 +668,17 @@ def _category(value: str) -> str:
 
 
 def inspect_data(path: str | Path, column: str = "tokens", top: int = 10, examples: int = 3) -> dict[str, Any]:
-    """A report on a token table (a prepared directory, a split directory, or a file), streaming
-    over row groups: rows per split, sequence length, vocabulary and where it came from, codec,
-    the most frequent tokens, held-out rows that copy a train row, and decoded example rows."""
-    path = Path(path)
-    tables = _tables(path)
+    """A report on a token table, found as training finds it (fldd.data.find_splits: a prepared
+    directory, a split directory, any other directory of .parquet files, or one file; a local path
+    or a URI), streaming over row groups: rows per split and file, sequence length, vocabulary and
+    where it came from, codec, the most frequent tokens, held-out rows that copy a train row, and
+    decoded example rows. Rows are counted from the start of each file, as training's errors count
+    them. A table training would refuse raises DataError (unreadable, missing column, null or
+    ragged rows) or lists a problem (tokens outside the vocabulary, disagreeing metadata, ...)."""
+    tables = find_splits(path)
     seq_len: int | None = None
-    vocabs: dict[str, int] = {}
+    vocab_size, vocab_file = 0, ""
+    without_vocab: list[str] = []
     codec: TokenCodec | None = None
     counts: Counter[int] = Counter()
     per_position: list[Counter[int]] = []  # columns codecs: counts per column
@@ -607,19 +686,22 @@ def inspect_data(path: str | Path, column: str = "tokens", top: int = 10, exampl
     report_tables, duplicates, shown, problems = [], {}, [], []
     for split, files in tables.items():
         rows = groups = copies = 0
-        hashes = []
-        for file in files:
-            name = str(file)
-            try:
-                parquet = pq.ParquetFile(file)
-            except Exception as error:  # pyarrow raises several types for unreadable files
-                raise DataError(f"{name}: not a readable Parquet file ({error})") from None
+        hashes, listed = [], []
+        for file in files.paths:
+            name = files.name(file)
+            parquet = _open(files, file)
             schema = parquet.schema_arrow
             if column not in schema.names:
                 raise DataError(f"{name}: column {column!r} is missing (columns: {schema.names})")
             metadata = schema.metadata or {}
-            if VOCAB_KEY in metadata:
-                vocabs[name] = int(metadata[VOCAB_KEY])
+            if VOCAB_KEY not in metadata:
+                without_vocab.append(name)
+            elif not vocab_size:
+                vocab_size, vocab_file = int(metadata[VOCAB_KEY]), name
+            elif int(metadata[VOCAB_KEY]) != vocab_size:
+                problems.append(f"{name} says {VOCAB_KEY.decode()}={int(metadata[VOCAB_KEY])} in its metadata, but "
+                                f"{vocab_file} says {vocab_size}: the files of one table must agree (training "
+                                "refuses this table)")
             try:
                 found = codec_from_metadata(metadata)
             except CodecError as error:
@@ -630,11 +712,16 @@ def inspect_data(path: str | Path, column: str = "tokens", top: int = 10, exampl
             codec = codec or found
             groups += parquet.metadata.num_row_groups
             kind = schema.field(column).type
-            batch_rows = max(1, SCAN_TOKENS // kind.list_size) if pa.types.is_fixed_size_list(kind) else 4096
+            batch_rows = (max(1, min(SCAN_BATCH_ROWS, SCAN_TOKENS // max(1, kind.list_size)))
+                          if pa.types.is_fixed_size_list(kind) else 4096)
+            offset, out_of_range = 0, ""  # rows of this file before the batch; its first token outside the vocabulary
             for batch in parquet.iter_batches(batch_size=batch_rows, columns=[column]):
-                tokens = _batch_tokens(batch.column(0), name, column, rows, seq_len)
-                if seq_len is None and len(tokens):
-                    seq_len = tokens.shape[1]
+                data = batch.column(0)
+                if seq_len is None:
+                    seq_len = _first_length(data)
+                tokens = _validate_column(data, name, column, seq_len or 0, offset)
+                if vocab_size and not out_of_range:
+                    out_of_range = _outside(tokens, vocab_size, name, column, offset)
                 values, freq = np.unique(tokens, return_counts=True)
                 counts.update(dict(zip(values.tolist(), freq.tolist())))
                 if codec is not None and codec.kind == "columns" and len(codec.columns) == tokens.shape[1]:
@@ -647,30 +734,40 @@ def inspect_data(path: str | Path, column: str = "tokens", top: int = 10, exampl
                 elif split in ("valid", "test") and train_hashes is not None:
                     copies += int(np.isin(_row_hashes(tokens), train_hashes).sum())
                 for i in range(min(examples - len(shown), len(tokens))):
-                    shown.append((split, rows + i, tokens[i].tolist()))
-                rows += len(tokens)
+                    shown.append((split, name, offset + i, tokens[i].tolist()))
+                offset += len(tokens)
+            if out_of_range:
+                problems.append(out_of_range)
+            if offset == 0:
+                problems.append(f"{name}: no rows (training refuses an empty file)")
+            rows += offset
+            listed.append({"file": name, "rows": offset})
         if split == "train" and hashes:
             train_hashes = np.unique(np.concatenate(hashes))
         if split in ("valid", "test") and train_hashes is not None:
             duplicates[split] = copies
         if rows == 0:
             problems.append(f"{split}: no rows")
-        report_tables.append({"split": split, "files": [str(f) for f in files], "rows": rows, "row_groups": groups})
-    if seq_len is None:
+        report_tables.append({"split": split, "files": [entry["file"] for entry in listed], "rows": rows,
+                              "row_groups": groups, "file_rows": listed})
+    if not counts:
         raise DataError(f"{path}: column {column!r}: the table is empty")
-    if len(set(vocabs.values())) > 1:
-        problems.append(f"the files disagree on {VOCAB_KEY.decode()}: {vocabs}")
     largest, smallest = max(counts), min(counts)
-    if vocabs:
-        vocab_size, vocab_from = max(vocabs.values()), f"{VOCAB_KEY.decode()} metadata"
-        if len(vocabs) < sum(len(f) for f in tables.values()):
-            problems.append(f"only some files carry {VOCAB_KEY.decode()} metadata")
-        if largest >= vocab_size:
+    if vocab_size:
+        vocab_from = f"{VOCAB_KEY.decode()} metadata"
+        if without_vocab:
+            problems.append(f"only some files carry {VOCAB_KEY.decode()} metadata ({without_vocab[0]} does not; "
+                            f"{vocab_file} says {vocab_size})")
+        if largest >= vocab_size and not any("is outside [0," in problem for problem in problems):
             problems.append(f"token {largest} is outside [0, {vocab_size}): training would refuse this table")
     else:
-        vocab_size, vocab_from = largest + 1, (f"largest token + 1: the table has no {VOCAB_KEY.decode()} metadata "
-                                               "(training would assume the same; set data.vocab_size if wrong)")
-    if smallest < 0:
+        vocab_size, vocab_from = max(largest + 1, 2), (f"largest token + 1: the table has no {VOCAB_KEY.decode()} "
+                                                       "metadata (training would assume the same; set "
+                                                       "data.vocab_size if wrong)")
+        if vocab_size > MAX_INFERRED_VOCAB:
+            problems.append(f"the largest token is {largest}: training refuses to infer a vocabulary of "
+                            f"{vocab_size:,} (over {MAX_INFERRED_VOCAB:,}) without data.vocab_size")
+    if smallest < 0 and not any("is outside [0," in problem for problem in problems):
         problems.append(f"negative token {smallest}: training would refuse this table")
     if codec is not None and codec.vocab_size != vocab_size:
         problems.append(f"the codec has {codec.vocab_size} symbols but vocab_size is {vocab_size}")
@@ -688,21 +785,17 @@ def inspect_data(path: str | Path, column: str = "tokens", top: int = 10, exampl
                             "top": [{"token": t, "category": cats[t] if 0 <= t < len(cats) else None,
                                      "count": c, "share": c / column_total} for t, c in ranked[:3]]})
     report_examples = []
-    for split, row, tokens in shown:
-        entry: dict[str, Any] = {"split": split, "row": row, "tokens": tokens}
+    for split, name, row, tokens in shown:
+        entry: dict[str, Any] = {"split": split, "file": name, "row": row, "tokens": tokens}
         if codec is not None:
             try:
                 entry["decoded"] = codec.decode(tokens)
             except (IndexError, ValueError):
                 entry["decoded"] = None
         report_examples.append(entry)
-    described = path / DATA_JSON if path.is_dir() else path.parent / DATA_JSON
     prepared = None
-    if described.is_file() and tables.keys() != {"all"}:
-        try:
-            prepared = json.loads(described.read_text())
-        except (OSError, ValueError):
-            problems.append(f"{described}: unreadable")
+    if tables.keys() != {"all"}:
+        prepared = _prepared_description(path, problems)
     return {
         "path": str(path), "tables": report_tables, "seq_len": seq_len, "vocab_size": vocab_size,
         "vocab_from": vocab_from, "codec": codec.to_dict() if codec else None,
@@ -715,6 +808,46 @@ def inspect_data(path: str | Path, column: str = "tokens", top: int = 10, exampl
     }
 
 
+def _outside(tokens: np.ndarray, vocab_size: int, name: str, column: str, offset: int) -> str:
+    """The first token of a batch outside [0, vocab_size), as a problem naming file, row and column ("" if none)."""
+    bad = np.flatnonzero(((tokens < 0) | (tokens >= vocab_size)).any(axis=1))
+    if not bad.size:
+        return ""
+    row = tokens[bad[0]]
+    value = int(row[(row < 0) | (row >= vocab_size)][0])
+    return (f"{name}: row {offset + int(bad[0])}, column {column!r}: token {value} is outside [0, {vocab_size}): "
+            "training would refuse this table")
+
+
+def _first_length(data: pa.Array) -> int | None:
+    """The table's row length, from the first batch with a non-null row (None: not yet known)."""
+    if pa.types.is_fixed_size_list(data.type):
+        return data.type.list_size
+    if not (pa.types.is_list(data.type) or pa.types.is_large_list(data.type)):
+        return None  # _validate_column names the wrong type
+    valid = np.flatnonzero(np.asarray(data.is_valid()))
+    return int(pc.list_value_length(data)[int(valid[0])].as_py()) if valid.size else None
+
+
+def _prepared_description(path: str | Path, problems: list[str]) -> dict[str, Any] | None:
+    """DIR/fldd_data.json of a split directory, if there is one (local or remote)."""
+    fs, root, prefix = _filesystem(path)
+    where = f"{root}/{DATA_JSON}"
+    if fs.get_file_info(where).type != pafs.FileType.File:
+        return None
+    try:
+        with fs.open_input_stream(where) as stream:
+            return json.loads(stream.read().decode("utf-8"))
+    except (OSError, ValueError):
+        problems.append(f"{prefix}{where}: unreadable")
+        return None
+
+
+def _common_folder(names: list[str]) -> str:
+    common = os.path.commonprefix(names)
+    return common[:common.rfind("/") + 1] or "."
+
+
 def format_inspect(report: dict[str, Any]) -> str:
     """The inspect report for people."""
     lines = [report["path"]]
@@ -724,7 +857,8 @@ def format_inspect(report: dict[str, Any]) -> str:
                      f"seed {prepared.get('seed')}, {prepared.get('tokens_dropped', 0):,} tokens dropped)")
     width = max(len(t["split"]) for t in report["tables"])
     for table in report["tables"]:
-        files = table["files"][0] if len(table["files"]) == 1 else f"{len(table['files'])} files"
+        files = table["files"][0] if len(table["files"]) == 1 else \
+            f"{len(table['files'])} files in {_common_folder(table['files'])}"
         lines.append(f"  {table['split']:<{width}}  {table['rows']:>10,} rows  {table['row_groups']:>4} row group(s)"
                      f"  {files}")
     codec = report["codec"]
@@ -767,7 +901,9 @@ def format_inspect(report: dict[str, Any]) -> str:
             shown = repr(shown)
         else:
             shown = " ".join(map(str, shown))
-        lines.append(f"    {entry['split']} row {entry['row']}: {shown}")
+        several = any(t["split"] == entry["split"] and len(t["files"]) > 1 for t in report["tables"])
+        where = f" {entry['file'].rsplit('/', 1)[-1]}" if several and entry.get("file") else ""
+        lines.append(f"    {entry['split']}{where} row {entry['row']}: {shown}")
     for problem in report["problems"]:
         lines.append(f"  problem: {problem}")
     return "\n".join(lines)

@@ -194,6 +194,9 @@ def fit(cfg: FLDDConfig, train_data: Tensor, valid_data: Tensor, *, on_metrics: 
     cfg.validate()
     if not (cfg.seq_len and cfg.vocab_size):
         cfg = resolve_data_shape(cfg)[0]
+    if train_data.dim() != 2 or train_data.shape[1] != cfg.seq_len:
+        raise ConfigError(f"seq_len={cfg.seq_len} (from {cfg.data.path or cfg.data.name}), but train_data has shape "
+                          f"{tuple(train_data.shape)}: the config's data section must describe the tensors given")
     if cfg.train.init_from:  # a run id or registry URI means MLflow, which this package never imports
         raise ConfigError(f"train.init_from={cfg.train.init_from!r}: applied by pipelines.train.launch (fldd train "
                           "--init-from); with fit(), load the source and call FLDDModel.init_from yourself")

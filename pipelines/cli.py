@@ -471,8 +471,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 DATA_PREPARE_HELP = """\
 Turn text files or a categorical CSV table into a token table that `fldd train` reads as is:
-DIR/train.parquet, DIR/valid.parquet, DIR/test.parquet (column "tokens", fixed-length lists of
-int64, schema metadata fldd.vocab_size and fldd.codec) and DIR/fldd_data.json describing them.
+DIR/train/part-*.parquet (blocks of rows dealt at random to parts of 50k-100k rows, rows shuffled
+within each row group: training streams them), DIR/valid.parquet, DIR/test.parquet (column
+"tokens", fixed-length lists of int64, schema metadata fldd.vocab_size and fldd.codec) and
+DIR/fldd_data.json describing them.
 
 text: the files (in the order given; globs are expanded, '**' recurses) are read as one stream
 and cut into non-overlapping rows of --seq-len tokens; the tail shorter than that is dropped
@@ -497,7 +499,7 @@ def add_data_parser(sub: argparse._SubParsersAction) -> None:
     data = p.add_subparsers(dest="data_command", required=True, metavar="{prepare,inspect}")
 
     q = data.add_parser(
-        "prepare", help="text files or a CSV table -> DIR/{train,valid,test}.parquet + fldd_data.json",
+        "prepare", help="text files or a CSV table -> DIR/train/part-*.parquet, valid.parquet, test.parquet",
         formatter_class=argparse.RawDescriptionHelpFormatter, description=DATA_PREPARE_HELP,
         epilog="exit status: 0 written, 2 bad input (one line naming the problem).\n"
         "examples:\n  fldd data prepare --text 'corpus/**/*.txt' --out data/corpus --seq-len 128\n"

@@ -33,8 +33,8 @@ from ray.train.torch import TorchTrainer, get_device, prepare_model
 
 from fldd.config import ConfigError, FLDDConfig
 from fldd.codec import TokenCodec
-from fldd.data import (DataDescription, DataError, arrow_tokens, check_token_file, load_builtin_split, read_split,
-                       resolve_data_shape, split_in_memory, token_table)
+from fldd.data import (DataDescription, DataError, TableFiles, arrow_tokens, check_token_file, load_splits,
+                       read_split, resolve_data_shape, token_table)
 from fldd.model import CheckpointError, FLDDModel, config_differences
 from fldd.objective import evaluate_nelbo
 from fldd.train import NonFiniteLossError, TrainSchedule, build_optimizer, train_loop
@@ -51,6 +51,7 @@ RUN_CONFIG_FILE = "fldd_config.yaml"  # written beside the Ray run, checked on r
 SCORE = "valid_nelbo_bits"
 CHECKPOINT_EVAL_SEED = 0
 VALID_ROWS_PER_CHECKPOINT = 2000  # validation NELBO at checkpoints: rows x 2 passes (final: all rows x 10)
+READ_AHEAD_BYTES = 256 * 2**20  # a streamed table's blocks read ahead of training, at most (object store)
 SHUFFLE_BUFFER_ROWS = 16384  # a worker's local shuffle buffer, at least (rows; 16384 x 64 int64 = 8 MB)
 READ_TASK_CPUS = 0  # Ray Data read tasks and file checks: Train workers may hold every CPU (no deadlock)
 
@@ -438,7 +439,7 @@ def _storage_file_system(storage: str):
         raise ConfigError(f"storage={storage!r}: not a path or file system URI pyarrow can open: {error}") from error
 
 
-def _check_resume_config(cfg: FLDDConfig, storage: str, name: str) -> None:
+def _check_resume_config(cfg: FLDDConfig, storage: str, name: str, save: bool = True) -> None:
     """A rerun with the same name continues the same run: only RESUMABLE_CHANGES may differ.
     Anything else (model, data, optimizer settings) is refused here, naming the field, before any
     worker starts or the MLflow run is touched. The config is kept beside the run
@@ -463,6 +464,8 @@ def _check_resume_config(cfg: FLDDConfig, storage: str, name: str) -> None:
         if differences:
             raise CheckpointError(f"run {name!r} exists in {storage} with different settings: "
                                   + "; ".join(differences) + ". Use another --name for a new run.")
+    if not save:
+        return
     try:
         fs.create_dir(run_dir, recursive=True)  # object stores have no directories: a no-op there
         with fs.open_output_stream(saved_path) as stream:
@@ -482,7 +485,7 @@ class PreparedRun:
     home: Path
     tracker: Tracker
     resumed: bool
-    data: DataDescription
+    described: DataDescription
     train_data: torch.Tensor | None  # in memory (built-in data, a table without splits); None: streamed
     train_rows: int
     valid_data: torch.Tensor
@@ -519,7 +522,7 @@ def prepare_run(cfg: FLDDConfig, opts: LaunchOptions) -> PreparedRun:
         print(described.summary(), flush=True)
     train_data, valid_data = None, None
     if not described.streams:  # built-in data, or a table split in memory: validated here, in the driver
-        train_data, valid_data = _data_in_memory(cfg, described)
+        train_data, valid_data = load_splits(cfg)
     train_rows = described.rows["train"] if train_data is None else len(train_data)
     world = max(opts.workers, 1)
     rows_per_micro = cfg.rows_per_micro_batch(world)
@@ -531,12 +534,13 @@ def prepare_run(cfg: FLDDConfig, opts: LaunchOptions) -> PreparedRun:
     # run that has not started: a resume continues from its checkpoint (the source may have moved on)
     fresh = "://" in storage or not checkpoints_on_disk(Path(storage) / name)
     init_state = load_init_model(cfg, tracking_uri(home)).state_dict() if cfg.train.init_from and fresh else None
-    _check_resume_config(cfg, storage, name)
+    _check_resume_config(cfg, storage, name, save=False)
 
     init_ray(opts.address)
     if described.streams:  # every file checked on the cluster, before the MLflow run or any training
         validate_on_cluster(cfg, described)
         valid_data = read_split(described.splits["valid"], cfg.data.column, cfg.seq_len, cfg.vocab_size)
+    _check_resume_config(cfg, storage, name)  # saved only now: a run refused above leaves nothing behind
     if opts.workers > 0 and len(ray.nodes()) > 1 and ("://" not in storage or "MLFLOW_TRACKING_URI" not in os.environ):
         log.warning("this Ray cluster has %d nodes: --storage must be shared by all of them (now %s) and "
                     "MLFLOW_TRACKING_URI should name a tracking server (README: running on a cluster)",
@@ -553,38 +557,34 @@ def prepare_run(cfg: FLDDConfig, opts: LaunchOptions) -> PreparedRun:
                        valid_data, init_state)
 
 
-def _data_in_memory(cfg: FLDDConfig, described: DataDescription) -> tuple[torch.Tensor, torch.Tensor]:
-    if not described.splits:  # built-in
-        return load_builtin_split(cfg, "train"), load_builtin_split(cfg, "valid")
-    tokens = read_split(described.splits["all"], cfg.data.column, cfg.seq_len, cfg.vocab_size)
-    return split_in_memory(tokens, cfg, described.source)
-
-
-def validate_on_cluster(cfg: FLDDConfig, described: DataDescription) -> dict[str, int]:
-    """Check every file of a split table in parallel Ray tasks (one per file, each streaming over
-    its row groups); raise the first problem in file order, naming the file and row. Returns the
-    rows per split."""
+def validate_on_cluster(cfg: FLDDConfig, described: DataDescription) -> None:
+    """Check every file of a split table in Ray tasks, one per file, each streaming over its row
+    groups, about one task per cluster CPU at a time (a table of 10,000 files must not start 10,000
+    processes); raise the first problem found, naming the file and row."""
     check = ray.remote(num_cpus=READ_TASK_CPUS, max_retries=0)(_check_file)
     column, D, K = cfg.data.column, cfg.seq_len, cfg.vocab_size
-    pending = [(split, check.remote(files, path, column, D, K))
-               for split, files in described.splits.items() for path in files.paths]
-    rows: dict[str, int] = {}
-    for split, ref in pending:
-        count, problem = ray.get(ref)
+    units = [TableFiles(files.filesystem, (path,), files.uri_prefix)
+             for files in described.splits.values() for path in files.paths]
+    window = max(2, int(ray.cluster_resources().get("CPU", 2)))
+    pending: list = []
+    while units or pending:
+        while units and len(pending) < window:
+            pending.append(check.remote(units.pop(0), column, D, K))
+        done, pending = ray.wait(pending, num_returns=1)
+        problem = ray.get(done[0])
         if problem is not None:
-            for _, other in pending:
-                ray.cancel(other)
+            for ref in pending:
+                ray.cancel(ref)
             raise DataError(problem)
-        rows[split] = rows.get(split, 0) + count
-    return rows
 
 
-def _check_file(files, path: str, column: str, seq_len: int, vocab_size: int) -> tuple[int, str | None]:
-    """One file's validation as a Ray task: (rows, None), or (0, the DataError's message)."""
+def _check_file(one_file: TableFiles, column: str, seq_len: int, vocab_size: int) -> str | None:
+    """One file's validation as a Ray task: None, or the DataError's message."""
     try:
-        return check_token_file(files, path, column, seq_len, vocab_size), None
+        check_token_file(one_file, one_file.paths[0], column, seq_len, vocab_size)
+        return None
     except DataError as error:
-        return 0, str(error)
+        return str(error)
 
 
 def build_trainer(run: PreparedRun, failure_marker: Path) -> TorchTrainer:
@@ -601,8 +601,8 @@ def build_trainer(run: PreparedRun, failure_marker: Path) -> TorchTrainer:
                            "keep_checkpoints": opts.keep_checkpoints,
                            "inject_failure_at_step": opts.inject_failure_at_step,
                            "failure_marker": str(failure_marker), "init_state": run.init_state,
-                           "column": cfg.data.column if run.train_data is None else "tokens",
-                           "codec": run.data.codec.to_dict() if run.data.codec else None},
+                           "column": cfg.data.column,
+                           "codec": run.described.codec.to_dict() if run.described.codec else None},
         scaling_config=ScalingConfig(num_workers=opts.workers, use_gpu=opts.gpu,
                                      resources_per_worker=None if opts.workers == 0 else
                                      {"CPU": opts.cpus_per_worker, **({"GPU": 1} if opts.gpu else {})}),
@@ -611,8 +611,8 @@ def build_trainer(run: PreparedRun, failure_marker: Path) -> TorchTrainer:
                                                                 checkpoint_score_attribute=SCORE,
                                                                 checkpoint_score_order="min"),
                              failure_config=FailureConfig(max_failures=opts.max_failures)),
-        datasets={"train": training_dataset(run), "valid": ray.data.from_arrow(token_table(run.valid_data, cfg.vocab_size))},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        datasets={"train": training_dataset(run), "valid": ray.data.from_arrow(token_table(run.valid_data, cfg.vocab_size, cfg.data.column))},
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=ingest_options()),
     )
 
 
@@ -628,17 +628,30 @@ def quiet_ray_data() -> None:
     context.enable_auto_log_stats = False
 
 
+def ingest_options() -> ray.data.ExecutionOptions:
+    """Ray Train's ingest defaults, with the read-ahead held in the object store capped: unbounded,
+    a streamed table is read far ahead of what training consumes, and those reads take CPU from
+    the workers (measured: benchmarks/data_scale.py)."""
+    options = ray.train.DataConfig.default_ingest_options()
+    limits = options.resource_limits
+    options.resource_limits = ray.data.ExecutionResources(cpu=limits.cpu, gpu=limits.gpu, memory=limits.memory,
+                                                         object_store_memory=READ_AHEAD_BYTES)
+    return options
+
+
 def training_dataset(run: PreparedRun) -> ray.data.Dataset:
     """The training split as a Ray Dataset: a split table streams from its files (never read whole by
     the driver; the files' order is reshuffled every epoch); data in memory goes in shuffled once (a
     sorted table must not give sorted batches)."""
     cfg = run.cfg
     if run.train_data is None:
-        files = run.data.splits["train"]
+        files = run.described.splits["train"]
         context = ray.data.DataContext.get_current()
-        # Ray Data's V2 Parquet reader plans a ListFiles task that asks for a whole CPU, which never
-        # comes while the Train workers hold every CPU (2 workers on 2 cores, a full sweep): the run
-        # hangs. The V1 reader's tasks take READ_TASK_CPUS.
+        # Ray Data's V2 Parquet reader (the default in Ray 2.60) plans a ListFiles task that asks for
+        # a whole CPU (ray/data/_internal/planner/plan_list_files_op.py sets no num_cpus), which
+        # never comes while the Train workers hold every CPU (2 workers on 2 cores, a full sweep):
+        # the run hangs. The V1 reader's tasks take READ_TASK_CPUS.
+        # tests/pipelines/test_data_streaming.py runs 2 workers on the 2-CPU test cluster for this.
         previous, context.use_datasource_v2 = context.use_datasource_v2, False
         try:
             return ray.data.read_parquet(
@@ -647,7 +660,7 @@ def training_dataset(run: PreparedRun) -> ray.data.Dataset:
         finally:
             context.use_datasource_v2 = previous
     shuffled = torch.randperm(len(run.train_data), generator=torch.Generator().manual_seed(cfg.data.seed))
-    return ray.data.from_arrow(token_table(run.train_data[shuffled], cfg.vocab_size))
+    return ray.data.from_arrow(token_table(run.train_data[shuffled], cfg.vocab_size, cfg.data.column))
 
 
 def finish_run(run: PreparedRun, result: ray.train.Result, train_seconds: float) -> TrainOutcome:

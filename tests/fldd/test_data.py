@@ -179,3 +179,22 @@ def test_streaming_validation_counts_rows_across_record_batches(tmp_path, monkey
     with pytest.raises(DataError, match=r"big.parquet: row 250, column 'tokens': token outside \[0, vocab_size\) 7"):
         check_token_file(files, files.paths[0], "tokens", 3, 5)
     assert check_token_file(files, files.paths[0], "tokens", 3, 8) == 300
+
+
+def test_vocabulary_rules_for_tables_with_and_without_metadata(tmp_path):
+    from fldd.data import resolve_data_shape
+
+    write_token_table(tmp_path / "mixed" / "a.parquet", torch.zeros(4, 2, dtype=torch.long), 5)
+    write_token_table(tmp_path / "mixed" / "b.parquet", torch.zeros(4, 2, dtype=torch.long), 9)
+    with pytest.raises(DataError, match=r"b.parquet says vocab_size=9 in its metadata, but .*a.parquet says 5"):
+        resolve_data_shape(FLDDConfig().with_overrides({"data.path": str(tmp_path / "mixed")}))
+    bare = write_raw(tmp_path / "bare.parquet", [[0, 1], [3, 2]], pa.list_(pa.int64()), metadata={})
+    cfg = FLDDConfig().with_overrides({"data.path": str(bare)})
+    # without metadata a stated vocab_size is the vocabulary (every token is checked against it)
+    resolved, described = resolve_data_shape(cfg.with_overrides({"vocab_size": 10}))
+    assert (resolved.vocab_size, described.vocab_from) == (10, "the config's vocab_size")
+    with pytest.raises(DataError, match=r"token outside \[0, vocab_size\) 3 \(vocab_size=3\)"):
+        load_splits(cfg.with_overrides({"vocab_size": 3}))
+    huge = write_raw(tmp_path / "huge.parquet", [[0, 2_000_000_000]], pa.list_(pa.int64()), metadata={})
+    with pytest.raises(DataError, match="largest token is 2000000000.*set data.vocab_size"):
+        resolve_data_shape(FLDDConfig().with_overrides({"data.path": str(huge)}))

@@ -42,16 +42,28 @@ def expected_splits(chunks, valid_fraction, test_fraction, seed):
     return {name: [c for c, w in zip(chunks, which) if w == i] for i, name in enumerate(SPLITS)}, plan
 
 
+def split_path(out, split):
+    """Where prepare writes a split: train is a directory of part files, valid and test are files."""
+    return out / "train" if split == "train" else out / f"{split}.parquet"
+
+
 def decoded_splits(out, codec=None):
+    """{split: decoded rows}: valid and test in corpus order; train (shuffled into parts) sorted."""
     result = {}
     for split in SPLITS:
-        tokens, vocab = read_token_table(out / f"{split}.parquet")
-        metadata = pq.read_schema(out / f"{split}.parquet").metadata
+        tokens, vocab = read_token_table(split_path(out, split))
+        first = sorted(split_path(out, split).glob("*.parquet"))[0] if split == "train" else split_path(out, split)
+        metadata = pq.read_schema(first).metadata
         found = codec_from_metadata(metadata)
         assert codec is None or found == codec
         assert vocab == found.vocab_size == int(metadata[VOCAB_KEY])
         result[split] = [found.decode(row) for row in tokens.tolist()]
+    result["train"] = sorted(result["train"], key=json.dumps)
     return result
+
+
+def sorted_train(splits):
+    return {**splits, "train": sorted(splits["train"], key=json.dumps)}
 
 
 @pytest.mark.parametrize("read_chars", [7, prepare.READ_CHARS])
@@ -66,13 +78,17 @@ def test_text_round_trip(tmp_path, monkeypatch, read_chars):
     assert result.vocabulary_from == "corpus" and result.token_codec == codec
     chunks = [text[i:i + 16] for i in range(0, len(text) - 15, 16)]
     want, plan = expected_splits(chunks, 0.1, 0.1, 3)
-    assert decoded_splits(out, codec) == want
+    assert decoded_splits(out, codec) == sorted_train(want)
     assert result.tokens_dropped == len(text) % 16 and result.tokens_total == len(text)
     assert result.rows == {name: len(rows) for name, rows in want.items()} and all(result.rows.values())
     described = json.loads((out / "fldd_data.json").read_text())
     assert described["rows"] == result.rows and described["codec"] == codec.to_dict()
     assert described["tokens_dropped"] == len(text) % 16 and described["seed"] == 3 and described["seq_len"] == 16
-    schema = pq.read_schema(out / "train.parquet")
+    assert described["files"] == {"train": [{"file": "train/part-00000.parquet", "rows": result.rows["train"]}],
+                                  "valid": [{"file": "valid.parquet", "rows": result.rows["valid"]}],
+                                  "test": [{"file": "test.parquet", "rows": result.rows["test"]}]}
+    assert sorted(p.name for p in out.iterdir()) == ["fldd_data.json", "test.parquet", "train", "valid.parquet"]
+    schema = pq.read_schema(out / "train" / "part-00000.parquet")
     assert schema.field("tokens").type == pa.list_(pa.int64(), 16)
     assert json.loads(schema.metadata[CODEC_KEY]) == codec.to_dict()
 
@@ -85,15 +101,16 @@ def test_bytes_round_trip_and_lowercase(tmp_path):
     chunks = [raw.lower()[i:i + 10] for i in range(0, len(raw) - 9, 10)]
     want, _ = expected_splits(chunks, 0.05, 0.05, 0)
     for split in SPLITS:
-        tokens, vocab = read_token_table(tmp_path / "out" / f"{split}.parquet")
-        assert vocab == 256 and [bytes(row) for row in tokens.tolist()] == want[split]
+        tokens, vocab = read_token_table(split_path(tmp_path / "out", split))
+        rows = [bytes(row) for row in tokens.tolist()]
+        assert vocab == 256 and (sorted(rows) == sorted(want[split]) if split == "train" else rows == want[split])
 
 
 def test_given_alphabet_unknown_characters(tmp_path):
     (tmp_path / "a.txt").write_text("abc\nab\nabXc\n")
     with pytest.raises(DataError, match=r"a\.txt:3:3: character 'X' \(U\+0058\) is not in the alphabet"):
         prepare_text([str(tmp_path / "a.txt")], tmp_path / "out", seq_len=2, alphabet="abc\n")
-    assert not (tmp_path / "out" / "train.parquet").exists()
+    assert not (tmp_path / "out").exists()
     (tmp_path / "b.txt").write_text("abc\nabXc" * 40)
     result = prepare_text([str(tmp_path / "b.txt")], tmp_path / "out2", seq_len=4, alphabet="\nabc", unknown="c")
     assert result.unknown_replaced == 40 and result.vocabulary_from == "--alphabet"
@@ -107,7 +124,7 @@ def test_seeds_choose_blocks(tmp_path):
     tables = {}
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         prepare_text([path], tmp_path / name, seq_len=4, seed=seed)
-        tables[name] = {s: read_token_table(tmp_path / name / f"{s}.parquet")[0] for s in SPLITS}
+        tables[name] = {s: read_token_table(split_path(tmp_path / name, s))[0] for s in SPLITS}
     assert all((tables["a"][s] == tables["b"][s]).all() for s in SPLITS)
     a, c = tables["a"]["valid"], tables["c"]["valid"]
     assert a.shape != c.shape or (a != c).any()
@@ -151,7 +168,7 @@ def test_csv_round_trip(tmp_path):
     assert result.vocab_size == 4 and result.seq_len == 3
     records = [{"note": r[3], "size": r[1], "colour": r[2]} for r in rows]
     want, _ = expected_splits(records, 0.05, 0.05, 5)
-    assert decoded_splits(tmp_path / "out", codec) == want
+    assert decoded_splits(tmp_path / "out", codec) == sorted_train(want)
     assert sum(result.rows.values()) == 400 and all(result.rows.values())
 
 
@@ -207,7 +224,7 @@ def test_output_directory_is_not_overwritten_without_force(tmp_path):
         prepare_text([str(paths[0])], out, seq_len=8)
     result = prepare_text([str(paths[0])], out, seq_len=4, force=True)
     assert (out / "mine.txt").read_text() == "keep" and result.seq_len == 4
-    assert read_token_table(out / "train.parquet")[0].shape[1] == 4
+    assert read_token_table(out / "train")[0].shape[1] == 4
     assert not list(out.glob(".*partial"))
 
 
@@ -236,7 +253,9 @@ def test_inspect_csv_and_no_copies(tmp_path):
     assert report["codec_kind"] == "columns" and report["vocab_size"] == 700 and report["seq_len"] == 2
     assert all(d["copies_of_train_rows"] == 0 for d in report["duplicates"].values())
     assert [c["column"] for c in report["columns"]] == ["id", "size"] and report["columns"][1]["used"] == 7
-    assert report["examples"][0]["decoded"] == {"id": "0", "size": "0"}
+    first = report["examples"][0]  # train rows are shuffled into their part: any row, decoded whole
+    assert first["split"] == "train" and first["row"] == 0 and first["file"].endswith("train/part-00000.parquet")
+    assert set(first["decoded"]) == {"id", "size"} and int(first["decoded"]["size"]) == int(first["decoded"]["id"]) % 7
 
 
 def test_inspect_table_without_metadata(tmp_path):
@@ -244,7 +263,7 @@ def test_inspect_table_without_metadata(tmp_path):
     pq.write_table(pa.table({"tokens": values}), tmp_path / "plain.parquet", row_group_size=2)
     report = inspect_data(tmp_path / "plain.parquet")
     assert report["tables"] == [{"split": "all", "files": [str(tmp_path / "plain.parquet")], "rows": 3,
-                                 "row_groups": 2}]
+                                 "row_groups": 2, "file_rows": [{"file": str(tmp_path / "plain.parquet"), "rows": 3}]}]
     assert report["vocab_size"] == 6 and report["vocab_from"].startswith("largest token + 1: the table has no")
     assert report["codec"] is None and report["duplicates"] == {} and report["histogram"][0] == \
         {"token": 0, "count": 3, "share": 3 / 9, "symbol": None}
@@ -257,10 +276,132 @@ def test_inspect_reports_problems(tmp_path):
     pq.write_table(table.replace_schema_metadata({VOCAB_KEY: b"3"}), tmp_path / "t.parquet")
     assert "token 5 is outside [0, 3)" in inspect_data(tmp_path / "t.parquet")["problems"][0]
     pq.write_table(pa.table({"tokens": pa.array([[0, 5], [1]])}), tmp_path / "ragged.parquet")
-    with pytest.raises(DataError, match="row 1, column 'tokens': length 1, other rows have length 2"):
+    with pytest.raises(DataError, match="ragged.parquet: row 1, column 'tokens': ragged row of length 1"):
         inspect_data(tmp_path / "ragged.parquet")
     with pytest.raises(DataError, match="column 'ids' is missing"):
         inspect_data(tmp_path / "t.parquet", column="ids")
+
+
+def test_train_parts_rule():
+    assert [prepare.train_parts(n) for n in (0, 1, 99_999, 100_000, 149_999, 150_000)] == [1, 1, 1, 2, 2, 3]
+    assert prepare.train_parts(64 * 50_000) == 64 and prepare.train_parts(10**9) == 64
+
+
+def test_train_split_is_written_as_random_parts(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare, "PART_ROWS", 200)
+    rows = [[str(i), str(i % 3), "", ""] for i in range(2000)]  # the id says where a row is in the corpus
+    write_csv(tmp_path / "t.csv", rows)
+    result = prepare_csv([str(tmp_path / "t.csv")], ["id", "size"], tmp_path / "out", seed=4)
+    train, plan = result.rows["train"], plan_splits(2000, 0.05, 0.05, 4)
+    parts = sorted((tmp_path / "out" / "train").iterdir())
+    assert len(parts) == plan.num_parts == prepare.train_parts(train) == train // 200 > 4
+    assert [p.name for p in parts] == [f"part-{i:05d}.parquet" for i in range(len(parts))]
+    assert result.files["train"] == [{"file": f"train/{p.name}", "rows": pq.read_metadata(p).num_rows}
+                                     for p in parts]
+    assert json.loads((tmp_path / "out" / "fldd_data.json").read_text())["files"] == result.files
+    want, _ = expected_splits(list(range(2000)), 0.05, 0.05, 4)
+    ids = [[int(r["id"]) for r in map(result.token_codec.decode, read_token_table(p)[0].tolist())] for p in parts]
+    assert sorted(i for part in ids for i in part) == want["train"]
+    sizes = [len(part) for part in ids]
+    assert max(sizes) - min(sizes) <= 2 * plan.block_rows  # equal numbers of blocks (each up to block_rows rows)
+    for part in ids:  # a random sample of blocks from the whole corpus, not one stretch of it
+        assert max(part) - min(part) > 3 * len(part)
+        neighbours = sum(abs(a - b) == 1 for a, b in zip(part, part[1:]))
+        assert neighbours < len(part) // 4  # rows within a part's row groups are in random order too
+    from fldd.data import find_splits
+    assert len(find_splits(tmp_path / "out")["train"].paths) == len(parts)  # training reads every part
+    again = prepare_csv([str(tmp_path / "t.csv")], ["id", "size"], tmp_path / "again", seed=4)
+    assert again.files == result.files and all(
+        pq.read_table(p).equals(pq.read_table(tmp_path / "again" / "train" / p.name)) for p in parts)
+
+
+def test_force_replaces_an_older_layout_and_only_its_own_parts(tmp_path, monkeypatch):
+    from fldd.data import write_token_table
+    paths, _ = corpus_files(tmp_path, count=1)
+    out = tmp_path / "out"
+    for split in SPLITS:  # what older versions of prepare wrote: train.parquet (it would shadow train/)
+        write_token_table(out / f"{split}.parquet", np.zeros((4, 3), dtype=np.int64), 5)
+    (out / "fldd_data.json").write_text("{}")
+    (out / "mine.txt").write_text("keep")
+    prepare_text([str(paths[0])], out, seq_len=4, force=True)
+    assert not (out / "train.parquet").exists() and (out / "mine.txt").read_text() == "keep"
+    assert read_token_table(out)[0].shape[1] == 4
+    monkeypatch.setattr(prepare, "PART_ROWS", 100)
+    many = prepare_text([str(paths[0])], out, seq_len=4, force=True)
+    assert len(list((out / "train").iterdir())) == len(many.files["train"]) > 3
+    monkeypatch.setattr(prepare, "PART_ROWS", 50_000)
+    few = prepare_text([str(paths[0])], out, seq_len=4, force=True)  # the old, extra parts are removed
+    assert sorted(p.name for p in (out / "train").iterdir()) == ["part-00000.parquet"] == \
+        [f["file"].split("/")[1] for f in few.files["train"]]
+    assert sorted(p.name for p in out.iterdir()) == ["fldd_data.json", "mine.txt", "test.parquet", "train",
+                                                     "valid.parquet"]
+    (out / "train" / "other.parquet").write_bytes(b"")  # not ours: it would join the training data
+    with pytest.raises(DataError, match=r"train: holds files `fldd data prepare` did not write \(other\.parquet\)"):
+        prepare_text([str(paths[0])], out, seq_len=4, force=True)
+    assert (out / "train" / "part-00000.parquet").is_file() and (out / "fldd_data.json").is_file()
+
+
+def test_input_that_changes_between_the_passes_is_refused(tmp_path):
+    codec, plan = TokenCodec("chars", "ab"), plan_splits(100, 0.05, 0.05, seed=0)
+    for rows in (99, 101):  # the first pass counted 100 rows
+        out = tmp_path / str(rows)
+        prepare.claim_output(out)
+        writer = prepare._SplitWriter(out, 3, codec, plan)
+        with pytest.raises(DataError, match="the input changed while it was being prepared"):
+            prepare._write_all(writer, (writer.add_rows(np.zeros((rows, 3), dtype=np.int64)) for _ in range(1)))
+            prepare._finish(writer, prepare.Prepared(str(out), "text", [], 3, 2, codec.to_dict(), {}, 0, 0.05,
+                                                     0.05, plan.block_rows, 300, 0, "corpus"))
+        assert sorted(p.name for p in out.iterdir()) == []
+
+
+def write_split_files(root, files, vocabs=None):
+    """{relative path: rows} -> Parquet token files (list<int64>) with fldd.vocab_size metadata."""
+    for i, (name, values) in enumerate(files.items()):
+        vocab = (vocabs or {}).get(name, 5)
+        table = pa.table({"tokens": pa.array(values, type=pa.list_(pa.int64()))})
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table.replace_schema_metadata({VOCAB_KEY: str(vocab).encode()}), root / name)
+
+
+def test_inspect_counts_rows_per_file(tmp_path):
+    good = [[0, 1], [1, 2], [2, 3]]
+    write_split_files(tmp_path / "r", {"train/a.parquet": good, "train/b.parquet": [[0, 1], [4, 0], [1, 2, 3]],
+                                       "valid.parquet": good})
+    with pytest.raises(DataError, match=r"train/b\.parquet: row 2, column 'tokens': ragged row of length 3"):
+        inspect_data(tmp_path / "r")
+    write_split_files(tmp_path / "o", {"train/a.parquet": good, "train/b.parquet": [[0, 1], [4, 0], [1, 7]],
+                                       "valid.parquet": good, "test.parquet": [[0, 0]]})
+    report = inspect_data(tmp_path / "o")
+    assert report["problems"] == [f"{tmp_path / 'o' / 'train' / 'b.parquet'}: row 2, column 'tokens': token 7 is "
+                                  "outside [0, 5): training would refuse this table"]
+    train = report["tables"][0]
+    assert train["rows"] == 6 and train["file_rows"] == [{"file": str(tmp_path / "o" / "train" / n), "rows": 3}
+                                                         for n in ("a.parquet", "b.parquet")]
+    text = prepare.format_inspect(report)
+    assert f"2 files in {tmp_path / 'o' / 'train'}/" in text and "train a.parquet row 0: 0 1" in text
+
+
+def test_inspect_finds_tables_as_training_does(tmp_path):
+    from fldd.config import FLDDConfig
+    from fldd.data import describe_data
+    (tmp_path / "a.txt").write_text("abcd efgh " * 400)
+    prepare_text([str(tmp_path / "a.txt")], tmp_path / "out", seq_len=5)
+    local, remote = inspect_data(tmp_path / "out"), inspect_data(f"file://{tmp_path / 'out'}")
+    assert remote["prepared"] == local["prepared"] and remote["problems"] == local["problems"] == []
+    assert [t["rows"] for t in remote["tables"]] == [t["rows"] for t in local["tables"]]
+    assert remote["tables"][0]["files"] == [f"file://{tmp_path / 'out' / 'train' / 'part-00000.parquet'}"]
+    write_split_files(tmp_path / "v", {"train/a.parquet": [[0, 1]], "train/b.parquet": [[0, 1]],
+                                       "valid.parquet": [[0, 1]]}, vocabs={"train/b.parquet": 9})
+    report = inspect_data(tmp_path / "v")  # the first file's metadata; a disagreement names both files
+    assert report["vocab_size"] == 5 and report["problems"] == [
+        f"{tmp_path / 'v' / 'train' / 'b.parquet'} says fldd.vocab_size=9 in its metadata, but "
+        f"{tmp_path / 'v' / 'train' / 'a.parquet'} says 5: the files of one table must agree (training refuses "
+        "this table)"]
+    with pytest.raises(DataError, match="the files of one table must agree"):
+        describe_data(FLDDConfig().with_overrides({"data.path": str(tmp_path / "v")}))
+    write_split_files(tmp_path / "h", {"train.parquet": [[0, 1]], "test.parquet": [[0, 1]]})
+    with pytest.raises(DataError, match="has a test and train split but no valid"):
+        inspect_data(tmp_path / "h")
 
 
 # ---- the command line ------------------------------------------------------------------------
@@ -306,7 +447,8 @@ def test_cli_csv_and_inspect_exit_codes(tmp_path, capsys):
     table = pa.table({"tokens": pa.array([[0, 5]], type=pa.list_(pa.int64()))})
     pq.write_table(table.replace_schema_metadata({VOCAB_KEY: b"3"}), tmp_path / "bad.parquet")
     assert main(["data", "inspect", str(tmp_path / "bad.parquet")]) == 1
-    assert "problem: token 5 is outside [0, 3)" in capsys.readouterr().out
+    assert "problem: " + str(tmp_path / "bad.parquet") + ": row 0, column 'tokens': token 5 is outside [0, 3)" \
+        in capsys.readouterr().out
     assert main(["data", "inspect", str(tmp_path / "missing")]) == 2
     assert "fldd data inspect: error:" in capsys.readouterr().err
 

@@ -200,3 +200,11 @@ def test_fit_refuses_a_config_that_asks_to_start_from_a_model():
     cfg = tiny_config({"train.init_from": "runs:/abc/model"})
     with pytest.raises(ConfigError, match="train.init_from"):
         fit(cfg, torch.zeros(8, 2, dtype=torch.long), torch.zeros(8, 2, dtype=torch.long))
+
+
+def test_fit_refuses_tensors_its_config_does_not_describe():
+    from fldd.config import ConfigError
+
+    cfg = mixture8_config()
+    with pytest.raises(ConfigError, match=r"seq_len=2 \(from mixture8\), but train_data has shape \(16, 3\)"):
+        fit(cfg, torch.zeros(16, 3, dtype=torch.long), torch.zeros(4, 3, dtype=torch.long))

@@ -32,7 +32,7 @@ from tests.pipelines.conftest import toy_config
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the venv's ray and fldd
 # a real second Ray cluster (ray start --head) and fldd / ray job subprocesses against it
-real_cluster = pytest.mark.slow
+real_cluster = pytest.mark.cluster
 TRAIN_ARGS = ["--workers", "1", "--config", "toy2d", "--train-steps", "30", "--set", "train.log_every=10",
               "--set", "train.eval_every=30", "--set", "train.checkpoint_every=30"]
 # the auth settings a client brings itself (the session's own ray.init sets RAY_AUTH_MODE=token here)
