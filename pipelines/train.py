@@ -51,7 +51,6 @@ RUN_CONFIG_FILE = "fldd_config.yaml"  # written beside the Ray run, checked on r
 SCORE = "valid_nelbo_bits"
 CHECKPOINT_EVAL_SEED = 0
 VALID_ROWS_PER_CHECKPOINT = 2000  # validation NELBO at checkpoints: rows x 2 passes (final: all rows x 10)
-READ_AHEAD_BYTES = 256 * 2**20  # a streamed table's blocks read ahead of training, at most (object store)
 SHUFFLE_BUFFER_ROWS = 16384  # a worker's local shuffle buffer, at least (rows; 16384 x 64 int64 = 8 MB)
 READ_TASK_CPUS = 0  # Ray Data read tasks and file checks: Train workers may hold every CPU (no deadlock)
 
@@ -612,7 +611,7 @@ def build_trainer(run: PreparedRun, failure_marker: Path) -> TorchTrainer:
                                                                 checkpoint_score_order="min"),
                              failure_config=FailureConfig(max_failures=opts.max_failures)),
         datasets={"train": training_dataset(run), "valid": ray.data.from_arrow(token_table(run.valid_data, cfg.vocab_size, cfg.data.column))},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=ingest_options()),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
 
 
@@ -626,17 +625,6 @@ def quiet_ray_data() -> None:
     context.enable_operator_progress_bars = False
     context.print_on_execution_start = False
     context.enable_auto_log_stats = False
-
-
-def ingest_options() -> ray.data.ExecutionOptions:
-    """Ray Train's ingest defaults, with the read-ahead held in the object store capped: unbounded,
-    a streamed table is read far ahead of what training consumes, and those reads take CPU from
-    the workers (measured: benchmarks/data_scale.py)."""
-    options = ray.train.DataConfig.default_ingest_options()
-    limits = options.resource_limits
-    options.resource_limits = ray.data.ExecutionResources(cpu=limits.cpu, gpu=limits.gpu, memory=limits.memory,
-                                                         object_store_memory=READ_AHEAD_BYTES)
-    return options
 
 
 def training_dataset(run: PreparedRun) -> ray.data.Dataset:
@@ -654,8 +642,10 @@ def training_dataset(run: PreparedRun) -> ray.data.Dataset:
         # tests/pipelines/test_data_streaming.py runs 2 workers on the 2-CPU test cluster for this.
         previous, context.use_datasource_v2 = context.use_datasource_v2, False
         try:
+            # zero-CPU tasks are not limited by CPUs: cap how many read at once (one per worker)
             return ray.data.read_parquet(
                 list(files.paths), filesystem=files.filesystem, columns=[cfg.data.column], num_cpus=READ_TASK_CPUS,
+                concurrency=max(1, run.opts.workers),
                 shuffle=ray.data.FileShuffleConfig(seed=cfg.data.seed, reseed_after_execution=True))
         finally:
             context.use_datasource_v2 = previous
