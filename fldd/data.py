@@ -241,7 +241,14 @@ def _scan_file(files: TableFiles, path: str, column: str, seq_len: int, vocab_si
     if column not in parquet.schema_arrow.names:
         raise DataError(f"{name}: column {column!r} is missing (columns: {parquet.schema_arrow.names})")
     offset, kept = 0, []
-    for batch in parquet.iter_batches(batch_size=SCAN_BATCH_ROWS, columns=[column]):
+    batches = parquet.iter_batches(batch_size=SCAN_BATCH_ROWS, columns=[column])
+    while True:
+        try:
+            batch = next(batches, None)
+        except (OSError, pa.ArrowException) as error:  # a truncated or corrupt file
+            raise DataError(f"{name}: unreadable after row {offset} ({error})") from error
+        if batch is None:
+            break
         tokens = _validate_column(batch.column(0), name, column, seq_len, offset)
         _check_range(tokens, vocab_size, name, column, offset)
         if keep:
@@ -250,6 +257,16 @@ def _scan_file(files: TableFiles, path: str, column: str, seq_len: int, vocab_si
     if offset == 0:
         raise DataError(f"{name}: column {column!r}: the table is empty")
     return offset, kept
+
+
+def check_file_task(one_file: TableFiles, column: str, seq_len: int, vocab_size: int) -> str | None:
+    """One file's validation as a (Ray) task: None, or the DataError's message (a plain string
+    crosses process boundaries without the exception's class)."""
+    try:
+        check_token_file(one_file, one_file.paths[0], column, seq_len, vocab_size)
+        return None
+    except DataError as error:
+        return str(error)
 
 
 def read_split(files: TableFiles, column: str, seq_len: int, vocab_size: int) -> Tensor:

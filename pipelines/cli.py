@@ -327,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model with Ray Train, tracked in MLflow",
                        description="Train with Ray Train. Rerunning with the same --name resumes from the last "
-                       "checkpoint and continues the same MLflow run.")
+                       "checkpoint and continues the same MLflow run.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=TRAIN_EPILOG)
     add_config_args(p)
     p.add_argument("--method", choices=list(PARAMETERIZATIONS),
                    help="forward process and reverse parameterization (e.g. masked-x0: masked + x0)")
@@ -337,9 +338,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "learned forward starting at its marginals, step 0 scored as a checkpoint (train.init_from)")
     p.add_argument("--workers", type=int, default=0, help="Ray Train workers; 0 = local mode in this process")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker, bf16 autocast for the networks")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
-    p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a new local cluster)")
-    p.add_argument("--storage", help="checkpoint storage: local path or URI (default $FLDD_HOME/ray_results)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs each Ray Train worker reserves "
+                   "(also its torch threads, rounded down, at least 1)")
+    p.add_argument("--address", help="Ray cluster to join: HOST:PORT (the head's GCS port; a token-auth cluster "
+                   "needs its token on this machine), auto or ray://HOST:PORT (default: RAY_ADDRESS, else a new "
+                   "local cluster)")
+    p.add_argument("--storage", help="checkpoint storage: local path or URI (default $FLDD_HOME/ray_results); with "
+                   "several nodes, a path every node mounts or s3://...")
     p.add_argument("--name", help="run name (default: <data>-<parameterization>-T<T>-seed<seed>-<config digest>); the same name resumes")
     p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts from the last checkpoint")
     p.set_defaults(func=cmd_train)
@@ -469,10 +474,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TRAIN_EPILOG = """\
+your own data:
+  fldd train --config text --set data.path=DIR     a Parquet token table; seq_len, vocab_size and the
+                                                   codec come from the table (fldd data prepare makes one)
+on your own cluster:
+  fldd train --address HEAD:6379 --workers 8 --storage s3://bucket/runs --set data.path=s3://bucket/tok
+exit status: 0 done, 2 bad input (config, data, cluster address), 1 the run failed, 130 interrupted
+"""
+
 DATA_PREPARE_HELP = """\
 Turn text files or a categorical CSV table into a token table that `fldd train` reads as is:
-DIR/train/part-*.parquet (blocks of rows dealt at random to parts of 50k-100k rows, rows shuffled
-within each row group: training streams them), DIR/valid.parquet, DIR/test.parquet (column
+DIR/train/part-*.parquet (blocks of rows dealt at random, with --seed, to parts of about 50k rows
+each, at most 64 parts; rows shuffled within each row group: training streams them), DIR/valid.parquet, DIR/test.parquet (column
 "tokens", fixed-length lists of int64, schema metadata fldd.vocab_size and fldd.codec) and
 DIR/fldd_data.json describing them.
 

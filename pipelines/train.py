@@ -33,7 +33,7 @@ from ray.train.torch import TorchTrainer, get_device, prepare_model
 
 from fldd.config import ConfigError, FLDDConfig
 from fldd.codec import TokenCodec
-from fldd.data import (DataDescription, DataError, TableFiles, arrow_tokens, check_token_file, load_splits,
+from fldd.data import (DataDescription, DataError, TableFiles, arrow_tokens, check_file_task, load_splits,
                        read_split, resolve_data_shape, token_table)
 from fldd.model import CheckpointError, FLDDModel, config_differences
 from fldd.objective import evaluate_nelbo
@@ -560,7 +560,8 @@ def validate_on_cluster(cfg: FLDDConfig, described: DataDescription) -> None:
     """Check every file of a split table in Ray tasks, one per file, each streaming over its row
     groups, about one task per cluster CPU at a time (a table of 10,000 files must not start 10,000
     processes); raise the first problem found, naming the file and row."""
-    check = ray.remote(num_cpus=READ_TASK_CPUS, max_retries=0)(_check_file)
+    # zero-CPU tasks would all land on the calling node: spread them over the cluster's nodes
+    check = ray.remote(num_cpus=READ_TASK_CPUS, max_retries=0, scheduling_strategy="SPREAD")(check_file_task)
     column, D, K = cfg.data.column, cfg.seq_len, cfg.vocab_size
     units = [TableFiles(files.filesystem, (path,), files.uri_prefix)
              for files in described.splits.values() for path in files.paths]
@@ -576,14 +577,6 @@ def validate_on_cluster(cfg: FLDDConfig, described: DataDescription) -> None:
                 ray.cancel(ref)
             raise DataError(problem)
 
-
-def _check_file(one_file: TableFiles, column: str, seq_len: int, vocab_size: int) -> str | None:
-    """One file's validation as a Ray task: None, or the DataError's message."""
-    try:
-        check_token_file(one_file, one_file.paths[0], column, seq_len, vocab_size)
-        return None
-    except DataError as error:
-        return str(error)
 
 
 def build_trainer(run: PreparedRun, failure_marker: Path) -> TorchTrainer:

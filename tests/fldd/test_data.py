@@ -198,3 +198,15 @@ def test_vocabulary_rules_for_tables_with_and_without_metadata(tmp_path):
     huge = write_raw(tmp_path / "huge.parquet", [[0, 2_000_000_000]], pa.list_(pa.int64()), metadata={})
     with pytest.raises(DataError, match="largest token is 2000000000.*set data.vocab_size"):
         resolve_data_shape(FLDDConfig().with_overrides({"data.path": str(huge)}))
+
+
+def test_a_corrupt_file_is_named(tmp_path):
+    from fldd.data import check_token_file, find_splits
+
+    path = write_token_table(tmp_path / "c.parquet", torch.randint(0, 5, (5000, 8)), 5)
+    data = bytearray(path.read_bytes())
+    data[200:4000] = bytes(3800)  # zero the first data pages; the footer still opens
+    path.write_bytes(bytes(data))
+    files = find_splits(path)["all"]
+    with pytest.raises(DataError, match=r"c.parquet: (unreadable after row 0|not a readable Parquet file)"):
+        check_token_file(files, files.paths[0], "tokens", 8, 5)
