@@ -540,7 +540,8 @@ def add_data_parser(sub: argparse._SubParsersAction) -> None:
                    help="share of rows held out for validation (default 0.05)")
     q.add_argument("--test-fraction", type=float, default=0.05, metavar="F",
                    help="share of rows held out for the final test (default 0.05)")
-    q.add_argument("--seed", type=int, default=0, metavar="S", help="which blocks go to which split (default 0)")
+    q.add_argument("--seed", type=int, default=0, metavar="S", help="which blocks go to which split and train part, and the row order in a "
+                   "row group (default 0)")
     q.add_argument("--force", action="store_true", help="write into a non-empty DIR (replacing the splits and "
                    "fldd_data.json there; other files are left alone)")
     q.set_defaults(func=cmd_data_prepare)
