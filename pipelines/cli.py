@@ -485,10 +485,10 @@ exit status: 0 done, 2 bad input (config, data, cluster address), 1 the run fail
 
 DATA_PREPARE_HELP = """\
 Turn text files or a categorical CSV table into a token table that `fldd train` reads as is:
-DIR/train/part-*.parquet (blocks of rows dealt at random, with --seed, to parts of about 50k rows
-each, at most 64 parts; rows shuffled within each row group: training streams them), DIR/valid.parquet, DIR/test.parquet (column
-"tokens", fixed-length lists of int64, schema metadata fldd.vocab_size and fldd.codec) and
-DIR/fldd_data.json describing them.
+DIR/train/part-*.parquet (blocks of rows dealt at random, with --seed, to parts of about 50k
+rows each, at most 64 parts; rows shuffled within each row group: training streams them),
+DIR/valid.parquet and DIR/test.parquet (column "tokens", fixed-length lists of int64, schema
+metadata fldd.vocab_size and fldd.codec), and DIR/fldd_data.json describing them.
 
 text: the files (in the order given; globs are expanded, '**' recurses) are read as one stream
 and cut into non-overlapping rows of --seq-len tokens; the tail shorter than that is dropped
