@@ -33,7 +33,7 @@ from torch import Tensor
 
 from fldd.codec import TokenCodec, codec_from_metadata
 from fldd.config import FLDDConfig
-from fldd.datasets import SPLITS, builtin, builtin_table
+from fldd.datasets import SPLITS, builtin, builtin_codec, builtin_table
 from fldd.token_table import VOCAB_KEY, DataError, token_table  # public here too, for callers
 
 SCAN_BATCH_ROWS = 65536  # rows per record batch when streaming over a file
@@ -150,10 +150,9 @@ def describe_data(cfg: FLDDConfig) -> DataDescription:
     d = cfg.data
     if not d.path:
         spec = builtin(d.name)
-        table = builtin_table(d, "valid")  # carries the codec; built-in splits are cheap to make
         sizes = {split: len(rows) for split, rows in spec.splits(d).items()}
         return DataDescription(f"built-in {d.name}", spec.seq_len, spec.vocab_size, "built-in",
-                               codec_from_metadata(table.schema.metadata), sizes)
+                               builtin_codec(d.name), sizes)
     splits = find_splits(d.path)
     vocab, vocab_file, codec, seq_len, rows = 0, "", None, 0, {}
     for split, files in splits.items():

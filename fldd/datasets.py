@@ -157,8 +157,12 @@ def builtin_table(d: DataConfig, split: str) -> pa.Table:
     if split not in SPLITS:
         raise DataError(f"split={split!r}: expected one of {SPLITS}")
     spec = builtin(d.name)
-    codec = TokenCodec("chars", TEXT_ALPHABET) if d.name == "text" else None
-    return token_table(spec.splits(d)[split], spec.vocab_size, codec=codec)
+    return token_table(spec.splits(d)[split], spec.vocab_size, codec=builtin_codec(d.name))
+
+
+def builtin_codec(name: str) -> TokenCodec | None:
+    """How a built-in data set's tokens decode (only the text reads back as characters)."""
+    return TokenCodec("chars", TEXT_ALPHABET) if name == "text" else None
 
 
 def data_pmf(name: str) -> Tensor | None:
