@@ -65,23 +65,27 @@ def grid(datasets: list[str], steps_list: list[int], many_steps: int | None, see
     return jobs
 
 
-def config_for(job: dict, train_steps: int | None, learned_overrides: list[str] | None = None) -> FLDDConfig:
+def config_for(job: dict, train_steps: int | None, learned_overrides: list[str] | None = None,
+               overrides: dict | None = None) -> FLDDConfig:
+    """The job's config: the data set's preset and the method's parameterization; `learned_overrides`
+    apply to the learned forwards only, `overrides` (a recipe chosen per cell) to any method."""
     cfg = FLDDConfig.from_yaml(ROOT / "configs" / CONFIGS[job["dataset"]])
     spec = builtin(job["dataset"])
-    overrides = {"data.name": job["dataset"], "seq_len": spec.seq_len, "vocab_size": spec.vocab_size,
-                 "process.num_steps": job["steps"], "train.seed": job["seed"], "train.log_every": 10**6}
+    cell = {"data.name": job["dataset"], "seq_len": spec.seq_len, "vocab_size": spec.vocab_size,
+            "process.num_steps": job["steps"], "train.seed": job["seed"], "train.log_every": 10**6}
     if train_steps:
-        overrides["train.steps"] = train_steps
-    cfg = cfg.with_parameterization(job["method"]).with_overrides(overrides)
+        cell["train.steps"] = train_steps
+    cfg = cfg.with_parameterization(job["method"]).with_overrides(cell)
     if job["method"] in LEARNED:  # tuning knobs of the learned forward; fixed baselines keep the config
         cfg = cfg.with_overrides(learned_overrides or [])
-    return cfg
+    return cfg.with_overrides(overrides or {})
 
 
 def run_job(job: dict, train_steps: int | None, num_samples: int, plot_dir: str | None,
-            split: str = "test", learned_overrides: list[str] | None = None) -> list[dict]:
+            split: str = "test", learned_overrides: list[str] | None = None,
+            overrides: dict | None = None) -> list[dict]:
     torch.set_num_threads(1)
-    cfg = config_for(job, train_steps, learned_overrides)
+    cfg = config_for(job, train_steps, learned_overrides, overrides)
     train, valid = load_splits(cfg)
     # tuning evaluates on the validation split; the reported tables on the test split
     held_out = load_test_split(cfg) if split == "test" else valid

@@ -1,0 +1,196 @@
+"""Choose each method's recipe on validation, then report it on the test split with fresh seeds.
+
+The protocol the equal-T table needs (issue 12): for every (method, T) cell, one knob is searched
+on a small grid, each value trained on the selection seeds and scored by its **validation NELBO
+averaged over those seeds** (nothing else: no exact KL, no test split). The value with the lowest
+mean is then trained on the report seeds, which played no part in the choice, and evaluated on the
+**test** split. Both arms get the same tuning effort: the learned forward its forward learning rate
+(the `(4/T)^2` rule switched off, so the grid value is the rate used), the fixed forward its
+learning rate. Every run is the project's one training loop (`fldd.train.fit`, in-process, as
+`quality_vs_steps.py`), equal network, batch and optimizer steps.
+
+    python benchmarks/select_then_test.py                       # toy2d, T in {2, 4, 8, 16}: ~80 min on 2 cores
+    python benchmarks/select_then_test.py --quick               # a 3-minute smoke run under .fldd/
+
+Each finished run is appended to a JSON-lines cache next to the output, so an interrupted
+invocation resumes where it stopped (same arguments). The output JSON holds every selection run,
+the choice per cell with its reason, every report run, and the protocol: selection split and seeds,
+report split and seeds, git commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality_vs_steps import PRIMARY, ROOT, config_for, run_job  # noqa: E402
+
+from fldd.config import ConfigError  # noqa: E402
+
+# the knob each method is tuned on, and its grid (same size for both arms)
+KNOBS = {
+    "fldd-mask-carry": ("train.forward_lr", [3e-5, 1e-4, 3e-4, 1e-3]),
+    "masked-x0": ("train.lr", [5e-4, 1e-3, 2e-3, 4e-3]),
+}
+ALWAYS = {"train.forward_lr_ref_steps": 0}  # the grid value is the rate at every T
+SELECTION_METRIC = "nelbo_bits"  # on the validation split; the only number selection reads
+
+
+def git_commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                           capture_output=True, text=True).stdout.strip()
+    return out + ("+dirty" if dirty else "")
+
+
+def run_key(phase: str, job: dict, overrides: dict) -> str:
+    return json.dumps({"phase": phase, **job, "overrides": overrides}, sort_keys=True)
+
+
+def run_all(tasks: list[tuple[str, dict, dict]], args: argparse.Namespace, cache: Path) -> dict[str, dict]:
+    """Run (phase, job, overrides) tasks not yet in the cache; return every cached result by key."""
+    done: dict[str, dict] = {}
+    if cache.is_file():
+        for line in cache.read_text().splitlines():
+            entry = json.loads(line)
+            done[entry["key"]] = entry
+    todo = [t for t in tasks if run_key(*t) not in done]
+    if not todo:
+        return done
+    print(f"{len(todo)} runs to do ({len(tasks) - len(todo)} cached) on {args.processes} processes", flush=True)
+    start = time.perf_counter()
+    with ProcessPoolExecutor(args.processes) as pool, cache.open("a") as out:
+        futures = {pool.submit(run_job, job, args.train_steps, args.num_samples, None,
+                               "valid" if phase == "select" else "test", None, overrides): (phase, job, overrides)
+                   for phase, job, overrides in todo}
+        for count, future in enumerate(as_completed(futures), 1):
+            phase, job, overrides = futures[future]
+            values = {r["metric"]: r["value"] for r in future.result()}
+            if phase == "select":  # selection sees the validation NELBO only; the exact KL and TV are
+                values = {k: v for k, v in values.items() if k in (SELECTION_METRIC, "nelbo_stderr",
+                                                                    "train_seconds", "collapsed")}
+            entry = {"key": run_key(phase, job, overrides), "phase": phase, **job, "overrides": overrides,
+                     "split": "valid" if phase == "select" else "test", "values": values}
+            out.write(json.dumps(entry) + "\n")
+            out.flush()
+            done[entry["key"]] = entry
+            elapsed = time.perf_counter() - start
+            shown = f"{SELECTION_METRIC}={values[SELECTION_METRIC]:.4f}"
+            print(f"[{count}/{len(todo)}] {phase} {job['method']} T={job['steps']} seed {job['seed']} {overrides}: "
+                  f"{shown} ({elapsed / 60:.1f} min, ~{elapsed / count * (len(todo) - count) / 60:.1f} min left)",
+                  flush=True)
+    return done
+
+
+def choose(selection: list[dict], knob: str) -> dict:
+    """The grid value with the lowest validation NELBO averaged over the selection seeds."""
+    by_value: dict[float, list[float]] = {}
+    for entry in selection:
+        by_value.setdefault(entry["overrides"][knob], []).append(entry["values"][SELECTION_METRIC])
+    means = {value: statistics.mean(scores) for value, scores in by_value.items()}
+    best = min(means, key=means.get)
+    return {"knob": knob, "value": best, "valid_nelbo_mean_by_value": {str(k): v for k, v in sorted(means.items())},
+            "valid_nelbo_by_value": {str(k): v for k, v in sorted(by_value.items())},
+            "at_grid_edge": best in (min(means), max(means))}
+
+
+def summary_table(report: list[dict], choices: dict, dataset: str) -> str:
+    metric = PRIMARY[dataset]
+    lines = [f"| method | T | chosen on validation | test {metric} (per seed) | test NELBO bits (per seed) |",
+             "|---|---|---|---|---|"]
+    for (method, T), choice in sorted(choices.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        runs = sorted((e for e in report if e["method"] == method and e["steps"] == T), key=lambda e: e["seed"])
+        if not runs:
+            continue
+        prim = [e["values"][metric] for e in runs]
+        nelbo = [e["values"]["nelbo_bits"] for e in runs]
+        edge = " (grid edge)" if choice["at_grid_edge"] else ""
+        lines.append(f"| {method} | {T} | {choice['knob'].split('.')[-1]}={choice['value']:g}{edge} | "
+                     f"{statistics.mean(prim):.4f} ({' / '.join(f'{v:.4f}' for v in prim)}) | "
+                     f"{statistics.mean(nelbo):.4f} ({' / '.join(f'{v:.4f}' for v in nelbo)}) |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="toy2d", choices=["toy2d", "digits-binary", "text"])
+    parser.add_argument("--steps", type=int, nargs="+", default=[2, 4, 8, 16], help="sampling steps T")
+    parser.add_argument("--methods", nargs="+", default=list(KNOBS), choices=list(KNOBS))
+    parser.add_argument("--select-seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--report-seeds", type=int, nargs="+", default=[10, 11, 12])
+    parser.add_argument("--train-steps", type=int, help="optimizer steps (default: the data set's config)")
+    parser.add_argument("--num-samples", type=int, default=2000, help="generated samples per report run")
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="T=2, 1+1 seeds, 2 grid values, 150 steps")
+    parser.add_argument("--out", type=Path, help="default: docs/results/select_then_test_<dataset>.json")
+    args = parser.parse_args(argv)
+    knobs = {m: KNOBS[m] for m in args.methods}
+    if args.quick:
+        args.steps, args.select_seeds, args.report_seeds = [2], [0], [10]
+        args.train_steps, args.num_samples = args.train_steps or 150, min(args.num_samples, 300)
+        knobs = {m: (knob, grid[1:3]) for m, (knob, grid) in knobs.items()}
+    if set(args.select_seeds) & set(args.report_seeds):
+        parser.error("--select-seeds and --report-seeds must not share a seed: report seeds play no part in choosing")
+    out = args.out or (ROOT / (".fldd/select-quick" if args.quick else "docs/results")
+                       / f"select_then_test_{args.dataset}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cache = out.with_suffix(".runs.jsonl")
+
+    def job(method: str, T: int, seed: int) -> dict:
+        return {"dataset": args.dataset, "method": method, "steps": T, "seed": seed}
+
+    selection_tasks = [("select", job(m, T, s), {**ALWAYS, knob: value})
+                       for m, (knob, grid) in knobs.items() for T in args.steps for value in grid
+                       for s in args.select_seeds]
+    try:  # fail before any training on a bad value
+        for _, j, o in selection_tasks:
+            config_for(j, args.train_steps, None, o)
+    except ConfigError as err:
+        parser.error(str(err))
+    results = run_all(selection_tasks, args, cache)
+
+    choices: dict[tuple[str, int], dict] = {}
+    for method, (knob, _) in knobs.items():
+        for T in args.steps:
+            runs = [results[run_key(*t)] for t in selection_tasks if t[1]["method"] == method and t[1]["steps"] == T]
+            choices[(method, T)] = choose(runs, knob)
+            c = choices[(method, T)]
+            print(f"chosen on validation: {method} T={T} {knob}={c['value']:g}  "
+                  f"(mean valid NELBO by value: {c['valid_nelbo_mean_by_value']})", flush=True)
+
+    report_tasks = [("report", job(m, T, s), {**ALWAYS, choices[(m, T)]["knob"]: choices[(m, T)]["value"]})
+                    for (m, T) in choices for s in args.report_seeds]
+    results = run_all(report_tasks, args, cache)
+    report = [results[run_key(*t)] for t in report_tasks]
+    selection = [results[run_key(*t)] for t in selection_tasks]
+    command = "python benchmarks/select_then_test.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    record = {
+        "protocol": {"command": command, "git_commit": git_commit(), "dataset": args.dataset,
+                     "selection": {"split": "valid", "metric": f"{SELECTION_METRIC} (mean over seeds)",
+                                   "seeds": args.select_seeds},
+                     "report": {"split": "test", "seeds": args.report_seeds},
+                     "grids": {m: {"knob": k, "values": g} for m, (k, g) in knobs.items()},
+                     "fixed_overrides": ALWAYS, "train_steps": args.train_steps or "config default"},
+        "choices": [{"method": m, "steps": T, **c} for (m, T), c in choices.items()],
+        "selection_runs": [{k: v for k, v in e.items() if k != "key"} for e in selection],
+        "report_runs": [{k: v for k, v in e.items() if k != "key"} for e in report],
+    }
+    out.write_text(json.dumps(record, indent=1, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x))
+    table = summary_table(report, choices, args.dataset)
+    print(table)
+    out.with_suffix(".md").write_text(f"Command: `{command}` (commit {record['protocol']['git_commit']})\n\n"
+                                      f"Selection: validation NELBO, mean over seeds {args.select_seeds}; "
+                                      f"report: test split, seeds {args.report_seeds}.\n\n{table}\n")
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
