@@ -32,6 +32,9 @@ class TrialRow:
     train_seconds: float = math.nan  # the training launch's fit() time, from the MLflow run
     trial_seconds: float = math.nan  # Tune's time_total_s: the whole trial, start-up included
     error: str = ""
+    # set on a budget's best row when its config ran under several seeds (`train.seed` in the space)
+    config_mean_valid_nelbo: float = math.nan  # the mean over those seeds: what selection ranked
+    config_seeds: int = 1
 
 
 @dataclass
@@ -43,14 +46,31 @@ class SweepOutcome:
     wall_seconds: float = 0.0
 
 
+SEED_KEY = "train.seed"
+
+
 def best_per_budget(rows: list[TrialRow]) -> dict[int, TrialRow]:
-    """The lowest final validation NELBO per budget among finished, non-collapsed trials."""
-    best: dict[int, TrialRow] = {}
+    """Per budget, the config with the lowest final validation NELBO.
+
+    Trials whose values differ only in `train.seed` are one config, ranked by the mean over its
+    seeds, and only if every one of them finished (not stopped, failed or collapsed): one lucky
+    seed does not choose a recipe. The row returned is that config's best seed (the run a
+    promotion registers), carrying the mean it was chosen by. A space without `train.seed` has
+    one trial per config, so this is the best finished trial."""
+    groups: dict[tuple[int, str], list[TrialRow]] = {}
     for row in rows:
-        if row.status != "finished" or not math.isfinite(row.valid_nelbo_bits):
+        config = {k: v for k, v in row.values.items() if k != SEED_KEY}
+        groups.setdefault((row.budget, json.dumps(config, sort_keys=True, default=str)), []).append(row)
+    best: dict[int, TrialRow] = {}
+    for (budget, _), group in groups.items():
+        if any(r.status != "finished" or not math.isfinite(r.valid_nelbo_bits) for r in group):
             continue
-        if row.budget not in best or row.valid_nelbo_bits < best[row.budget].valid_nelbo_bits:
-            best[row.budget] = row
+        mean = sum(r.valid_nelbo_bits for r in group) / len(group)
+        if budget in best and best[budget].config_mean_valid_nelbo <= mean:
+            continue
+        row = min(group, key=lambda r: r.valid_nelbo_bits)
+        row.config_mean_valid_nelbo, row.config_seeds = mean, len({r.values.get(SEED_KEY) for r in group})
+        best[budget] = row
     return best
 
 
@@ -79,8 +99,8 @@ def plot_front(outcome: SweepOutcome, path: Path) -> Path:
             ax.scatter(*zip(*points), label=name, alpha=0.7, color=f"C{index}")
     front = sorted(outcome.best.items())
     if front:
-        ax.plot([T for T, _ in front], [row.valid_nelbo_bits for _, row in front], "k--", lw=1,
-                label="best per T")
+        ax.plot([T for T, _ in front], [row.config_mean_valid_nelbo for _, row in front], "k--", lw=1,
+                label="best per T (mean over seeds)" if any(row.config_seeds > 1 for _, row in front) else "best per T")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("sampling steps T")
     ax.set_ylabel("validation NELBO (bits/token)")
@@ -99,6 +119,8 @@ def log_results(outcome: SweepOutcome, parent: Tracker, home: Path) -> Path:
     for path in (write_csv(outcome.rows, directory / "trials.csv"), plot_front(outcome, directory / "quality_vs_steps.png")):
         parent.log_artifact(path)
     metrics = {f"best_valid_nelbo_bits_T{T}": row.valid_nelbo_bits for T, row in outcome.best.items()}
+    metrics.update({f"best_config_mean_valid_nelbo_bits_T{T}": row.config_mean_valid_nelbo
+                    for T, row in outcome.best.items() if row.config_seeds > 1})
     parent.log_metrics(0, {**metrics, "trials": len(outcome.rows), "wall_seconds": outcome.wall_seconds,
                            **{f"trials_{status}": sum(r.status == status for r in outcome.rows)
                               for status in ("finished", "stopped", "error", "collapsed")}})
@@ -118,6 +140,8 @@ def format_table(outcome: SweepOutcome) -> str:
             lines.append(f"{T:>4}  {'(no finished trial)':<22} {'':>24}  {counts:>28}")
             continue
         metric = f"{best.valid_nelbo_bits:.4f} +- {best.valid_nelbo_stderr:.4f}"
+        if best.config_seeds > 1:  # ranked by the mean over seeds; the row is its best seed
+            metric = f"{best.config_mean_valid_nelbo:.4f} (mean of {best.config_seeds} seeds)"
         lines.append(f"{T:>4}  {best.parameterization:<22} {metric:>24}  {counts:>28}  {best.run_id}")
     failed = [r for r in outcome.rows if r.status == "error"]
     for row in failed:

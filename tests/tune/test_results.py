@@ -1,0 +1,42 @@
+"""Choosing the best config of a sweep from its trials (no Ray: the rows are what collect_rows builds)."""
+
+import math
+
+from tune.results import SweepOutcome, TrialRow, best_per_budget, format_table
+
+
+def row(trial: str, nelbo: float, *, lr: float, seed: int | None = None, budget: int = 2,
+        status: str = "finished") -> TrialRow:
+    values = {"parameterization": "fldd-mask-carry", "train.forward_lr": lr}
+    if seed is not None:
+        values["train.seed"] = seed
+    return TrialRow(budget=budget, trial_id=trial, status=status, parameterization="fldd-mask-carry",
+                    values=values, run_id=f"run-{trial}", valid_nelbo_bits=nelbo, valid_nelbo_stderr=0.01)
+
+
+def test_a_config_run_under_several_seeds_is_ranked_by_its_mean_not_its_luckiest_seed():
+    rows = [row("a0", 4.50, lr=1e-3, seed=0), row("a1", 4.90, lr=1e-3, seed=1), row("a2", 4.90, lr=1e-3, seed=2),
+            row("b0", 4.60, lr=1e-4, seed=0), row("b1", 4.62, lr=1e-4, seed=1), row("b2", 4.58, lr=1e-4, seed=2)]
+    best = best_per_budget(rows)[2]
+    # a0 is the single best trial, but lr=1e-3 averages 4.767 against 4.600 for lr=1e-4
+    assert best.values["train.forward_lr"] == 1e-4
+    assert best.trial_id == "b2"  # the chosen config's best seed is the run a promotion registers
+    assert math.isclose(best.config_mean_valid_nelbo, 4.60) and best.config_seeds == 3
+    table = format_table(SweepOutcome("s", "parent", rows, {2: best}))
+    assert "4.6000 (mean of 3 seeds)" in table
+
+
+def test_a_config_with_a_stopped_or_failed_seed_is_not_chosen():
+    rows = [row("a0", 4.40, lr=1e-3, seed=0), row("a1", 4.41, lr=1e-3, seed=1, status="stopped"),
+            row("b0", 4.60, lr=1e-4, seed=0), row("b1", 4.61, lr=1e-4, seed=1),
+            row("c0", 4.30, lr=3e-4, seed=0), row("c1", math.nan, lr=3e-4, seed=1, status="error")]
+    assert best_per_budget(rows)[2].values["train.forward_lr"] == 1e-4
+
+
+def test_without_seeds_in_the_space_the_best_finished_trial_wins_per_budget():
+    rows = [row("a", 4.55, lr=1e-3), row("b", 4.50, lr=1e-4, status="stopped"), row("c", 4.58, lr=3e-4),
+            row("d", 4.70, lr=1e-3, budget=4), row("e", 4.65, lr=1e-4, budget=4)]
+    best = best_per_budget(rows)
+    assert (best[2].trial_id, best[4].trial_id) == ("a", "e")
+    assert best[2].config_seeds == 1
+    assert "(mean of" not in format_table(SweepOutcome("s", "parent", rows, best))
