@@ -36,9 +36,12 @@ from fldd.data import load_splits  # noqa: E402
 from fldd.train import fit  # noqa: E402
 
 
-def chosen_recipes(path: Path) -> dict[tuple[str, int], dict]:
+def chosen_recipes(path: Path) -> tuple[dict[tuple[str, int], dict], dict]:
+    """The recipes select_then_test chose on validation, and that run's protocol."""
+    if not path.is_file():
+        raise SystemExit(f"{path}: no recipes; run benchmarks/select_then_test.py first (or give --recipes)")
     record = json.loads(path.read_text())
-    return {(c["method"], c["steps"]): {**ALWAYS, c["knob"]: c["value"]} for c in record["choices"]}
+    return {(c["method"], c["steps"]): {**ALWAYS, c["knob"]: c["value"]} for c in record["choices"]}, record["protocol"]
 
 
 def curve(job: dict, overrides: dict, train_steps: int) -> dict:
@@ -52,13 +55,23 @@ def curve(job: dict, overrides: dict, train_steps: int) -> dict:
             "seconds": time.perf_counter() - start, "curve": points}
 
 
-def flattened_at(points: list[tuple[int, float]], tolerance: float) -> int:
-    """The first step whose 3-point moving average is within `tolerance` of the smoothed curve's best
-    (each point is a 2-pass estimate with about 0.02 bits of noise on toy2d)."""
+def smoothed(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """3-point moving average: each point is a 2-pass estimate with about 0.02 bits of noise on toy2d."""
     values = [v for _, v in points]
-    smoothed = [sum(values[max(0, i - 1):i + 2]) / len(values[max(0, i - 1):i + 2]) for i in range(len(values))]
-    best = min(smoothed)
-    return next(step for (step, _), value in zip(points, smoothed) if value <= best + tolerance)
+    return [(step, sum(values[max(0, i - 1):i + 2]) / len(values[max(0, i - 1):i + 2]))
+            for i, (step, _) in enumerate(points)]
+
+
+def flattened_at(points: list[tuple[int, float]], tolerance: float) -> int:
+    """The first step whose smoothed value is within `tolerance` of the smoothed curve's best."""
+    curve = smoothed(points)
+    best = min(value for _, value in curve)
+    return next(step for step, value in curve if value <= best + tolerance)
+
+
+def value_at(points: list[tuple[int, float]], step: int) -> float:
+    """The smoothed curve at the evaluation nearest to `step`."""
+    return min(smoothed(points), key=lambda p: abs(p[0] - step))[1]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -68,12 +81,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="+", default=["fldd-mask-carry", "masked-x0"])
     parser.add_argument("--seed", type=int, default=0, help="a selection seed: the curves inform a budget choice")
     parser.add_argument("--train-steps", type=int, default=12000)
-    parser.add_argument("--tolerance", type=float, default=0.01, help="bits/token from the smoothed curve's best")
+    parser.add_argument("--tolerance", type=float, default=0.02, help="bits/token from the smoothed curve's best")
     parser.add_argument("--recipes", type=Path, help="default: docs/results/select_then_test_<dataset>.json")
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--out", type=Path, help="default: docs/results/convergence_<dataset>.json")
     args = parser.parse_args(argv)
-    recipes = chosen_recipes(args.recipes or ROOT / "docs" / "results" / f"select_then_test_{args.dataset}.json")
+    recipes, protocol = chosen_recipes(args.recipes or ROOT / "docs" / "results" / f"select_then_test_{args.dataset}.json")
+    if args.seed in protocol["report"]["seeds"]:
+        parser.error(f"--seed {args.seed} is a report seed of those recipes ({protocol['report']['seeds']}): "
+                     "curves that inform a choice use selection seeds")
+    missing = [(m, T) for m in args.methods for T in args.steps if (m, T) not in recipes]
+    if missing:
+        parser.error(f"no recipe chosen for {missing} in the recipes file (it has {sorted(recipes)})")
+    table_steps = protocol["train_steps"]
     jobs = [({"dataset": args.dataset, "method": m, "steps": T, "seed": args.seed}, recipes[(m, T)])
             for m in args.methods for T in args.steps]
     with ProcessPoolExecutor(args.processes) as pool:
@@ -81,15 +101,15 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or ROOT / "docs" / "results" / f"convergence_{args.dataset}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/convergence.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    out.write_text(json.dumps({"command": command, "git_commit": git_commit(), "tolerance": args.tolerance,
-                               "curves": curves}, indent=1))
     fig, ax = plt.subplots(figsize=(6, 4))
     for index, c in enumerate(curves):
         steps, values = zip(*c["curve"])
         at = flattened_at(c["curve"], args.tolerance)
-        print(f"{c['method']} T={c['steps']} seed {c['seed']}: best valid NELBO {min(values):.4f}, within "
-              f"{args.tolerance} of it from step {at}; at 3000: {dict(c['curve']).get(3000, float('nan')):.4f}; "
-              f"last {values[-1]:.4f} ({c['seconds']:.0f} s)", flush=True)
+        c.update(flattened_at=at, smoothed_at_table_budget=value_at(c["curve"], table_steps),
+                 smoothed_last=smoothed(c["curve"])[-1][1], table_budget=table_steps)
+        print(f"{c['method']} T={c['steps']} seed {c['seed']}: smoothed valid NELBO {c['smoothed_at_table_budget']:.4f} "
+              f"at the table's {table_steps} steps, {c['smoothed_last']:.4f} at {steps[-1]}; within {args.tolerance} "
+              f"of its best from step {at} ({c['seconds']:.0f} s)", flush=True)
         ax.plot(steps, values, label=f"{c['method']} T={c['steps']}", color=f"C{index}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("validation NELBO (bits/token)")
@@ -98,6 +118,9 @@ def main(argv: list[str] | None = None) -> None:
     fig.tight_layout()
     plot = (ROOT / "docs" / "plots" if args.out is None else out.parent) / f"convergence_{args.dataset}.png"
     fig.savefig(plot, dpi=100)
+    out.write_text(json.dumps({"command": command, "git_commit": git_commit(), "split": "valid",
+                               "recipes_from": protocol["command"], "tolerance": args.tolerance,
+                               "curves": curves}, indent=1))
     print(f"wrote {out} and {plot}")
 
 

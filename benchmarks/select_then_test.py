@@ -4,18 +4,23 @@ The protocol the equal-T table needs (issue 12): for every (method, T) cell, one
 on a small grid, each value trained on the selection seeds and scored by its **validation NELBO
 averaged over those seeds** (nothing else: no exact KL, no test split). The value with the lowest
 mean is then trained on the report seeds, which played no part in the choice, and evaluated on the
-**test** split. Both arms get the same tuning effort: the learned forward its forward learning rate
-(the `(4/T)^2` rule switched off, so the grid value is the rate used), the fixed forward its
-learning rate. Every run is the project's one training loop (`fldd.train.fit`, in-process, as
+**test** split. Both arms get the same tuning effort, a 4-value grid of the one knob each is most
+sensitive to: the learned forward its forward learning rate (the `(4/T)^2` rule switched off, so
+the grid value is the rate used; its reverse learning rate stays at the preset's 1e-3, a point of
+the other arm's grid), the fixed forward its learning rate. A run that diverges scores +inf, and a
+collapsed run counts with its (poor) NELBO: a value that fails on one seed of three is not
+reliable. Every run is the project's one training loop (`fldd.train.fit`, in-process, as
 `quality_vs_steps.py`), equal network, batch and optimizer steps.
 
     python benchmarks/select_then_test.py                       # toy2d, T in {2, 4, 8, 16}: ~80 min on 2 cores
     python benchmarks/select_then_test.py --quick               # a 3-minute smoke run under .fldd/
 
-Each finished run is appended to a JSON-lines cache next to the output, so an interrupted
-invocation resumes where it stopped (same arguments). The output JSON holds every selection run,
-the choice per cell with its reason, every report run, and the protocol: selection split and seeds,
-report split and seeds, git commit.
+Each finished run is appended to a JSON-lines cache (`.fldd/select_then_test/<output name>.runs.jsonl`),
+so an interrupted invocation resumes where it stopped; the cache's first line records the protocol
+(data set, optimizer steps, samples, grids) and the commit it started at, and a rerun with a
+different protocol is refused. The output JSON holds every selection run, the choice per cell with
+the validation means it was made on, every report run, and the protocol: selection split and
+seeds, report split and seeds, the commit of the code that trained.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality_vs_steps import PRIMARY, ROOT, config_for, run_job  # noqa: E402
 
 from fldd.config import ConfigError  # noqa: E402
+from fldd.train import NonFiniteLossError  # noqa: E402
 
 # the knob each method is tuned on, and its grid (same size for both arms)
 KNOBS = {
@@ -55,30 +61,66 @@ def run_key(phase: str, job: dict, overrides: dict) -> str:
     return json.dumps({"phase": phase, **job, "overrides": overrides}, sort_keys=True)
 
 
-def run_all(tasks: list[tuple[str, dict, dict]], args: argparse.Namespace, cache: Path) -> dict[str, dict]:
-    """Run (phase, job, overrides) tasks not yet in the cache; return every cached result by key."""
-    done: dict[str, dict] = {}
-    if cache.is_file():
-        for line in cache.read_text().splitlines():
+class ProtocolMismatch(RuntimeError):
+    """The cache was written under another protocol (steps, samples, grids): its runs do not belong here."""
+
+
+def read_cache(cache: Path, protocol: dict) -> tuple[dict, dict[str, dict]]:
+    """The cache's header (protocol and starting commit) and its runs by key; a new cache gets a header."""
+    if not cache.is_file():
+        header = {"protocol": protocol, "git_commit": git_commit()}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({"header": header}) + "\n")
+        return header, {}
+    header, done = None, {}
+    for line in cache.read_text().splitlines():
+        try:
             entry = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short when the run was killed: that run reruns
+            continue
+        if "header" in entry:
+            header = entry["header"]
+        else:
             done[entry["key"]] = entry
+    if header is None or header["protocol"] != protocol:
+        theirs = (header or {}).get("protocol", {})
+        changed = sorted(k for k in set(protocol) | set(theirs) if protocol.get(k) != theirs.get(k))
+        raise ProtocolMismatch(f"{cache} was written for another protocol (differs in {changed}); "
+                               "give another --out, or delete the cache to start over")
+    return header, done
+
+
+def run_one(phase: str, job: dict, overrides: dict, train_steps: int | None, num_samples: int) -> list[dict]:
+    """One run; a divergence is a result (+inf), not the end of the protocol."""
+    try:
+        return run_job(job, train_steps, num_samples, None, "valid" if phase == "select" else "test", None,
+                       overrides)
+    except NonFiniteLossError as error:
+        return [{**job, "metric": SELECTION_METRIC, "value": math.inf},
+                {**job, "metric": "diverged", "value": 1.0}, {**job, "metric": "error", "value": str(error)}]
+
+
+def run_all(tasks: list[tuple[str, dict, dict]], args: argparse.Namespace, cache: Path,
+            done: dict[str, dict]) -> dict[str, dict]:
+    """Run (phase, job, overrides) tasks not yet in the cache; return every cached result by key."""
     todo = [t for t in tasks if run_key(*t) not in done]
     if not todo:
         return done
+    commit = git_commit()  # the code these runs train with
     print(f"{len(todo)} runs to do ({len(tasks) - len(todo)} cached) on {args.processes} processes", flush=True)
     start = time.perf_counter()
     with ProcessPoolExecutor(args.processes) as pool, cache.open("a") as out:
-        futures = {pool.submit(run_job, job, args.train_steps, args.num_samples, None,
-                               "valid" if phase == "select" else "test", None, overrides): (phase, job, overrides)
-                   for phase, job, overrides in todo}
+        futures = {pool.submit(run_one, phase, job, overrides, args.train_steps, args.num_samples):
+                   (phase, job, overrides) for phase, job, overrides in todo}
         for count, future in enumerate(as_completed(futures), 1):
             phase, job, overrides = futures[future]
             values = {r["metric"]: r["value"] for r in future.result()}
             if phase == "select":  # selection sees the validation NELBO only; the exact KL and TV are
                 values = {k: v for k, v in values.items() if k in (SELECTION_METRIC, "nelbo_stderr",
-                                                                    "train_seconds", "collapsed")}
+                                                                    "train_seconds", "collapsed", "diverged")}
             entry = {"key": run_key(phase, job, overrides), "phase": phase, **job, "overrides": overrides,
-                     "split": "valid" if phase == "select" else "test", "values": values}
+                     "split": "valid" if phase == "select" else "test", "values": values,
+                     "git_commit": commit}
             out.write(json.dumps(entry) + "\n")
             out.flush()
             done[entry["key"]] = entry
@@ -91,15 +133,31 @@ def run_all(tasks: list[tuple[str, dict, dict]], args: argparse.Namespace, cache
 
 
 def choose(selection: list[dict], knob: str) -> dict:
-    """The grid value with the lowest validation NELBO averaged over the selection seeds."""
+    """The grid value with the lowest validation NELBO averaged over the selection seeds. A diverged
+    run (+inf) rules its value out; a NaN (which should not happen) is treated the same way."""
     by_value: dict[float, list[float]] = {}
     for entry in selection:
-        by_value.setdefault(entry["overrides"][knob], []).append(entry["values"][SELECTION_METRIC])
+        score = entry["values"][SELECTION_METRIC]
+        by_value.setdefault(entry["overrides"][knob], []).append(score if math.isfinite(score) else math.inf)
     means = {value: statistics.mean(scores) for value, scores in by_value.items()}
-    best = min(means, key=means.get)
+    finite = {value: mean for value, mean in means.items() if math.isfinite(mean)}
+    if not finite:
+        raise RuntimeError(f"every value of {knob} diverged on some seed: {by_value}")
+    best = min(finite, key=finite.get)
     return {"knob": knob, "value": best, "valid_nelbo_mean_by_value": {str(k): v for k, v in sorted(means.items())},
             "valid_nelbo_by_value": {str(k): v for k, v in sorted(by_value.items())},
             "at_grid_edge": best in (min(means), max(means))}
+
+
+def finite_json(value):
+    """JSON has no inf/NaN: write them as strings so strict parsers read the file."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite_json(v) for v in value]
+    return value
 
 
 def summary_table(report: list[dict], choices: dict, dataset: str) -> str:
@@ -119,6 +177,11 @@ def summary_table(report: list[dict], choices: dict, dataset: str) -> str:
     return "\n".join(lines)
 
 
+def job_of(args: argparse.Namespace, knobs: dict) -> dict:
+    """A job of this invocation, to read the config's optimizer steps for the protocol."""
+    return {"dataset": args.dataset, "method": next(iter(knobs)), "steps": args.steps[0], "seed": args.select_seeds[0]}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="toy2d", choices=["toy2d", "digits-binary", "text"])
@@ -129,8 +192,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-steps", type=int, help="optimizer steps (default: the data set's config)")
     parser.add_argument("--num-samples", type=int, default=2000, help="generated samples per report run")
     parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="T=2, 1+1 seeds, 2 grid values, 150 steps")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: T=2, seeds 0 / 10, 2 grid values, 150 steps (overrides those options)")
     parser.add_argument("--out", type=Path, help="default: docs/results/select_then_test_<dataset>.json")
+    parser.add_argument("--cache", type=Path, help="finished runs, to resume from "
+                        "(default: .fldd/select_then_test/<name of --out>.runs.jsonl)")
     args = parser.parse_args(argv)
     knobs = {m: KNOBS[m] for m in args.methods}
     if args.quick:
@@ -142,7 +208,14 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or (ROOT / (".fldd/select-quick" if args.quick else "docs/results")
                        / f"select_then_test_{args.dataset}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    cache = out.with_suffix(".runs.jsonl")
+    cache = args.cache or ROOT / ".fldd" / "select_then_test" / f"{out.stem}.runs.jsonl"
+    train_steps = config_for(job_of(args, knobs), args.train_steps).train.steps
+    protocol = {"dataset": args.dataset, "train_steps": train_steps, "num_samples": args.num_samples,
+                "grids": {m: {"knob": k, "values": g} for m, (k, g) in knobs.items()}, "always": ALWAYS}
+    try:
+        header, done = read_cache(cache, protocol)
+    except ProtocolMismatch as error:
+        parser.error(str(error))
 
     def job(method: str, T: int, seed: int) -> dict:
         return {"dataset": args.dataset, "method": method, "steps": T, "seed": seed}
@@ -155,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
             config_for(j, args.train_steps, None, o)
     except ConfigError as err:
         parser.error(str(err))
-    results = run_all(selection_tasks, args, cache)
+    results = run_all(selection_tasks, args, cache, done)
 
     choices: dict[tuple[str, int], dict] = {}
     for method, (knob, _) in knobs.items():
@@ -168,22 +241,23 @@ def main(argv: list[str] | None = None) -> None:
 
     report_tasks = [("report", job(m, T, s), {**ALWAYS, choices[(m, T)]["knob"]: choices[(m, T)]["value"]})
                     for (m, T) in choices for s in args.report_seeds]
-    results = run_all(report_tasks, args, cache)
+    results = run_all(report_tasks, args, cache, results)
     report = [results[run_key(*t)] for t in report_tasks]
     selection = [results[run_key(*t)] for t in selection_tasks]
     command = "python benchmarks/select_then_test.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    commits = sorted({e.get("git_commit", header["git_commit"]) for e in selection + report})
     record = {
-        "protocol": {"command": command, "git_commit": git_commit(), "dataset": args.dataset,
+        "protocol": {"command": command, "git_commit": header["git_commit"], "run_commits": commits, **protocol,
                      "selection": {"split": "valid", "metric": f"{SELECTION_METRIC} (mean over seeds)",
                                    "seeds": args.select_seeds},
                      "report": {"split": "test", "seeds": args.report_seeds},
-                     "grids": {m: {"knob": k, "values": g} for m, (k, g) in knobs.items()},
-                     "fixed_overrides": ALWAYS, "train_steps": args.train_steps or "config default"},
+                     "untuned": "the learned forward's reverse lr stays at the preset's (1e-3); every other "
+                                "knob is the preset's for both arms"},
         "choices": [{"method": m, "steps": T, **c} for (m, T), c in choices.items()],
         "selection_runs": [{k: v for k, v in e.items() if k != "key"} for e in selection],
         "report_runs": [{k: v for k, v in e.items() if k != "key"} for e in report],
     }
-    out.write_text(json.dumps(record, indent=1, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x))
+    out.write_text(json.dumps(finite_json(record), indent=1, allow_nan=False))
     table = summary_table(report, choices, args.dataset)
     print(table)
     out.with_suffix(".md").write_text(f"Command: `{command}` (commit {record['protocol']['git_commit']})\n\n"

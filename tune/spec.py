@@ -130,6 +130,17 @@ class SweepSpec:
         if self.reports_per_trial < 1:
             raise ConfigError("sweep: train.steps < train.checkpoint_every: a trial would report no validation "
                               "metric to the scheduler")
+        seeds = self.space.get("train.seed")
+        if seeds is not None and seeds["domain"] == "grid":  # one config under several seeds, ranked by its mean
+            random = sorted(k for k, e in self.space.items() if e["domain"] not in ("grid", "value"))
+            if random:
+                raise ConfigError(f"sweep: space.train.seed is a grid, so each config is ranked by its mean over seeds, "
+                                  f"but {random[0]!r} is random: every seed would draw its own value and no two "
+                                  "trials would share a config. Make it a grid")
+            if self.scheduler.get("type", "asha") == "asha":
+                raise ConfigError("sweep: space.train.seed is a grid (a config is ranked by its mean over seeds, and "
+                                  "only when every seed finished): use scheduler: {type: fifo}, since ASHA stops "
+                                  "single seeds")
         # every corner of the space must be a valid config: fail here, not in trial 17
         for T in self.budgets:
             for values in self._corners():

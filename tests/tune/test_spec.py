@@ -88,6 +88,10 @@ def test_the_digest_tells_sweeps_apart():
     # both ends of a range are checked: width 0 is no network
     ({"space": {"reverse_network.width": {"randint": [0, 64]}}}, "reverse_network.width"),
     ({"samples": 0}, "samples"),
+    # a config under several seeds is ranked by its mean: no random key, no early stopping of single seeds
+    ({"space": {"train.seed": {"grid": [0, 1]}, "train.lr": {"loguniform": [1e-4, 1e-3]}},
+      "scheduler": {"type": "fifo"}}, "'train.lr' is random"),
+    ({"space": {"train.seed": {"grid": [0, 1]}}, "scheduler": {"type": "asha"}}, "fifo"),
     ({"colour": "blue"}, "unknown key 'colour'"),
 ])
 def test_bad_sweeps_fail_naming_the_field(changes, message):

@@ -1,0 +1,78 @@
+"""The select-on-validation, report-on-test protocol: how a value is chosen, what the cache accepts,
+and the --quick preset end to end (a subprocess, as a user runs it)."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from select_then_test import ProtocolMismatch, choose, read_cache, run_key  # noqa: E402
+
+
+def run(value: float, seed: int, nelbo: float) -> dict:
+    return {"overrides": {"train.forward_lr": value}, "seed": seed, "values": {"nelbo_bits": nelbo}}
+
+
+def test_the_value_with_the_lowest_mean_wins_not_the_luckiest_seed():
+    runs = [run(1e-3, 0, 4.50), run(1e-3, 1, 4.90), run(1e-3, 2, 4.90),
+            run(1e-4, 0, 4.60), run(1e-4, 1, 4.62), run(1e-4, 2, 4.58),
+            run(3e-5, 0, 4.70), run(3e-5, 1, 4.70), run(3e-5, 2, 4.70)]
+    choice = choose(runs, "train.forward_lr")
+    assert choice["value"] == 1e-4 and not choice["at_grid_edge"]
+    assert choice["valid_nelbo_mean_by_value"]["0.0001"] == pytest.approx(4.60)
+
+
+def test_a_value_that_diverged_or_gave_nan_on_one_seed_is_never_chosen_and_edges_are_flagged():
+    runs = [run(1e-3, 0, 4.40), run(1e-3, 1, math.inf), run(1e-4, 0, 4.60), run(1e-4, 1, 4.61),
+            run(3e-5, 0, math.nan), run(3e-5, 1, 4.0)]
+    choice = choose(runs, "train.forward_lr")
+    assert choice["value"] == 1e-4 and not choice["at_grid_edge"]
+    edge = choose([run(1e-3, 0, 4.5), run(1e-4, 0, 4.6)], "train.forward_lr")
+    assert edge["value"] == 1e-3 and edge["at_grid_edge"]
+    with pytest.raises(RuntimeError, match="diverged"):
+        choose([run(1e-3, 0, math.inf)], "train.forward_lr")
+
+
+def test_the_cache_refuses_runs_of_another_protocol_and_skips_a_line_cut_short(tmp_path):
+    cache = tmp_path / "c.runs.jsonl"
+    protocol = {"dataset": "toy2d", "train_steps": 3000, "num_samples": 2000}
+    header, done = read_cache(cache, protocol)  # a new cache gets a header with the starting commit
+    assert done == {} and header["protocol"] == protocol and header["git_commit"]
+    key = run_key("select", {"dataset": "toy2d", "method": "masked-x0", "steps": 2, "seed": 0}, {"train.lr": 1e-3})
+    with cache.open("a") as out:
+        out.write(json.dumps({"key": key, "values": {"nelbo_bits": 4.7}}) + "\n")
+        out.write('{"key": "half a li')  # killed mid-write
+    assert list(read_cache(cache, protocol)[1]) == [key]
+    with pytest.raises(ProtocolMismatch, match="train_steps"):
+        read_cache(cache, {**protocol, "train_steps": 6000})
+
+
+def test_quick_protocol_chooses_on_valid_and_reports_test_on_other_seeds(tmp_path):
+    out, cache = tmp_path / "quick.json", tmp_path / "quick.runs.jsonl"
+    command = [sys.executable, str(ROOT / "benchmarks" / "select_then_test.py"), "--quick", "--out", str(out),
+               "--cache", str(cache)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    record = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    protocol = record["protocol"]
+    assert protocol["selection"] == {"split": "valid", "metric": "nelbo_bits (mean over seeds)", "seeds": [0]}
+    assert protocol["report"] == {"split": "test", "seeds": [10]} and protocol["git_commit"]
+    assert {r["split"] for r in record["selection_runs"]} == {"valid"}
+    assert {r["seed"] for r in record["report_runs"]} == {10}
+    # selection never saw a distribution metric; the report has them
+    assert all(set(r["values"]) <= {"nelbo_bits", "nelbo_stderr", "train_seconds", "collapsed", "diverged"}
+               for r in record["selection_runs"])
+    assert all("kl" in r["values"] for r in record["report_runs"])
+    for choice in record["choices"]:  # the reported value is the chosen one, and it has the lowest mean
+        means = choice["valid_nelbo_mean_by_value"]
+        assert means[str(choice["value"])] == min(means.values())
+        assert all(r["overrides"][choice["knob"]] == choice["value"] for r in record["report_runs"]
+                   if r["method"] == choice["method"])
+    # rerunning resumes from the cache: nothing trains again
+    again = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert again.returncode == 0 and "runs to do" not in again.stdout
