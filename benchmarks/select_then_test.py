@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     results = run_all(report_tasks, args, cache, results)
     report = [results[run_key(*t)] for t in report_tasks]
     selection = [results[run_key(*t)] for t in selection_tasks]
-    command = "python benchmarks/select_then_test.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = ("python benchmarks/select_then_test.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     commits = sorted({e.get("git_commit", header["git_commit"]) for e in selection + report})
     record = {
         "protocol": {"command": command, "git_commit": header["git_commit"], "run_commits": commits, **protocol,
