@@ -177,6 +177,35 @@ def summary_table(report: list[dict], choices: dict, dataset: str) -> str:
     return "\n".join(lines)
 
 
+def plot(report: list[dict], dataset: str, path: Path) -> Path:
+    """The report's primary metric against T, one line per method through the seed means, every seed a dot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = PRIMARY[dataset]
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for index, method in enumerate(sorted({e["method"] for e in report})):
+        runs = [e for e in report if e["method"] == method]
+        steps = sorted({e["steps"] for e in runs})
+        means = [statistics.mean(e["values"][metric] for e in runs if e["steps"] == T) for T in steps]
+        ax.plot(steps, means, "-", color=f"C{index}", label=method)
+        ax.scatter([e["steps"] for e in runs], [e["values"][metric] for e in runs], color=f"C{index}", s=12)
+    ax.set_xscale("log", base=2)
+    if metric == "kl":
+        ax.set_yscale("log")
+    ax.set_xlabel("sampling steps T")
+    ax.set_ylabel(f"test {metric}")
+    seeds = sorted({e["seed"] for e in report})
+    ax.set_title(f"{dataset}: chosen on validation, test seeds {seeds}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def job_of(args: argparse.Namespace, knobs: dict) -> dict:
     """A job of this invocation, to read the config's optimizer steps for the protocol."""
     return {"dataset": args.dataset, "method": next(iter(knobs)), "steps": args.steps[0], "seed": args.select_seeds[0]}
@@ -263,7 +292,9 @@ def main(argv: list[str] | None = None) -> None:
     out.with_suffix(".md").write_text(f"Command: `{command}` (commit {record['protocol']['git_commit']})\n\n"
                                       f"Selection: validation NELBO, mean over seeds {args.select_seeds}; "
                                       f"report: test split, seeds {args.report_seeds}.\n\n{table}\n")
-    print(f"wrote {out} and {out.with_suffix('.md')}")
+    picture = plot(report, args.dataset, (ROOT / "docs" / "plots" if args.out is None else out.parent)
+                   / f"select_then_test_{out.stem.removeprefix('select_then_test_')}.png")
+    print(f"wrote {out}, {out.with_suffix('.md')} and {picture}")
 
 
 if __name__ == "__main__":
