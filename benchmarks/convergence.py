@@ -3,10 +3,15 @@
 Trains each (method, T) pair for a long budget with the recipe `select_then_test.py` chose on
 validation (read from its results file, so nothing here looks at test data), evaluating the
 validation NELBO at 20 points along the way (2 passes each, a generator of its own, so evaluating
-does not change training). Prints where each curve has flattened: the first step at which the
-validation NELBO is within `--tolerance` bits of the curve's best.
+does not change training). Prints where each curve has flattened (the first step at which the
+smoothed validation NELBO is within `--tolerance` bits of its best) and compares the long run's end
+with the table-budget run of the same seed and recipe (its final validation NELBO, from the
+recipes file). A long run is not the short run continued: its reverse-only phase
+(`train.forward_freeze_fraction`) is a fraction of *its* length, so read the curve's end, not its
+value at the table's step count.
 
-    python benchmarks/convergence.py                      # toy2d, T in {2, 8}, 12000 steps: ~20 min on 2 cores
+    python benchmarks/convergence.py --steps 2 16         # toy2d, 12000 steps: ~23 min on 2 cores
+    python benchmarks/convergence.py --report-only        # the summary again, from the results file
     python benchmarks/convergence.py --steps 2 --train-steps 600 --out .fldd/convergence.json   # smoke
 
 Writes docs/results/convergence_<dataset>.json (the curves, the recipe, seeds, split, git commit)
@@ -37,11 +42,18 @@ from fldd.train import fit  # noqa: E402
 
 
 def chosen_recipes(path: Path) -> tuple[dict[tuple[str, int], dict], dict]:
-    """The recipes select_then_test chose on validation, and that run's protocol."""
+    """The recipes select_then_test chose on validation, and its whole record."""
     if not path.is_file():
         raise SystemExit(f"{path}: no recipes; run benchmarks/select_then_test.py first (or give --recipes)")
     record = json.loads(path.read_text())
-    return {(c["method"], c["steps"]): {**ALWAYS, c["knob"]: c["value"]} for c in record["choices"]}, record["protocol"]
+    return {(c["method"], c["steps"]): {**ALWAYS, c["knob"]: c["value"]} for c in record["choices"]}, record
+
+
+def table_run_nelbo(record: dict, job: dict, overrides: dict) -> float:
+    """The final validation NELBO of the table-budget selection run with this seed and recipe."""
+    return next(r["values"]["nelbo_bits"] for r in record["selection_runs"]
+                if (r["method"], r["steps"], r["seed"]) == (job["method"], job["steps"], job["seed"])
+                and r["overrides"] == overrides)
 
 
 def curve(job: dict, overrides: dict, train_steps: int) -> dict:
@@ -49,10 +61,11 @@ def curve(job: dict, overrides: dict, train_steps: int) -> dict:
     cfg = config_for(job, train_steps, None, {**overrides, "train.eval_every": max(1, train_steps // 20)})
     train, valid = load_splits(cfg)
     start = time.perf_counter()
-    result = fit(cfg, train, valid, eval_passes=1)
+    result = fit(cfg, train, valid, eval_passes=10)
     points = [(h["step"], h["valid_nelbo_bits"]) for h in result.history if "valid_nelbo_bits" in h]
     return {**job, "overrides": overrides, "train_steps": train_steps, "split": "valid",
-            "seconds": time.perf_counter() - start, "curve": points}
+            "seconds": time.perf_counter() - start, "curve": points,
+            "final_valid_nelbo": result.valid_nelbo.bits_per_token}
 
 
 def smoothed(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
@@ -69,15 +82,10 @@ def flattened_at(points: list[tuple[int, float]], tolerance: float) -> int:
     return next(step for step, value in curve if value <= best + tolerance)
 
 
-def value_at(points: list[tuple[int, float]], step: int) -> float:
-    """The smoothed curve at the evaluation nearest to `step`."""
-    return min(smoothed(points), key=lambda p: abs(p[0] - step))[1]
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="toy2d")
-    parser.add_argument("--steps", type=int, nargs="+", default=[2, 8], help="sampling steps T")
+    parser.add_argument("--steps", type=int, nargs="+", default=[2, 16], help="sampling steps T")
     parser.add_argument("--methods", nargs="+", default=["fldd-mask-carry", "masked-x0"])
     parser.add_argument("--seed", type=int, default=0, help="a selection seed: the curves inform a budget choice")
     parser.add_argument("--train-steps", type=int, default=12000)
@@ -85,8 +93,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recipes", type=Path, help="default: docs/results/select_then_test_<dataset>.json")
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--out", type=Path, help="default: docs/results/convergence_<dataset>.json")
+    parser.add_argument("--report-only", action="store_true", help="summarise the results file; train nothing")
     args = parser.parse_args(argv)
-    recipes, protocol = chosen_recipes(args.recipes or ROOT / "docs" / "results" / f"select_then_test_{args.dataset}.json")
+    recipes, record = chosen_recipes(args.recipes or ROOT / "docs" / "results" / f"select_then_test_{args.dataset}.json")
+    protocol = record["protocol"]
     if args.seed in protocol["report"]["seeds"]:
         parser.error(f"--seed {args.seed} is a report seed of those recipes ({protocol['report']['seeds']}): "
                      "curves that inform a choice use selection seeds")
@@ -96,20 +106,31 @@ def main(argv: list[str] | None = None) -> None:
     table_steps = protocol["train_steps"]
     jobs = [({"dataset": args.dataset, "method": m, "steps": T, "seed": args.seed}, recipes[(m, T)])
             for m in args.methods for T in args.steps]
-    with ProcessPoolExecutor(args.processes) as pool:
-        curves = list(pool.map(curve, *zip(*jobs), [args.train_steps] * len(jobs)))
     out = args.out or ROOT / "docs" / "results" / f"convergence_{args.dataset}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/convergence.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.report_only:
+        saved = json.loads(out.read_text())
+        curves, command, commit = saved["curves"], saved["command"], saved["git_commit"]
+    else:
+        with ProcessPoolExecutor(args.processes) as pool:
+            curves = list(pool.map(curve, *zip(*jobs), [args.train_steps] * len(jobs)))
+        command = ("python benchmarks/convergence.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+        commit = git_commit()
     fig, ax = plt.subplots(figsize=(6, 4))
     for index, c in enumerate(curves):
         steps, values = zip(*c["curve"])
         at = flattened_at(c["curve"], args.tolerance)
-        c.update(flattened_at=at, smoothed_at_table_budget=value_at(c["curve"], table_steps),
-                 smoothed_last=smoothed(c["curve"])[-1][1], table_budget=table_steps)
-        print(f"{c['method']} T={c['steps']} seed {c['seed']}: smoothed valid NELBO {c['smoothed_at_table_budget']:.4f} "
-              f"at the table's {table_steps} steps, {c['smoothed_last']:.4f} at {steps[-1]}; within {args.tolerance} "
-              f"of its best from step {at} ({c['seconds']:.0f} s)", flush=True)
+        job = {k: c[k] for k in ("dataset", "method", "steps", "seed")}
+        c.pop("smoothed_at_table_budget", None)
+        c.update(flattened_at=at, smoothed_best=min(v for _, v in smoothed(c["curve"])),
+                 smoothed_last=smoothed(c["curve"])[-1][1], table_budget=table_steps,
+                 table_run_valid_nelbo=table_run_nelbo(record, job, c["overrides"]))
+        final = c.get("final_valid_nelbo")
+        print(f"{c['method']} T={c['steps']} seed {c['seed']}: the {table_steps}-step run ended at "
+              f"{c['table_run_valid_nelbo']:.4f}; this {c['train_steps']}-step run ends at "
+              f"{final if final is not None else c['smoothed_last']:.4f} ({'final, 10 passes' if final is not None else 'smoothed'}), "
+              f"its smoothed best {c['smoothed_best']:.4f}, within {args.tolerance} of it from step {at} "
+              f"({c['seconds']:.0f} s)", flush=True)
         ax.plot(steps, values, label=f"{c['method']} T={c['steps']}", color=f"C{index}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("validation NELBO (bits/token)")
@@ -118,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     fig.tight_layout()
     plot = (ROOT / "docs" / "plots" if args.out is None else out.parent) / f"convergence_{args.dataset}.png"
     fig.savefig(plot, dpi=100)
-    out.write_text(json.dumps({"command": command, "git_commit": git_commit(), "split": "valid",
+    out.write_text(json.dumps({"command": command, "git_commit": commit, "split": "valid",
                                "recipes_from": protocol["command"], "tolerance": args.tolerance,
                                "curves": curves}, indent=1))
     print(f"wrote {out} and {plot}")

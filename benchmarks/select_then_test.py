@@ -292,9 +292,11 @@ def main(argv: list[str] | None = None) -> None:
     out.with_suffix(".md").write_text(f"Command: `{command}` (commit {record['protocol']['git_commit']})\n\n"
                                       f"Selection: validation NELBO, mean over seeds {args.select_seeds}; "
                                       f"report: test split, seeds {args.report_seeds}.\n\n{table}\n")
-    picture = plot(report, args.dataset, (ROOT / "docs" / "plots" if args.out is None else out.parent)
-                   / f"select_then_test_{out.stem.removeprefix('select_then_test_')}.png")
-    print(f"wrote {out}, {out.with_suffix('.md')} and {picture}")
+    written = [out, out.with_suffix(".md")]
+    if len(args.steps) > 1:  # a curve needs two budgets
+        plot_dir = ROOT / "docs" / "plots" if out.parent == ROOT / "docs" / "results" else out.parent
+        written.append(plot(report, args.dataset, plot_dir / f"{out.stem}.png"))
+    print("wrote " + ", ".join(str(path) for path in written))
 
 
 if __name__ == "__main__":
