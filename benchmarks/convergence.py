@@ -6,7 +6,9 @@ validation NELBO at 20 points along the way (2 passes each, a generator of its o
 does not change training). Prints where each curve has flattened (the first step at which the
 smoothed validation NELBO is within `--tolerance` bits of its best) and compares the long run's end
 with the table-budget run of the same seed and recipe (its final validation NELBO, from the
-recipes file). A long run is not the short run continued: its reverse-only phase
+recipes file) through the mean of the evaluations over the long run's second half (the plateau).
+Evaluations at the same step share their random draws across methods (the generator is seeded by
+the step), so the gap between two methods at one T is also given paired, step by step. A long run is not the short run continued: its reverse-only phase
 (`train.forward_freeze_fraction`) is a fraction of *its* length, so read the curve's end, not its
 value at the table's step count.
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -82,6 +85,21 @@ def flattened_at(points: list[tuple[int, float]], tolerance: float) -> int:
     return next(step for step, value in curve if value <= best + tolerance)
 
 
+def paired_gaps(curves: list[dict]) -> list[dict]:
+    """Per T, the first method minus the second at the same evaluation steps over the second half."""
+    gaps = []
+    for T in sorted({c["steps"] for c in curves}):
+        pair = [c for c in curves if c["steps"] == T]
+        if len(pair) != 2:
+            continue
+        a, b = (dict(c["curve"]) for c in pair)
+        diffs = [a[step] - b[step] for step in sorted(a) if step in b and step >= pair[0]["train_steps"] // 2]
+        if len(diffs) > 1:
+            gaps.append({"steps": T, "methods": [c["method"] for c in pair], "mean": statistics.mean(diffs),
+                         "stderr": statistics.stdev(diffs) / len(diffs) ** 0.5, "points": len(diffs)})
+    return gaps
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="toy2d")
@@ -97,9 +115,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     recipes, record = chosen_recipes(args.recipes or ROOT / "docs" / "results" / f"select_then_test_{args.dataset}.json")
     protocol = record["protocol"]
-    if args.seed in protocol["report"]["seeds"]:
-        parser.error(f"--seed {args.seed} is a report seed of those recipes ({protocol['report']['seeds']}): "
-                     "curves that inform a choice use selection seeds")
+    if args.seed not in protocol["selection"]["seeds"]:
+        parser.error(f"--seed {args.seed}: use a selection seed of those recipes ({protocol['selection']['seeds']}); "
+                     "curves that inform a choice never use report seeds, and the comparison needs the "
+                     "table-budget run of the same seed")
     missing = [(m, T) for m in args.methods for T in args.steps if (m, T) not in recipes]
     if missing:
         parser.error(f"no recipe chosen for {missing} in the recipes file (it has {sorted(recipes)})")
@@ -116,21 +135,25 @@ def main(argv: list[str] | None = None) -> None:
             curves = list(pool.map(curve, *zip(*jobs), [args.train_steps] * len(jobs)))
         command = ("python benchmarks/convergence.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
         commit = git_commit()
+        # the curves first: a summary that fails must not cost the training
+        out.write_text(json.dumps({"command": command, "git_commit": commit, "split": "valid", "curves": curves}))
     fig, ax = plt.subplots(figsize=(6, 4))
     for index, c in enumerate(curves):
         steps, values = zip(*c["curve"])
         at = flattened_at(c["curve"], args.tolerance)
         job = {k: c[k] for k in ("dataset", "method", "steps", "seed")}
-        c.pop("smoothed_at_table_budget", None)
-        c.update(flattened_at=at, smoothed_best=min(v for _, v in smoothed(c["curve"])),
-                 smoothed_last=smoothed(c["curve"])[-1][1], table_budget=table_steps,
+        for stale in ("smoothed_at_table_budget", "smoothed_last"):
+            c.pop(stale, None)
+        plateau = [v for step, v in c["curve"] if step >= c["train_steps"] // 2]
+        c.update(flattened_at=at, smoothed_best=min(v for _, v in smoothed(c["curve"])), table_budget=table_steps,
+                 plateau_mean=statistics.mean(plateau), plateau_point_std=statistics.stdev(plateau),
                  table_run_valid_nelbo=table_run_nelbo(record, job, c["overrides"]))
         final = c.get("final_valid_nelbo")
         print(f"{c['method']} T={c['steps']} seed {c['seed']}: the {table_steps}-step run ended at "
-              f"{c['table_run_valid_nelbo']:.4f}; this {c['train_steps']}-step run ends at "
-              f"{final if final is not None else c['smoothed_last']:.4f} ({'final, 10 passes' if final is not None else 'smoothed'}), "
-              f"its smoothed best {c['smoothed_best']:.4f}, within {args.tolerance} of it from step {at} "
-              f"({c['seconds']:.0f} s)", flush=True)
+              f"{c['table_run_valid_nelbo']:.4f}; this {c['train_steps']}-step run's second half averages "
+              f"{c['plateau_mean']:.4f} ({len(plateau)} evaluations, {c['plateau_point_std']:.3f} apart)"
+              + (f", final {final:.4f} (10 passes)" if final is not None else "")
+              + f"; within {args.tolerance} of its smoothed best from step {at} ({c['seconds']:.0f} s)", flush=True)
         ax.plot(steps, values, label=f"{c['method']} T={c['steps']}", color=f"C{index}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("validation NELBO (bits/token)")
@@ -139,9 +162,13 @@ def main(argv: list[str] | None = None) -> None:
     fig.tight_layout()
     plot = (ROOT / "docs" / "plots" if args.out is None else out.parent) / f"convergence_{args.dataset}.png"
     fig.savefig(plot, dpi=100)
-    out.write_text(json.dumps({"command": command, "git_commit": commit, "split": "valid",
-                               "recipes_from": protocol["command"], "tolerance": args.tolerance,
-                               "curves": curves}, indent=1))
+    gaps = paired_gaps(curves)
+    for gap in gaps:
+        print(f"T={gap['steps']}: {gap['methods'][0]} minus {gap['methods'][1]}, paired over the second half: "
+              f"{gap['mean']:+.4f} +- {gap['stderr']:.4f}", flush=True)
+    out.write_text(json.dumps({"command": command, "git_commit": commit, "summarised_at": git_commit(),
+                               "split": "valid", "recipes_from": protocol["command"], "tolerance": args.tolerance,
+                               "paired_gaps": gaps, "curves": curves}, indent=1))
     print(f"wrote {out} and {plot}")
 
 

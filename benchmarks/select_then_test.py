@@ -168,8 +168,9 @@ def summary_table(report: list[dict], choices: dict, dataset: str) -> str:
         runs = sorted((e for e in report if e["method"] == method and e["steps"] == T), key=lambda e: e["seed"])
         if not runs:
             continue
-        prim = [e["values"][metric] for e in runs]
-        nelbo = [e["values"]["nelbo_bits"] for e in runs]
+        # a diverged report run has no samples to score: NaN in its cell, not a crash after all the training
+        prim = [e["values"].get(metric, math.nan) for e in runs]
+        nelbo = [e["values"].get("nelbo_bits", math.nan) for e in runs]
         edge = " (grid edge)" if choice["at_grid_edge"] else ""
         lines.append(f"| {method} | {T} | {choice['knob'].split('.')[-1]}={choice['value']:g}{edge} | "
                      f"{statistics.mean(prim):.4f} ({' / '.join(f'{v:.4f}' for v in prim)}) | "
@@ -189,9 +190,9 @@ def plot(report: list[dict], dataset: str, path: Path) -> Path:
     for index, method in enumerate(sorted({e["method"] for e in report})):
         runs = [e for e in report if e["method"] == method]
         steps = sorted({e["steps"] for e in runs})
-        means = [statistics.mean(e["values"][metric] for e in runs if e["steps"] == T) for T in steps]
+        means = [statistics.mean(e["values"].get(metric, math.nan) for e in runs if e["steps"] == T) for T in steps]
         ax.plot(steps, means, "-", color=f"C{index}", label=method)
-        ax.scatter([e["steps"] for e in runs], [e["values"][metric] for e in runs], color=f"C{index}", s=12)
+        ax.scatter([e["steps"] for e in runs], [e["values"].get(metric, math.nan) for e in runs], color=f"C{index}", s=12)
     ax.set_xscale("log", base=2)
     if metric == "kl":
         ax.set_yscale("log")
@@ -294,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
                                       f"report: test split, seeds {args.report_seeds}.\n\n{table}\n")
     written = [out, out.with_suffix(".md")]
     if len(args.steps) > 1:  # a curve needs two budgets
-        plot_dir = ROOT / "docs" / "plots" if out.parent == ROOT / "docs" / "results" else out.parent
+        plot_dir = ROOT / "docs" / "plots" if out.resolve().parent == ROOT / "docs" / "results" else out.parent
         written.append(plot(report, args.dataset, plot_dir / f"{out.stem}.png"))
     print("wrote " + ", ".join(str(path) for path in written))
 

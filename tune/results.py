@@ -34,8 +34,8 @@ class TrialRow:
     trial_seconds: float = math.nan  # Tune's time_total_s: the whole trial, start-up included
     error: str = ""
     # set on a budget's best row when its config ran under several seeds (`train.seed` in the space)
-    config_mean_valid_nelbo: float = math.nan  # the mean over those seeds: what selection ranked
-    config_seeds: int = 1
+    config_mean_valid_nelbo: float = math.nan  # the mean over the config's trials: what selection ranked
+    config_trials: int = 1  # trials of the config (one per seed; more when samples > 1 repeats a grid point)
 
 
 @dataclass
@@ -53,8 +53,8 @@ SEED_KEY = "train.seed"
 def best_per_budget(rows: list[TrialRow]) -> dict[int, TrialRow]:
     """Per budget, the config with the lowest final validation NELBO.
 
-    Trials whose values differ only in `train.seed` are one config, ranked by the mean over its
-    seeds, and only if every one of them finished (not stopped, failed or collapsed): one lucky
+    Trials whose values differ only in `train.seed` (or not at all: `samples` > 1 on a grid) are one
+    config, ranked by the mean over its trials, and only if every one of them finished (not stopped, failed or collapsed): one lucky
     seed does not choose a recipe. The row returned is that config's best seed (the run a
     promotion registers), carrying the mean it was chosen by. A space without `train.seed` has
     one trial per config, so this is the best finished trial."""
@@ -70,7 +70,7 @@ def best_per_budget(rows: list[TrialRow]) -> dict[int, TrialRow]:
         if budget in best and best[budget].config_mean_valid_nelbo <= mean:
             continue
         best[budget] = dataclasses.replace(min(group, key=lambda r: r.valid_nelbo_bits), config_mean_valid_nelbo=mean,
-                                           config_seeds=len({r.values.get(SEED_KEY) for r in group}))
+                                           config_trials=len(group))
     return best
 
 
@@ -100,7 +100,7 @@ def plot_front(outcome: SweepOutcome, path: Path) -> Path:
     front = sorted(outcome.best.items())
     if front:
         ax.plot([T for T, _ in front], [row.config_mean_valid_nelbo for _, row in front], "k--", lw=1,
-                label="best per T (mean over seeds)" if any(row.config_seeds > 1 for _, row in front) else "best per T")
+                label="best per T (mean over trials)" if any(row.config_trials > 1 for _, row in front) else "best per T")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("sampling steps T")
     ax.set_ylabel("validation NELBO (bits/token)")
@@ -139,8 +139,8 @@ def format_table(outcome: SweepOutcome) -> str:
             lines.append(f"{T:>4}  {'(no finished trial)':<22} {'':>24}  {counts:>28}")
             continue
         metric = f"{best.valid_nelbo_bits:.4f} +- {best.valid_nelbo_stderr:.4f}"
-        if best.config_seeds > 1:  # ranked by the mean over seeds; the row is its best seed
-            metric = f"{best.config_mean_valid_nelbo:.4f} (mean of {best.config_seeds} seeds)"
+        if best.config_trials > 1:  # ranked by the mean over its trials; the row is its best one
+            metric = f"{best.config_mean_valid_nelbo:.4f} (mean of {best.config_trials} trials)"
         lines.append(f"{T:>4}  {best.parameterization:<22} {metric:>24}  {counts:>28}  {best.run_id}")
     failed = [r for r in outcome.rows if r.status == "error"]
     for row in failed:

@@ -21,9 +21,9 @@ def test_a_config_run_under_several_seeds_is_ranked_by_its_mean_not_its_luckiest
     # a0 is the single best trial, but lr=1e-3 averages 4.767 against 4.600 for lr=1e-4
     assert best.values["train.forward_lr"] == 1e-4
     assert best.trial_id == "b2"  # the chosen config's best seed is the run a promotion registers
-    assert math.isclose(best.config_mean_valid_nelbo, 4.60) and best.config_seeds == 3
+    assert math.isclose(best.config_mean_valid_nelbo, 4.60) and best.config_trials == 3
     table = format_table(SweepOutcome("s", "parent", rows, {2: best}))
-    assert "4.6000 (mean of 3 seeds)" in table
+    assert "4.6000 (mean of 3 trials)" in table
 
 
 def test_a_config_with_a_stopped_or_failed_seed_is_not_chosen():
@@ -38,5 +38,5 @@ def test_without_seeds_in_the_space_the_best_finished_trial_wins_per_budget():
             row("d", 4.70, lr=1e-3, budget=4), row("e", 4.65, lr=1e-4, budget=4)]
     best = best_per_budget(rows)
     assert (best[2].trial_id, best[4].trial_id) == ("a", "e")
-    assert best[2].config_seeds == 1
+    assert best[2].config_trials == 1
     assert "(mean of" not in format_table(SweepOutcome("s", "parent", rows, best))
