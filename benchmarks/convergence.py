@@ -38,10 +38,11 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality_vs_steps import ROOT, config_for  # noqa: E402
-from select_then_test import ALWAYS, git_commit  # noqa: E402
+from select_then_test import ALWAYS  # noqa: E402
 
 from fldd.data import load_splits  # noqa: E402
 from fldd.train import fit  # noqa: E402
+from pipelines.tracking import git_commit  # noqa: E402
 
 
 def chosen_recipes(path: Path) -> tuple[dict[tuple[str, int], dict], dict]:

@@ -29,7 +29,6 @@ import argparse
 import json
 import math
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -40,6 +39,7 @@ from quality_vs_steps import PRIMARY, ROOT, config_for, run_job  # noqa: E402
 
 from fldd.config import ConfigError  # noqa: E402
 from fldd.train import NonFiniteLossError  # noqa: E402
+from pipelines.tracking import git_commit  # noqa: E402  (HEAD, "-dirty" for uncommitted code)
 
 # the knob each method is tuned on, and its grid (same size for both arms)
 KNOBS = {
@@ -48,13 +48,6 @@ KNOBS = {
 }
 ALWAYS = {"train.forward_lr_ref_steps": 0}  # the grid value is the rate at every T
 SELECTION_METRIC = "nelbo_bits"  # on the validation split; the only number selection reads
-
-
-def git_commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                           capture_output=True, text=True).stdout.strip()
-    return out + ("+dirty" if dirty else "")
 
 
 def run_key(phase: str, job: dict, overrides: dict) -> str:
