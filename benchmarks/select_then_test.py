@@ -14,11 +14,12 @@ reliable. Every run is the project's one training loop (`fldd.train.fit`, in-pro
 
     python benchmarks/select_then_test.py                       # toy2d, T in {2, 4, 8, 16}: ~80 min on 2 cores
     python benchmarks/select_then_test.py --quick               # a 3-minute smoke run under .fldd/
+    python benchmarks/select_then_test.py --grid masked-x0=2.5e-4,5e-4,1e-3   # another grid for one arm
 
 Each finished run is appended to a JSON-lines cache (`.fldd/select_then_test/<output name>.runs.jsonl`),
 so an interrupted invocation resumes where it stopped; the cache's first line records the protocol
-(data set, optimizer steps, samples, grids) and the commit it started at, and a rerun with a
-different protocol is refused. The output JSON holds every selection run, the choice per cell with
+(data set, optimizer steps, samples, grids) and the commit it started at, and a rerun whose runs
+would train differently is refused; a wider `--grid` reuses the runs it shares. The output JSON holds every selection run, the choice per cell with
 the validation means it was made on, every report run, and the protocol: selection split and
 seeds, report split and seeds, the commit of the code that trained.
 """
@@ -55,11 +56,17 @@ def run_key(phase: str, job: dict, overrides: dict) -> str:
 
 
 class ProtocolMismatch(RuntimeError):
-    """The cache was written under another protocol (steps, samples, grids): its runs do not belong here."""
+    """The cache was written under another protocol (data, steps, samples): its runs do not belong here."""
+
+
+# what changes a run's result; the grids only say which runs selection reads (each run is keyed by
+# its value), so a cache serves a wider grid of the same protocol
+RUN_PROTOCOL = ("dataset", "train_steps", "num_samples", "always")
 
 
 def read_cache(cache: Path, protocol: dict) -> tuple[dict, dict[str, dict]]:
-    """The cache's header (protocol and starting commit) and its runs by key; a new cache gets a header."""
+    """The cache's header (protocol and starting commit) and its runs by key; a new cache gets a header.
+    Refused when the header differs in a key of `RUN_PROTOCOL`."""
     if not cache.is_file():
         header = {"protocol": protocol, "git_commit": git_commit()}
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -75,9 +82,9 @@ def read_cache(cache: Path, protocol: dict) -> tuple[dict, dict[str, dict]]:
             header = entry["header"]
         else:
             done[entry["key"]] = entry
-    if header is None or header["protocol"] != protocol:
-        theirs = (header or {}).get("protocol", {})
-        changed = sorted(k for k in set(protocol) | set(theirs) if protocol.get(k) != theirs.get(k))
+    theirs = (header or {}).get("protocol", {})
+    changed = sorted(k for k in RUN_PROTOCOL if protocol.get(k) != theirs.get(k))
+    if header is None or changed:
         raise ProtocolMismatch(f"{cache} was written for another protocol (differs in {changed}); "
                                "give another --out, or delete the cache to start over")
     return header, done
@@ -217,11 +224,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: T=2, seeds 0 / 10, 2 grid values, 150 steps (overrides those options)")
+    parser.add_argument("--grid", action="append", default=[], metavar="METHOD=V1,V2,...",
+                        help="the values of METHOD's knob to search instead of its default grid "
+                             f"({'; '.join(f'{m}: {k} {g}' for m, (k, g) in KNOBS.items())}); repeatable")
     parser.add_argument("--out", type=Path, help="default: docs/results/select_then_test_<dataset>.json")
     parser.add_argument("--cache", type=Path, help="finished runs, to resume from "
                         "(default: .fldd/select_then_test/<name of --out>.runs.jsonl)")
     args = parser.parse_args(argv)
     knobs = {m: KNOBS[m] for m in args.methods}
+    for item in args.grid:
+        method, _, values = item.partition("=")
+        if method not in knobs:
+            parser.error(f"--grid {item}: {method!r} is not one of the methods run ({', '.join(knobs)})")
+        try:
+            grid = sorted({float(v) for v in values.split(",")})
+        except ValueError:
+            parser.error(f"--grid {item}: values must be numbers separated by commas")
+        if len(grid) < 2:
+            parser.error(f"--grid {item}: a grid needs at least two values, or there is nothing to choose")
+        knobs[method] = (knobs[method][0], grid)
     if args.quick:
         args.steps, args.select_seeds, args.report_seeds = [2], [0], [10]
         args.train_steps, args.num_samples = args.train_steps or 150, min(args.num_samples, 300)

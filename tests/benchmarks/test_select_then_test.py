@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from select_then_test import ProtocolMismatch, choose, read_cache, run_key  # noqa: E402
+from select_then_test import ProtocolMismatch, choose, main, read_cache, run_key  # noqa: E402
 
 
 def run(value: float, seed: int, nelbo: float) -> dict:
@@ -40,7 +40,8 @@ def test_a_value_that_diverged_or_gave_nan_on_one_seed_is_never_chosen_and_edges
 
 def test_the_cache_refuses_runs_of_another_protocol_and_skips_a_line_cut_short(tmp_path):
     cache = tmp_path / "c.runs.jsonl"
-    protocol = {"dataset": "toy2d", "train_steps": 3000, "num_samples": 2000}
+    protocol = {"dataset": "toy2d", "train_steps": 3000, "num_samples": 2000,
+                "grids": {"masked-x0": {"knob": "train.lr", "values": [1e-3, 2e-3]}}}
     header, done = read_cache(cache, protocol)  # a new cache gets a header with the starting commit
     assert done == {} and header["protocol"] == protocol and header["git_commit"]
     key = run_key("select", {"dataset": "toy2d", "method": "masked-x0", "steps": 2, "seed": 0}, {"train.lr": 1e-3})
@@ -50,6 +51,19 @@ def test_the_cache_refuses_runs_of_another_protocol_and_skips_a_line_cut_short(t
     assert list(read_cache(cache, protocol)[1]) == [key]
     with pytest.raises(ProtocolMismatch, match="train_steps"):
         read_cache(cache, {**protocol, "train_steps": 6000})
+    # a wider grid trains its shared values the same way: the cache serves it
+    wider = {**protocol, "grids": {"masked-x0": {"knob": "train.lr", "values": [5e-4, 1e-3, 2e-3]}}}
+    assert list(read_cache(cache, wider)[1]) == [key]
+
+
+@pytest.mark.parametrize("grid, message", [("masked-x0=1e-3", "at least two values"),
+                                           ("masked-x0=1e-3,fast", "numbers"),
+                                           ("fldd=1e-3,2e-3", "not one of the methods")])
+def test_a_bad_grid_is_refused_before_any_training(tmp_path, grid, message, capsys):
+    with pytest.raises(SystemExit):
+        main(["--quick", "--grid", grid, "--out", str(tmp_path / "q.json")])
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "q.json").exists()
 
 
 def test_quick_protocol_chooses_on_valid_and_reports_test_on_other_seeds(tmp_path):
