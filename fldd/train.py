@@ -178,6 +178,9 @@ def train_loop(model: nn.Module, batches: Iterator[Tensor], optimizer: torch.opt
     return last_metrics
 
 
+IN_TRAINING_EVAL_SEED = 0  # fit()'s evaluations during training share their random numbers
+
+
 @dataclass
 class FitResult:
     model: FLDDModel
@@ -185,13 +188,22 @@ class FitResult:
     collapse: CollapseReport | None
     history: list[dict] = field(default_factory=list)
     train_seconds: float = 0.0
+    best_step: int = 0  # the step whose weights `model` holds: the last, or the best with keep_best
 
 
 def fit(cfg: FLDDConfig, train_data: Tensor, valid_data: Tensor, *, on_metrics: MetricsCallback | None = None,
-        eval_passes: int = 10, device: torch.device | str = "cpu") -> FitResult:
+        eval_passes: int = 10, device: torch.device | str = "cpu", keep_best: bool = False) -> FitResult:
     """Train a model on in-memory data with the one loop; evaluate on the validation split. A config
-    whose seq_len or vocab_size is 0 takes them from the data its `data` section names."""
+    whose seq_len or vocab_size is 0 takes them from the data its `data` section names.
+
+    Every `train.eval_every` steps the validation NELBO is estimated with the same random numbers
+    each time, so the curve compares models, not noise draws. With `keep_best` the last step is
+    evaluated the same way and the returned model is the one with the lowest of these estimates
+    (`FitResult.best_step`), as `fldd train` keeps its best checkpoint; otherwise it is the last."""
     cfg.validate()
+    if keep_best and not cfg.train.eval_every:
+        raise ConfigError("keep_best needs train.eval_every > 0: without evaluations during training "
+                          "there is nothing to choose from but the last step")
     if not (cfg.seq_len and cfg.vocab_size):
         cfg = resolve_data_shape(cfg)[0]
     if train_data.dim() != 2 or train_data.shape[1] != cfg.seq_len:
@@ -213,11 +225,17 @@ def fit(cfg: FLDDConfig, train_data: Tensor, valid_data: Tensor, *, on_metrics: 
         if on_metrics is not None:
             on_metrics(step, metrics)
 
+    best: dict = {"bits": math.inf, "step": None, "state": None}
+
     def evaluate(step: int) -> dict[str, float]:
-        # its own generator: drawing from the global RNG would make eval_every change the training
+        # its own generator (drawing from the global RNG would make eval_every change the training),
+        # seeded the same at every step: common random numbers across checkpoints
         estimate = evaluate_nelbo(model, valid_data, num_passes=2,
-                                  generator=torch.Generator(device=device).manual_seed(step))
+                                  generator=torch.Generator(device=device).manual_seed(IN_TRAINING_EVAL_SEED))
         model.train()
+        if keep_best and estimate.bits_per_token < best["bits"]:
+            state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+            best.update(bits=estimate.bits_per_token, step=step, state=state)
         return {"valid_nelbo_bits": estimate.bits_per_token}
 
     start = time.perf_counter()
@@ -227,9 +245,14 @@ def fit(cfg: FLDDConfig, train_data: Tensor, valid_data: Tensor, *, on_metrics: 
                evaluate=evaluate, information_batch=lambda: probe,
                accumulation_steps=cfg.train.grad_accum_steps, device=device)
     train_seconds = time.perf_counter() - start
+    best_step = cfg.train.steps
+    if keep_best:
+        record(cfg.train.steps, evaluate(cfg.train.steps))  # the last step is a candidate too
+        best_step = best["step"]
+        model.load_state_dict(best["state"])
     model.eval()
     nelbo = evaluate_nelbo(model, valid_data, num_passes=eval_passes,
                            generator=torch.Generator(device=device).manual_seed(cfg.train.seed))
     collapse = model.check_collapse(probe.to(device)) if cfg.learns_forward else None
-    return FitResult(model, nelbo, collapse, history, train_seconds)
+    return FitResult(model, nelbo, collapse, history, train_seconds, best_step)
 
