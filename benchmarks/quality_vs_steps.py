@@ -83,15 +83,16 @@ def config_for(job: dict, train_steps: int | None, learned_overrides: list[str] 
 
 def run_job(job: dict, train_steps: int | None, num_samples: int, plot_dir: str | None,
             split: str = "test", learned_overrides: list[str] | None = None,
-            overrides: dict | None = None) -> list[dict]:
+            overrides: dict | None = None, keep_best: bool = False) -> list[dict]:
     torch.set_num_threads(1)
     cfg = config_for(job, train_steps, learned_overrides, overrides)
     train, valid = load_splits(cfg)
     # tuning evaluates on the validation split; the reported tables on the test split
     held_out = load_test_split(cfg) if split == "test" else valid
-    result = fit(cfg, train, valid, eval_passes=1)
+    result = fit(cfg, train, valid, eval_passes=1, keep_best=keep_best)
     model = result.model.eval()
-    values = {"train_seconds": result.train_seconds, "seconds_per_step": result.train_seconds / cfg.train.steps}
+    values = {"train_seconds": result.train_seconds, "seconds_per_step": result.train_seconds / cfg.train.steps,
+              "best_step": result.best_step}
     nelbo = evaluate_nelbo(model, held_out, num_passes=10, generator=torch.Generator().manual_seed(job["seed"]))
     values.update(nelbo_bits=nelbo.bits_per_token, nelbo_stderr=nelbo.stderr_bits_per_token)
     if result.collapse is not None:

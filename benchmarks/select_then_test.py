@@ -61,7 +61,8 @@ class ProtocolMismatch(RuntimeError):
 
 # what changes a run's result; the grids only say which runs selection reads (each run is keyed by
 # its value), so a cache serves a wider grid of the same protocol
-RUN_PROTOCOL = ("dataset", "train_steps", "num_samples", "always")
+RUN_PROTOCOL = ("dataset", "train_steps", "num_samples", "always", "keep_best")
+EVALUATIONS_FOR_KEEP_BEST = 20  # validation evaluations per run to choose the kept weights from
 
 
 def read_cache(cache: Path, protocol: dict) -> tuple[dict, dict[str, dict]]:
@@ -90,11 +91,12 @@ def read_cache(cache: Path, protocol: dict) -> tuple[dict, dict[str, dict]]:
     return header, done
 
 
-def run_one(phase: str, job: dict, overrides: dict, train_steps: int | None, num_samples: int) -> list[dict]:
+def run_one(phase: str, job: dict, overrides: dict, train_steps: int | None, num_samples: int,
+            keep_best: bool) -> list[dict]:
     """One run; a divergence is a result (+inf), not the end of the protocol."""
     try:
         return run_job(job, train_steps, num_samples, None, "valid" if phase == "select" else "test", None,
-                       overrides)
+                       overrides, keep_best)
     except NonFiniteLossError as error:
         return [{**job, "metric": SELECTION_METRIC, "value": math.inf},
                 {**job, "metric": "diverged", "value": 1.0}, {**job, "metric": "error", "value": str(error)}]
@@ -110,13 +112,13 @@ def run_all(tasks: list[tuple[str, dict, dict]], args: argparse.Namespace, cache
     print(f"{len(todo)} runs to do ({len(tasks) - len(todo)} cached) on {args.processes} processes", flush=True)
     start = time.perf_counter()
     with ProcessPoolExecutor(args.processes) as pool, cache.open("a") as out:
-        futures = {pool.submit(run_one, phase, job, overrides, args.train_steps, args.num_samples):
+        futures = {pool.submit(run_one, phase, job, overrides, args.train_steps, args.num_samples, args.keep_best):
                    (phase, job, overrides) for phase, job, overrides in todo}
         for count, future in enumerate(as_completed(futures), 1):
             phase, job, overrides = futures[future]
             values = {r["metric"]: r["value"] for r in future.result()}
             if phase == "select":  # selection sees the validation NELBO only; the exact KL and TV are
-                values = {k: v for k, v in values.items() if k in (SELECTION_METRIC, "nelbo_stderr",
+                values = {k: v for k, v in values.items() if k in (SELECTION_METRIC, "nelbo_stderr", "best_step",
                                                                     "train_seconds", "collapsed", "diverged")}
             entry = {"key": run_key(phase, job, overrides), "phase": phase, **job, "overrides": overrides,
                      "split": "valid" if phase == "select" else "test", "values": values,
@@ -227,6 +229,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grid", action="append", default=[], metavar="METHOD=V1,V2,...",
                         help="the values of METHOD's knob to search instead of its default grid "
                              f"({'; '.join(f'{m}: {k} {g}' for m, (k, g) in KNOBS.items())}); repeatable")
+    parser.add_argument("--keep-best", action="store_true",
+                        help=f"evaluate validation NELBO {EVALUATIONS_FOR_KEEP_BEST} times per run and keep the best "
+                             "weights (fit's keep_best, as fldd train keeps its best checkpoint), instead of the last")
     parser.add_argument("--out", type=Path, help="default: docs/results/select_then_test_<dataset>.json")
     parser.add_argument("--cache", type=Path, help="finished runs, to resume from "
                         "(default: .fldd/select_then_test/<name of --out>.runs.jsonl)")
@@ -254,8 +259,11 @@ def main(argv: list[str] | None = None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     cache = args.cache or ROOT / ".fldd" / "select_then_test" / f"{out.stem}.runs.jsonl"
     train_steps = config_for(job_of(args, knobs), args.train_steps).train.steps
+    always = {**ALWAYS, **({"train.eval_every": max(1, train_steps // EVALUATIONS_FOR_KEEP_BEST)}
+                           if args.keep_best else {})}
     protocol = {"dataset": args.dataset, "train_steps": train_steps, "num_samples": args.num_samples,
-                "grids": {m: {"knob": k, "values": g} for m, (k, g) in knobs.items()}, "always": ALWAYS}
+                "grids": {m: {"knob": k, "values": g} for m, (k, g) in knobs.items()}, "always": always,
+                **({"keep_best": True} if args.keep_best else {})}  # absent when off: older caches still match
     try:
         header, done = read_cache(cache, protocol)
     except ProtocolMismatch as error:
@@ -264,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     def job(method: str, T: int, seed: int) -> dict:
         return {"dataset": args.dataset, "method": method, "steps": T, "seed": seed}
 
-    selection_tasks = [("select", job(m, T, s), {**ALWAYS, knob: value})
+    selection_tasks = [("select", job(m, T, s), {**always, knob: value})
                        for m, (knob, grid) in knobs.items() for T in args.steps for value in grid
                        for s in args.select_seeds]
     try:  # fail before any training on a bad value
@@ -283,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"chosen on validation: {method} T={T} {knob}={c['value']:g}  "
                   f"(mean valid NELBO by value: {c['valid_nelbo_mean_by_value']})", flush=True)
 
-    report_tasks = [("report", job(m, T, s), {**ALWAYS, choices[(m, T)]["knob"]: choices[(m, T)]["value"]})
+    report_tasks = [("report", job(m, T, s), {**always, choices[(m, T)]["knob"]: choices[(m, T)]["value"]})
                     for (m, T) in choices for s in args.report_seeds]
     results = run_all(report_tasks, args, cache, results)
     report = [results[run_key(*t)] for t in report_tasks]

@@ -68,8 +68,8 @@ def test_a_bad_grid_is_refused_before_any_training(tmp_path, grid, message, caps
 
 def test_quick_protocol_chooses_on_valid_and_reports_test_on_other_seeds(tmp_path):
     out, cache = tmp_path / "quick.json", tmp_path / "quick.runs.jsonl"
-    command = [sys.executable, str(ROOT / "benchmarks" / "select_then_test.py"), "--quick", "--out", str(out),
-               "--cache", str(cache)]
+    command = [sys.executable, str(ROOT / "benchmarks" / "select_then_test.py"), "--quick", "--keep-best",
+               "--out", str(out), "--cache", str(cache)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     record = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
@@ -79,8 +79,12 @@ def test_quick_protocol_chooses_on_valid_and_reports_test_on_other_seeds(tmp_pat
     assert {r["split"] for r in record["selection_runs"]} == {"valid"}
     assert {r["seed"] for r in record["report_runs"]} == {10}
     # selection never saw a distribution metric; the report has them
-    assert all(set(r["values"]) <= {"nelbo_bits", "nelbo_stderr", "train_seconds", "collapsed", "diverged"}
-               for r in record["selection_runs"])
+    assert all(set(r["values"]) <= {"nelbo_bits", "nelbo_stderr", "train_seconds", "collapsed", "diverged",
+                                    "best_step"} for r in record["selection_runs"])
+    # --keep-best: 20 evaluations of 150 steps, every run kept one of them (the last step is one too)
+    assert protocol["keep_best"] and protocol["always"]["train.eval_every"] == 7
+    kept = {r["values"]["best_step"] for r in record["selection_runs"] + record["report_runs"]}
+    assert kept and all(step == 150 or (step % 7 == 0 and 0 < step < 150) for step in kept)
     assert all("kl" in r["values"] for r in record["report_runs"])
     for choice in record["choices"]:  # the reported value is the chosen one, and it has the lowest mean
         means = choice["valid_nelbo_mean_by_value"]
