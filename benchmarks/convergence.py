@@ -7,8 +7,9 @@ does not change training). Prints where each curve has flattened (the first step
 smoothed validation NELBO is within `--tolerance` bits of its best) and compares the long run's end
 with the table-budget run of the same seed and recipe (its final validation NELBO, from the
 recipes file) through the mean of the evaluations over the long run's second half (the plateau).
-Evaluations at the same step share their random draws across methods (the generator is seeded by
-the step), so the gap between two methods at one T is also given paired, step by step. A long run is not the short run continued: its reverse-only phase
+Evaluations share their random draws across methods and across steps (`fit` seeds every
+evaluation the same; before commit 58d758e the seed was the step, as in convergence_toy2d.json),
+so the gap between two methods at one T is also given paired, step by step. A long run is not the short run continued: its reverse-only phase
 (`train.forward_freeze_fraction`) is a fraction of *its* length, so read the curve's end, not its
 value at the table's step count.
 
