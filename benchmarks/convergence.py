@@ -9,9 +9,11 @@ with the table-budget run of the same seed and recipe (its final validation NELB
 recipes file) through the mean of the evaluations over the long run's second half (the plateau).
 Evaluations share their random draws across methods and across steps (`fit` seeds every
 evaluation the same; before commit 58d758e the seed was the step, as in convergence_toy2d.json),
-so the gap between two methods at one T is also given paired, step by step. A long run is not the short run continued: its reverse-only phase
-(`train.forward_freeze_fraction`) is a fraction of *its* length, so read the curve's end, not its
-value at the table's step count.
+so the gap between two methods at one T is also given paired, step by step. With shared draws
+the plateau mean no longer averages evaluation noise away: it carries the one 2-pass draw's
+offset, which the 10-pass table-budget number does not. A long run is not the short run
+continued: its reverse-only phase (`train.forward_freeze_fraction`) is a fraction of *its*
+length, so read the curve's end, not its value at the table's step count.
 
     python benchmarks/convergence.py --steps 2 16         # toy2d, 12000 steps: ~23 min on 2 cores
     python benchmarks/convergence.py --report-only        # the summary again, from the results file

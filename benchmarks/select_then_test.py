@@ -14,14 +14,22 @@ reliable. Every run is the project's one training loop (`fldd.train.fit`, in-pro
 
     python benchmarks/select_then_test.py                       # toy2d, T in {2, 4, 8, 16}: ~80 min on 2 cores
     python benchmarks/select_then_test.py --quick               # a 3-minute smoke run under .fldd/
-    python benchmarks/select_then_test.py --grid masked-x0=2.5e-4,5e-4,1e-3   # another grid for one arm
+    python benchmarks/select_then_test.py --grid masked-x0=2.5e-4,5e-4,1e-3 --out docs/results/x.json
+    python benchmarks/select_then_test.py --dataset digits-binary --steps 4 --train-steps 4000 --keep-best \
+        --out docs/results/select_then_test_digits-binary_keepbest.json     # best of ~20 evaluations per run
 
 Each finished run is appended to a JSON-lines cache (`.fldd/select_then_test/<output name>.runs.jsonl`),
 so an interrupted invocation resumes where it stopped; the cache's first line records the protocol
 (data set, optimizer steps, samples, grids) and the commit it started at, and a rerun whose runs
-would train differently is refused; a wider `--grid` reuses the runs it shares. The output JSON holds every selection run, the choice per cell with
-the validation means it was made on, every report run, and the protocol: selection split and
-seeds, report split and seeds, the commit of the code that trained.
+would train differently is refused; a wider `--grid` reuses the runs it shares. The output JSON
+holds every selection run, the choice per cell with the validation means it was made on, every
+report run, and the protocol: selection split and seeds, report split and seeds, the commits of
+the code that trained.
+
+With `--keep-best` each run keeps the weights of its best validation evaluation, and selection
+then scores that run on the same validation rows: the selection NELBO is optimistic, more so for
+an arm whose checkpoints differ more (REINFORCE noise), so compare the arms on the report's test
+numbers, not on the validation means.
 """
 
 from __future__ import annotations
@@ -62,7 +70,7 @@ class ProtocolMismatch(RuntimeError):
 # what changes a run's result; the grids only say which runs selection reads (each run is keyed by
 # its value), so a cache serves a wider grid of the same protocol
 RUN_PROTOCOL = ("dataset", "train_steps", "num_samples", "always", "keep_best")
-EVALUATIONS_FOR_KEEP_BEST = 20  # validation evaluations per run to choose the kept weights from
+EVALUATIONS_FOR_KEEP_BEST = 20  # every steps // 20 steps, plus the last: the candidates of --keep-best
 
 
 def read_cache(cache: Path, protocol: dict) -> tuple[dict, dict[str, dict]]:
@@ -103,12 +111,12 @@ def run_one(phase: str, job: dict, overrides: dict, train_steps: int | None, num
 
 
 def run_all(tasks: list[tuple[str, dict, dict]], args: argparse.Namespace, cache: Path,
-            done: dict[str, dict]) -> dict[str, dict]:
-    """Run (phase, job, overrides) tasks not yet in the cache; return every cached result by key."""
+            done: dict[str, dict], commit: str) -> dict[str, dict]:
+    """Run (phase, job, overrides) tasks not yet in the cache, stamped with `commit`; return every
+    cached result by key."""
     todo = [t for t in tasks if run_key(*t) not in done]
     if not todo:
         return done
-    commit = git_commit()  # the code these runs train with
     print(f"{len(todo)} runs to do ({len(tasks) - len(todo)} cached) on {args.processes} processes", flush=True)
     start = time.perf_counter()
     with ProcessPoolExecutor(args.processes) as pool, cache.open("a") as out:
@@ -119,6 +127,7 @@ def run_all(tasks: list[tuple[str, dict, dict]], args: argparse.Namespace, cache
             values = {r["metric"]: r["value"] for r in future.result()}
             if phase == "select":  # selection sees the validation NELBO only; the exact KL and TV are
                 values = {k: v for k, v in values.items() if k in (SELECTION_METRIC, "nelbo_stderr", "best_step",
+                                                                    "valid_evaluations",
                                                                     "train_seconds", "collapsed", "diverged")}
             entry = {"key": run_key(phase, job, overrides), "phase": phase, **job, "overrides": overrides,
                      "split": "valid" if phase == "select" else "test", "values": values,
@@ -230,28 +239,37 @@ def main(argv: list[str] | None = None) -> None:
                         help="the values of METHOD's knob to search instead of its default grid "
                              f"({'; '.join(f'{m}: {k} {g}' for m, (k, g) in KNOBS.items())}); repeatable")
     parser.add_argument("--keep-best", action="store_true",
-                        help=f"evaluate validation NELBO {EVALUATIONS_FOR_KEEP_BEST} times per run and keep the best "
+                        help=f"evaluate validation NELBO about {EVALUATIONS_FOR_KEEP_BEST} times per run and keep the best "
                              "weights (fit's keep_best, as fldd train keeps its best checkpoint), instead of the last")
     parser.add_argument("--out", type=Path, help="default: docs/results/select_then_test_<dataset>.json")
     parser.add_argument("--cache", type=Path, help="finished runs, to resume from "
                         "(default: .fldd/select_then_test/<name of --out>.runs.jsonl)")
     args = parser.parse_args(argv)
+    commit = git_commit()  # the code this process imported: its workers fork from it and train with it
     knobs = {m: KNOBS[m] for m in args.methods}
+    if args.quick:  # a user's --grid below replaces the shortened default
+        args.steps, args.select_seeds, args.report_seeds = [2], [0], [10]
+        args.train_steps, args.num_samples = args.train_steps or 150, min(args.num_samples, 300)
+        knobs = {m: (knob, grid[1:3]) for m, (knob, grid) in knobs.items()}
+    if args.grid and not args.out:
+        parser.error("--grid needs --out: results of another grid must not overwrite the default table's files")
+    gridded: set[str] = set()
     for item in args.grid:
         method, _, values = item.partition("=")
         if method not in knobs:
             parser.error(f"--grid {item}: {method!r} is not one of the methods run ({', '.join(knobs)})")
+        if method in gridded:
+            parser.error(f"--grid {item}: {method} has a --grid already; give its values in one list")
+        gridded.add(method)
         try:
             grid = sorted({float(v) for v in values.split(",")})
         except ValueError:
             parser.error(f"--grid {item}: values must be numbers separated by commas")
+        if not all(math.isfinite(v) and v > 0 for v in grid):
+            parser.error(f"--grid {item}: learning rates must be finite and positive")
         if len(grid) < 2:
             parser.error(f"--grid {item}: a grid needs at least two values, or there is nothing to choose")
         knobs[method] = (knobs[method][0], grid)
-    if args.quick:
-        args.steps, args.select_seeds, args.report_seeds = [2], [0], [10]
-        args.train_steps, args.num_samples = args.train_steps or 150, min(args.num_samples, 300)
-        knobs = {m: (knob, grid[1:3]) for m, (knob, grid) in knobs.items()}
     if set(args.select_seeds) & set(args.report_seeds):
         parser.error("--select-seeds and --report-seeds must not share a seed: report seeds play no part in choosing")
     out = args.out or (ROOT / (".fldd/select-quick" if args.quick else "docs/results")
@@ -280,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
             config_for(j, args.train_steps, None, o)
     except ConfigError as err:
         parser.error(str(err))
-    results = run_all(selection_tasks, args, cache, done)
+    results = run_all(selection_tasks, args, cache, done, commit)
 
     choices: dict[tuple[str, int], dict] = {}
     for method, (knob, _) in knobs.items():
@@ -293,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
 
     report_tasks = [("report", job(m, T, s), {**always, choices[(m, T)]["knob"]: choices[(m, T)]["value"]})
                     for (m, T) in choices for s in args.report_seeds]
-    results = run_all(report_tasks, args, cache, results)
+    results = run_all(report_tasks, args, cache, results, commit)
     report = [results[run_key(*t)] for t in report_tasks]
     selection = [results[run_key(*t)] for t in selection_tasks]
     command = ("python benchmarks/select_then_test.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
@@ -312,7 +330,8 @@ def main(argv: list[str] | None = None) -> None:
     out.write_text(json.dumps(finite_json(record), indent=1, allow_nan=False))
     table = summary_table(report, choices, args.dataset)
     print(table)
-    out.with_suffix(".md").write_text(f"Command: `{command}` (commit {record['protocol']['git_commit']})\n\n"
+    out.with_suffix(".md").write_text(f"Command: `{command}` (runs trained at commits "
+                                      f"{', '.join(c[:7] for c in commits)})\n\n"
                                       f"Selection: validation NELBO, mean over seeds {args.select_seeds}; "
                                       f"report: test split, seeds {args.report_seeds}.\n\n{table}\n")
     written = [out, out.with_suffix(".md")]

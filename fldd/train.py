@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -178,7 +179,9 @@ def train_loop(model: nn.Module, batches: Iterator[Tensor], optimizer: torch.opt
     return last_metrics
 
 
-IN_TRAINING_EVAL_SEED = 0  # fit()'s evaluations during training share their random numbers
+# every validation estimate that compares checkpoints of one run (fit's evaluations, fldd train's
+# checkpoints) draws the same random numbers: the comparison is between models, not noise draws
+CHECKPOINT_EVAL_SEED = 0
 
 
 @dataclass
@@ -186,9 +189,9 @@ class FitResult:
     model: FLDDModel
     valid_nelbo: NELBOEstimate
     collapse: CollapseReport | None
+    best_step: int  # the step whose weights `model` holds: the last, or the best with keep_best
     history: list[dict] = field(default_factory=list)
     train_seconds: float = 0.0
-    best_step: int = 0  # the step whose weights `model` holds: the last, or the best with keep_best
 
 
 def fit(cfg: FLDDConfig, train_data: Tensor, valid_data: Tensor, *, on_metrics: MetricsCallback | None = None,
@@ -225,13 +228,13 @@ def fit(cfg: FLDDConfig, train_data: Tensor, valid_data: Tensor, *, on_metrics: 
         if on_metrics is not None:
             on_metrics(step, metrics)
 
-    best: dict = {"bits": math.inf, "step": None, "state": None}
+    best: dict[str, Any] = {"bits": math.inf, "step": None, "state": None}  # with keep_best
 
     def evaluate(step: int) -> dict[str, float]:
         # its own generator (drawing from the global RNG would make eval_every change the training),
         # seeded the same at every step: common random numbers across checkpoints
         estimate = evaluate_nelbo(model, valid_data, num_passes=2,
-                                  generator=torch.Generator(device=device).manual_seed(IN_TRAINING_EVAL_SEED))
+                                  generator=torch.Generator(device=device).manual_seed(CHECKPOINT_EVAL_SEED))
         model.train()
         if keep_best and estimate.bits_per_token < best["bits"]:
             state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
@@ -248,11 +251,13 @@ def fit(cfg: FLDDConfig, train_data: Tensor, valid_data: Tensor, *, on_metrics: 
     best_step = cfg.train.steps
     if keep_best:
         record(cfg.train.steps, evaluate(cfg.train.steps))  # the last step is a candidate too
+        if best["state"] is None:
+            raise NonFiniteLossError("keep_best: every validation evaluation was non-finite")
         best_step = best["step"]
         model.load_state_dict(best["state"])
     model.eval()
     nelbo = evaluate_nelbo(model, valid_data, num_passes=eval_passes,
                            generator=torch.Generator(device=device).manual_seed(cfg.train.seed))
     collapse = model.check_collapse(probe.to(device)) if cfg.learns_forward else None
-    return FitResult(model, nelbo, collapse, history, train_seconds, best_step)
+    return FitResult(model, nelbo, collapse, best_step, history, train_seconds)
 

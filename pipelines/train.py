@@ -37,7 +37,7 @@ from fldd.data import (DataDescription, DataError, TableFiles, arrow_tokens, che
                        read_split, resolve_data_shape, token_table)
 from fldd.model import CheckpointError, FLDDModel, config_differences
 from fldd.objective import evaluate_nelbo
-from fldd.train import NonFiniteLossError, TrainSchedule, build_optimizer, train_loop
+from fldd.train import CHECKPOINT_EVAL_SEED, NonFiniteLossError, TrainSchedule, build_optimizer, train_loop
 from pipelines import reports
 from pipelines.cluster import prepare_connection
 from pipelines.tracking import (DATASET_TAG, PARAMETERIZATION_TAG, Tracker, dataset_name, download_model_file,
@@ -49,7 +49,6 @@ STATE_FILE = "state.pt"  # full training state inside each Ray checkpoint
 MODEL_FILE = "model.pt"  # the inference model (FLDDModel.save format)
 RUN_CONFIG_FILE = "fldd_config.yaml"  # written beside the Ray run, checked on resume
 SCORE = "valid_nelbo_bits"
-CHECKPOINT_EVAL_SEED = 0
 VALID_ROWS_PER_CHECKPOINT = 2000  # validation NELBO at checkpoints: rows x 2 passes (final: all rows x 10)
 SHUFFLE_BUFFER_ROWS = 16384  # a worker's local shuffle buffer, at least (rows; 16384 x 64 int64 = 8 MB)
 READ_TASK_CPUS = 0  # Ray Data read tasks and file checks: Train workers may hold every CPU (no deadlock)

@@ -54,16 +54,31 @@ def test_the_cache_refuses_runs_of_another_protocol_and_skips_a_line_cut_short(t
     # a wider grid trains its shared values the same way: the cache serves it
     wider = {**protocol, "grids": {"masked-x0": {"knob": "train.lr", "values": [5e-4, 1e-3, 2e-3]}}}
     assert list(read_cache(cache, wider)[1]) == [key]
+    # keep_best trains differently: refused either way, while a header without it matches when off
+    with pytest.raises(ProtocolMismatch, match="keep_best"):
+        read_cache(cache, {**protocol, "keep_best": True})
+    kept = tmp_path / "kept.runs.jsonl"
+    read_cache(kept, {**protocol, "keep_best": True})
+    with pytest.raises(ProtocolMismatch, match="keep_best"):
+        read_cache(kept, protocol)
 
 
-@pytest.mark.parametrize("grid, message", [("masked-x0=1e-3", "at least two values"),
-                                           ("masked-x0=1e-3,fast", "numbers"),
-                                           ("fldd=1e-3,2e-3", "not one of the methods")])
+@pytest.mark.parametrize("grid, message", [(["masked-x0=1e-3"], "at least two values"),
+                                           (["masked-x0=1e-3,fast"], "numbers"),
+                                           (["masked-x0=1e-3,inf"], "finite and positive"),
+                                           (["fldd=1e-3,2e-3"], "not one of the methods"),
+                                           (["masked-x0=1e-3,2e-3", "masked-x0=4e-3,8e-3"], "has a --grid already")])
 def test_a_bad_grid_is_refused_before_any_training(tmp_path, grid, message, capsys):
     with pytest.raises(SystemExit):
-        main(["--quick", "--grid", grid, "--out", str(tmp_path / "q.json")])
+        main(["--quick", *(f"--grid={g}" for g in grid), "--out", str(tmp_path / "q.json")])
     assert message in capsys.readouterr().err
     assert not (tmp_path / "q.json").exists()
+
+
+def test_another_grid_needs_its_own_output(capsys):
+    with pytest.raises(SystemExit):
+        main(["--quick", "--grid", "masked-x0=1e-3,2e-3"])
+    assert "--grid needs --out" in capsys.readouterr().err
 
 
 def test_quick_protocol_chooses_on_valid_and_reports_test_on_other_seeds(tmp_path):
@@ -81,10 +96,12 @@ def test_quick_protocol_chooses_on_valid_and_reports_test_on_other_seeds(tmp_pat
     # selection never saw a distribution metric; the report has them
     assert all(set(r["values"]) <= {"nelbo_bits", "nelbo_stderr", "train_seconds", "collapsed", "diverged",
                                     "best_step"} for r in record["selection_runs"])
-    # --keep-best: 20 evaluations of 150 steps, every run kept one of them (the last step is one too)
+    # --keep-best: every 7th of the 150 steps and the last, 22 evaluations in every run, and the
+    # weights kept are one of them
+    runs = record["selection_runs"] + record["report_runs"]
     assert protocol["keep_best"] and protocol["always"]["train.eval_every"] == 7
-    kept = {r["values"]["best_step"] for r in record["selection_runs"] + record["report_runs"]}
-    assert kept and all(step == 150 or (step % 7 == 0 and 0 < step < 150) for step in kept)
+    assert [r["values"]["valid_evaluations"] for r in runs] == [22] * len(runs)
+    assert all(r["values"]["best_step"] == 150 or r["values"]["best_step"] % 7 == 0 for r in runs)
     assert all("kl" in r["values"] for r in record["report_runs"])
     for choice in record["choices"]:  # the reported value is the chosen one, and it has the lowest mean
         means = choice["valid_nelbo_mean_by_value"]
