@@ -95,7 +95,7 @@ def test_quick_protocol_chooses_on_valid_and_reports_test_on_other_seeds(tmp_pat
     assert {r["seed"] for r in record["report_runs"]} == {10}
     # selection never saw a distribution metric; the report has them
     assert all(set(r["values"]) <= {"nelbo_bits", "nelbo_stderr", "train_seconds", "collapsed", "diverged",
-                                    "best_step"} for r in record["selection_runs"])
+                                    "best_step", "valid_evaluations"} for r in record["selection_runs"])
     # --keep-best: every 7th of the 150 steps and the last, 22 evaluations in every run, and the
     # weights kept are one of them
     runs = record["selection_runs"] + record["report_runs"]
