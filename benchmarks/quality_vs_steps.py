@@ -92,8 +92,8 @@ def run_job(job: dict, train_steps: int | None, num_samples: int, plot_dir: str 
     result = fit(cfg, train, valid, eval_passes=1, keep_best=keep_best)
     model = result.model.eval()
     values = {"train_seconds": result.train_seconds, "seconds_per_step": result.train_seconds / cfg.train.steps,
-              "best_step": result.best_step,  # with keep_best: chosen among this many validation evaluations
-              "valid_evaluations": sum("valid_nelbo_bits" in h for h in result.history)}
+              "best_step": result.best_step,  # the step whose weights are scored: the last, or keep_best's choice
+              "valid_evaluations": sum("valid_nelbo_bits" in h for h in result.history)}  # keep_best's candidates
     nelbo = evaluate_nelbo(model, held_out, num_passes=10, generator=torch.Generator().manual_seed(job["seed"]))
     values.update(nelbo_bits=nelbo.bits_per_token, nelbo_stderr=nelbo.stderr_bits_per_token)
     if result.collapse is not None:

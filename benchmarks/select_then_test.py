@@ -243,8 +243,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="the values of METHOD's knob to search instead of its default grid "
                              f"({'; '.join(f'{m}: {k} {g}' for m, (k, g) in KNOBS.items())}); repeatable")
     parser.add_argument("--keep-best", action="store_true",
-                        help=f"evaluate validation NELBO about {EVALUATIONS_FOR_KEEP_BEST} times per run and keep the best "
-                             "weights (fit's keep_best, as fldd train keeps its best checkpoint), instead of the last")
+                        help=f"evaluate validation NELBO about {EVALUATIONS_FOR_KEEP_BEST} times per run and keep "
+                             "the best weights (fit's keep_best, as fldd train keeps its best checkpoint), not the last")
     parser.add_argument("--out", type=Path, help="default: docs/results/select_then_test_<dataset>.json")
     parser.add_argument("--cache", type=Path, help="finished runs, to resume from "
                         "(default: .fldd/select_then_test/<name of --out>.runs.jsonl)")
@@ -334,8 +334,8 @@ def main(argv: list[str] | None = None) -> None:
     out.write_text(json.dumps(finite_json(record), indent=1, allow_nan=False))
     table = summary_table(report, choices, args.dataset)
     print(table)
-    out.with_suffix(".md").write_text(f"Command: `{command}` (runs trained at commits "
-                                      f"{', '.join(c[:7] + ('-dirty' if c.endswith('-dirty') else '') for c in commits)})\n\n"
+    short = [c[:7] + ("-dirty" if c.endswith("-dirty") else "") for c in commits]
+    out.with_suffix(".md").write_text(f"Command: `{command}` (runs trained at commits {', '.join(short)})\n\n"
                                       f"Selection: validation NELBO, mean over seeds {args.select_seeds}; "
                                       f"report: test split, seeds {args.report_seeds}.\n\n{table}\n")
     written = [out, out.with_suffix(".md")]
