@@ -227,7 +227,8 @@ def job_of(args: argparse.Namespace, knobs: dict) -> dict:
     return {"dataset": args.dataset, "method": next(iter(knobs)), "steps": args.steps[0], "seed": args.select_seeds[0]}
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace, dict]:
+    """The options, and the grid each method searches: `{method: (knob, values)}`, `--quick` and `--grid` applied."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="toy2d", choices=["toy2d", "digits-binary", "text"])
     parser.add_argument("--steps", type=int, nargs="+", default=[2, 4, 8, 16], help="sampling steps T")
@@ -249,7 +250,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache", type=Path, help="finished runs, to resume from "
                         "(default: .fldd/select_then_test/<name of --out>.runs.jsonl)")
     args = parser.parse_args(argv)
-    commit = git_commit()  # the code this process imported: its workers fork from it and train with it
     knobs = {m: KNOBS[m] for m in args.methods}
     if args.quick:  # a user's --grid below replaces the shortened default
         args.steps, args.select_seeds, args.report_seeds = [2], [0], [10]
@@ -276,6 +276,12 @@ def main(argv: list[str] | None = None) -> None:
         knobs[method] = (knobs[method][0], grid)
     if set(args.select_seeds) & set(args.report_seeds):
         parser.error("--select-seeds and --report-seeds must not share a seed: report seeds play no part in choosing")
+    return parser, args, knobs
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser, args, knobs = parse_args(argv)
+    commit = git_commit()  # the code this process imported: its workers fork from it and train with it
     out = args.out or (ROOT / (".fldd/select-quick" if args.quick else "docs/results")
                        / f"select_then_test_{args.dataset}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

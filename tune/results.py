@@ -50,6 +50,22 @@ class SweepOutcome:
 SEED_KEY = "train.seed"
 
 
+def config_groups(rows: list[TrialRow]) -> dict[tuple[int, str], list[TrialRow]]:
+    """Trials by (budget, config): trials whose values differ only in `train.seed` are one config."""
+    groups: dict[tuple[int, str], list[TrialRow]] = {}
+    for row in rows:
+        config = {k: v for k, v in row.values.items() if k != SEED_KEY}
+        groups.setdefault((row.budget, json.dumps(config, sort_keys=True, default=str)), []).append(row)
+    return groups
+
+
+def config_mean(group: list[TrialRow]) -> float:
+    """The mean final validation NELBO of a config's trials; NaN unless every one of them finished."""
+    if any(r.status != "finished" or not math.isfinite(r.valid_nelbo_bits) for r in group):
+        return math.nan
+    return sum(r.valid_nelbo_bits for r in group) / len(group)
+
+
 def best_per_budget(rows: list[TrialRow]) -> dict[int, TrialRow]:
     """Per budget, the config with the lowest final validation NELBO.
 
@@ -58,15 +74,11 @@ def best_per_budget(rows: list[TrialRow]) -> dict[int, TrialRow]:
     seed does not choose a recipe. The row returned is that config's best seed (the run a
     promotion registers), carrying the mean it was chosen by. A space without `train.seed` has
     one trial per config, so this is the best finished trial."""
-    groups: dict[tuple[int, str], list[TrialRow]] = {}
-    for row in rows:
-        config = {k: v for k, v in row.values.items() if k != SEED_KEY}
-        groups.setdefault((row.budget, json.dumps(config, sort_keys=True, default=str)), []).append(row)
     best: dict[int, TrialRow] = {}
-    for (budget, _), group in groups.items():
-        if any(r.status != "finished" or not math.isfinite(r.valid_nelbo_bits) for r in group):
+    for (budget, _), group in config_groups(rows).items():
+        mean = config_mean(group)
+        if math.isnan(mean):
             continue
-        mean = sum(r.valid_nelbo_bits for r in group) / len(group)
         if budget in best and best[budget].config_mean_valid_nelbo <= mean:
             continue
         best[budget] = dataclasses.replace(min(group, key=lambda r: r.valid_nelbo_bits), config_mean_valid_nelbo=mean,
@@ -75,16 +87,23 @@ def best_per_budget(rows: list[TrialRow]) -> dict[int, TrialRow]:
 
 
 CSV_FIELDS = ("budget", "trial_id", "status", "parameterization", "valid_nelbo_bits", "valid_nelbo_stderr",
-              "steps_trained", "train_seconds", "trial_seconds", "run_id", "values", "error")
+              "config_mean_valid_nelbo", "config_trials", "steps_trained", "train_seconds", "trial_seconds", "run_id",
+              "values", "error")
 
 
 def write_csv(rows: list[TrialRow], path: Path) -> Path:
+    """One line per trial. `config_mean_valid_nelbo` is the number selection ranks the trial's config by
+    (its mean over the config's seeds; empty if one of them did not finish), on every row of the config."""
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
         writer.writeheader()
+        config_of = {id(row): group for group in config_groups(rows).values() for row in group}
         for row in sorted(rows, key=lambda r: (r.budget, r.trial_id)):
+            group = config_of[id(row)]
+            mean = config_mean(group)
             record = {k: getattr(row, k) for k in CSV_FIELDS}
-            record["values"] = json.dumps(row.values, sort_keys=True, default=str)
+            record.update(values=json.dumps(row.values, sort_keys=True, default=str),
+                          config_mean_valid_nelbo="" if math.isnan(mean) else mean, config_trials=len(group))
             writer.writerow(record)
     return path
 

@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from select_then_test import ProtocolMismatch, choose, main, read_cache, run_key  # noqa: E402
+from select_then_test import ProtocolMismatch, choose, main, parse_args, read_cache, run_key  # noqa: E402
 
 
 def run(value: float, seed: int, nelbo: float) -> dict:
@@ -79,6 +79,13 @@ def test_another_grid_needs_its_own_output(capsys):
     with pytest.raises(SystemExit):
         main(["--quick", "--grid", "masked-x0=1e-3,2e-3"])
     assert "--grid needs --out" in capsys.readouterr().err
+
+
+def test_quick_shortens_the_default_grids_but_keeps_a_users_grid_whole():
+    _, args, knobs = parse_args(["--quick", "--grid", "masked-x0=1e-4,2e-4,3e-4", "--out", "x.json"])
+    assert knobs["masked-x0"] == ("train.lr", [1e-4, 2e-4, 3e-4])
+    assert knobs["fldd-mask-carry"] == ("train.forward_lr", [1e-4, 3e-4])  # the default's middle two
+    assert (args.steps, args.select_seeds, args.report_seeds, args.train_steps) == ([2], [0], [10], 150)
 
 
 def test_quick_protocol_chooses_on_valid_and_reports_test_on_other_seeds(tmp_path):

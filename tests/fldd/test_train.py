@@ -237,3 +237,24 @@ def test_keep_best_needs_evaluations_to_choose_from():
     train, valid = load_splits(cfg)
     with pytest.raises(ConfigError, match="keep_best needs train.eval_every > 0"):
         fit(cfg, train, valid, keep_best=True)
+
+
+def test_keep_best_refuses_to_choose_when_every_evaluation_is_non_finite(monkeypatch):
+    """NaN compares false with everything: without the guard no state is kept and fit would return
+    the last weights while claiming they are the best."""
+    import dataclasses
+
+    import fldd.train
+    from fldd.train import NonFiniteLossError
+
+    real = fldd.train.evaluate_nelbo
+
+    def nan_estimate(*args, **kwargs):  # a model whose held-out NELBO went non-finite at every evaluation
+        return dataclasses.replace(real(*args, **kwargs), bits_per_token=math.nan)
+
+    monkeypatch.setattr(fldd.train, "evaluate_nelbo", nan_estimate)
+    cfg = mixture8_config(**{"train.steps": 4, "train.eval_every": 2})
+    train, valid = load_splits(cfg)
+    with pytest.raises(NonFiniteLossError, match="every validation evaluation was non-finite"):
+        fit(cfg, train, valid, eval_passes=1, keep_best=True)
+    fit(cfg, train, valid, eval_passes=1, keep_best=False)  # without keep_best nothing is chosen: no error

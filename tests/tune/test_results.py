@@ -40,3 +40,20 @@ def test_without_seeds_in_the_space_the_best_finished_trial_wins_per_budget():
     assert (best[2].trial_id, best[4].trial_id) == ("a", "e")
     assert best[2].config_trials == 1
     assert "(mean of" not in format_table(SweepOutcome("s", "parent", rows, best))
+
+
+def test_trials_csv_gives_every_row_its_configs_mean(tmp_path):
+    import csv
+
+    from tune.results import write_csv
+
+    rows = [row("a0", 4.50, lr=1e-3, seed=0), row("a1", 4.90, lr=1e-3, seed=1),
+            row("b0", 4.60, lr=1e-4, seed=0), row("b1", 4.62, lr=1e-4, seed=1, status="stopped")]
+    with write_csv(rows, tmp_path / "trials.csv").open() as handle:
+        written = {r["trial_id"]: r for r in csv.DictReader(handle)}
+    # both seeds of lr=1e-3 carry the mean selection ranked them by, not their own number
+    assert math.isclose(float(written["a0"]["config_mean_valid_nelbo"]), 4.70)
+    assert written["a1"]["config_mean_valid_nelbo"] == written["a0"]["config_mean_valid_nelbo"]
+    assert written["a0"]["config_trials"] == "2"
+    # a config with a stopped seed has no mean: it could not be chosen
+    assert written["b0"]["config_mean_valid_nelbo"] == "" and written["b1"]["config_mean_valid_nelbo"] == ""
