@@ -227,7 +227,8 @@ def job_of(args: argparse.Namespace, knobs: dict) -> dict:
     return {"dataset": args.dataset, "method": next(iter(knobs)), "steps": args.steps[0], "seed": args.select_seeds[0]}
 
 
-def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace, dict]:
+def parse_args(argv: list[str] | None = None
+               ) -> tuple[argparse.ArgumentParser, argparse.Namespace, dict[str, tuple[str, list[float]]]]:
     """The options, and the grid each method searches: `{method: (knob, values)}`, `--quick` and `--grid` applied."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="toy2d", choices=["toy2d", "digits-binary", "text"])

@@ -33,7 +33,7 @@ class TrialRow:
     train_seconds: float = math.nan  # the training launch's fit() time, from the MLflow run
     trial_seconds: float = math.nan  # Tune's time_total_s: the whole trial, start-up included
     error: str = ""
-    # set on a budget's best row when its config ran under several seeds (`train.seed` in the space)
+    # of the trial's config (trials differing only in `train.seed`); best_per_budget sets them on its rows
     config_mean_valid_nelbo: float = math.nan  # the mean over the config's trials: what selection ranked
     config_trials: int = 1  # trials of the config (one per seed; more when samples > 1 repeats a grid point)
 
@@ -87,23 +87,22 @@ def best_per_budget(rows: list[TrialRow]) -> dict[int, TrialRow]:
 
 
 CSV_FIELDS = ("budget", "trial_id", "status", "parameterization", "valid_nelbo_bits", "valid_nelbo_stderr",
-              "config_mean_valid_nelbo", "config_trials", "steps_trained", "train_seconds", "trial_seconds", "run_id",
-              "values", "error")
+              "steps_trained", "train_seconds", "trial_seconds", "run_id", "values", "error",
+              "config_mean_valid_nelbo", "config_trials")  # last: files written before them keep their columns
 
 
 def write_csv(rows: list[TrialRow], path: Path) -> Path:
-    """One line per trial. `config_mean_valid_nelbo` is the number selection ranks the trial's config by
-    (its mean over the config's seeds; empty if one of them did not finish), on every row of the config."""
+    """One line per trial. Every row carries its config's `config_mean_valid_nelbo`, the number
+    best_per_budget ranks the config by (nan if one of its trials did not finish), and `config_trials`."""
+    per_config = {id(row): (config_mean(group), len(group)) for group in config_groups(rows).values() for row in group}
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
         writer.writeheader()
-        config_of = {id(row): group for group in config_groups(rows).values() for row in group}
         for row in sorted(rows, key=lambda r: (r.budget, r.trial_id)):
-            group = config_of[id(row)]
-            mean = config_mean(group)
-            record = {k: getattr(row, k) for k in CSV_FIELDS}
+            mean, trials = per_config[id(row)]
+            record = {k: getattr(row, k) for k in CSV_FIELDS[:-2]}
             record.update(values=json.dumps(row.values, sort_keys=True, default=str),
-                          config_mean_valid_nelbo="" if math.isnan(mean) else mean, config_trials=len(group))
+                          config_mean_valid_nelbo=mean, config_trials=trials)
             writer.writerow(record)
     return path
 

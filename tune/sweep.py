@@ -103,9 +103,9 @@ class SweepProgress(tune.Callback):
                 counts["stopped" if stopped else "done"] += 1
         steps = sum(self.steps if trial.status in ("TERMINATED", "ERROR")
                     else min(self.steps, int((trial.last_result or {}).get("step", 0))) for trial in trials)
-        # one trial's best checkpoint so far; the final choice ranks configs by the mean over their
-        # seeds of a full validation pass, so it can differ from this number (the end table says which)
-        best = f", best trial's checkpoint valid {self._best:.4f}" if math.isfinite(self._best) else ""
+        # one trial's best checkpoint so far; the final choice ranks configs by their final validation
+        # NELBO (all rows x 10 passes), averaged over a config's trials, so it can differ from this
+        best = f", best checkpoint (any trial) {self._best:.4f}" if math.isfinite(self._best) else ""
         self._bar.set_postfix_str(", ".join(f"{v} {k}" for k, v in counts.items() if v) + best, refresh=False)
         self._bar.update(max(0, steps - self._bar.n))  # redraws at most every mininterval
 

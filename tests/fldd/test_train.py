@@ -240,8 +240,8 @@ def test_keep_best_needs_evaluations_to_choose_from():
 
 
 def test_keep_best_refuses_to_choose_when_every_evaluation_is_non_finite(monkeypatch):
-    """NaN compares false with everything: without the guard no state is kept and fit would return
-    the last weights while claiming they are the best."""
+    """NaN compares false with everything, so no weights are ever kept: fit must say why, not fail
+    later loading nothing (or hand back weights no evaluation chose)."""
     import dataclasses
 
     import fldd.train

@@ -48,12 +48,18 @@ def test_trials_csv_gives_every_row_its_configs_mean(tmp_path):
     from tune.results import write_csv
 
     rows = [row("a0", 4.50, lr=1e-3, seed=0), row("a1", 4.90, lr=1e-3, seed=1),
-            row("b0", 4.60, lr=1e-4, seed=0), row("b1", 4.62, lr=1e-4, seed=1, status="stopped")]
+            row("b0", 4.60, lr=1e-4, seed=0), row("b1", 4.62, lr=1e-4, seed=1, status="stopped"),
+            row("c0", 4.80, lr=1e-3, seed=0, budget=4), row("d", 4.75, lr=3e-4, budget=4)]
     with write_csv(rows, tmp_path / "trials.csv").open() as handle:
         written = {r["trial_id"]: r for r in csv.DictReader(handle)}
     # both seeds of lr=1e-3 carry the mean selection ranked them by, not their own number
     assert math.isclose(float(written["a0"]["config_mean_valid_nelbo"]), 4.70)
     assert written["a1"]["config_mean_valid_nelbo"] == written["a0"]["config_mean_valid_nelbo"]
     assert written["a0"]["config_trials"] == "2"
+    assert float(written["a0"]["config_mean_valid_nelbo"]) == best_per_budget(rows)[2].config_mean_valid_nelbo
     # a config with a stopped seed has no mean: it could not be chosen
-    assert written["b0"]["config_mean_valid_nelbo"] == "" and written["b1"]["config_mean_valid_nelbo"] == ""
+    assert math.isnan(float(written["b0"]["config_mean_valid_nelbo"]))
+    assert math.isnan(float(written["b1"]["config_mean_valid_nelbo"]))
+    # the same values at another budget are another config; a config of one trial is its own mean
+    assert (float(written["c0"]["config_mean_valid_nelbo"]), written["c0"]["config_trials"]) == (4.80, "1")
+    assert float(written["d"]["config_mean_valid_nelbo"]) == 4.75
