@@ -20,6 +20,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
+import yaml
 
 from fldd.config import FLDDConfig
 from fldd.data import load_splits
@@ -40,14 +41,14 @@ RECIPES = {
     "fixed masked forward (baseline)": {"process.method": "masked"},
 }
 SHORT_NAMES = dict(zip(("pilot", "x30", "warm-exact", "warm-default", "masked"), RECIPES))
-CURVE_KEYS = ("information_retained_max", "nelbo", "valid_nelbo_bits")
+CURVE_KEYS = ("information_retained_max", "forward_entropy_min", "nelbo", "valid_nelbo_bits")
 
 
-def run_one(job: tuple[str, int, int]) -> dict:
-    name, seed, steps = job
+def run_one(job: tuple[str, int, int, dict]) -> dict:
+    name, seed, steps, extra = job
     torch.set_num_threads(1)
     cfg = FLDDConfig.from_yaml(ROOT / "configs" / "toy2d.yaml").with_overrides(
-        {**RECIPES[name], "train.steps": steps, "train.seed": seed, "train.log_every": max(steps // 100, 1),
+        {**RECIPES[name], **extra, "train.steps": steps, "train.seed": seed, "train.log_every": max(steps // 100, 1),
          "train.eval_every": max(steps // 20, 1)})
     train, valid = load_splits(cfg)
     result = fit(cfg, train, valid)
@@ -58,6 +59,11 @@ def run_one(job: tuple[str, int, int]) -> dict:
             "train_seconds": result.train_seconds, "curve": curve}
 
 
+def _split(item: str) -> tuple[str, object]:
+    key, _, value = item.partition("=")
+    return key, yaml.safe_load(value)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=3000)
@@ -65,9 +71,12 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--recipes", nargs="+", choices=list(SHORT_NAMES), default=list(SHORT_NAMES))
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override applied to every recipe (an ablation), e.g. train.grad_clip_mode=per-network")
     args = parser.parse_args()
     chosen = [SHORT_NAMES[short] for short in args.recipes]
-    jobs = [(name, seed, args.steps) for name in chosen for seed in args.seeds]
+    extra = dict(_split(item) for item in args.set)
+    jobs = [(name, seed, args.steps, extra) for name in chosen for seed in args.seeds]
     records = []
     with ProcessPoolExecutor(args.processes) as pool:
         for i, record in enumerate(pool.map(run_one, jobs), 1):
@@ -84,7 +93,7 @@ def main() -> None:
               f"{sum(r['collapsed'] for r in rows)}/{len(rows)} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     command = (f"python benchmarks/recipe_study.py --steps {args.steps} --seeds {' '.join(map(str, args.seeds))} "
-               f"--recipes {' '.join(args.recipes)} --out {args.out}")
+               f"--recipes {' '.join(args.recipes)} --out {args.out}" + "".join(f" --set {item}" for item in args.set))
     args.out.write_text(json.dumps({"command": command, "records": records}, indent=2) + "\n")
     print(f"\nwrote {args.out}")
 

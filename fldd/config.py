@@ -21,6 +21,7 @@ WARM_STARTS = ("none", "masked", "uniform")
 SCHEDULES = ("linear", "cosine")
 ARCHITECTURES = ("transformer", "mlp")
 ESTIMATORS = ("loo", "ema")
+CLIP_MODES = ("joint", "per-network")
 # The named methods the benchmarks compare and `fldd train --method` offers: a forward process and
 # the reverse parameterization that goes with it. Every preset sets both keys, so applying one never
 # keeps the other half from the config it is applied to.
@@ -84,7 +85,14 @@ class TrainConfig:
     # start and collapsed on 1 of 3 seeds (docs/training_recipe.md). 0: forward_lr at every T.
     forward_lr_ref_steps: int = 4
     weight_decay: float = 0.0
-    grad_clip: float = 1.0  # max gradient norm, per network (reverse and forward clipped separately)
+    grad_clip: float = 1.0  # max gradient norm
+    # per-network: each network (reverse, forward) clipped on its own, so a spike in the forward's
+    # noisy score-function gradient does not shrink the reverse update. joint: one norm over both
+    # (the reference script's habit). Measured on toy2d from random init, neither is reliably better
+    # (docs/training_recipe.md).
+    grad_clip_mode: str = "joint"
+    # linear learning-rate decay to 0 over the last fraction of the steps (both networks); 0: constant
+    lr_decay_fraction: float = 0.2
     estimator: str = "loo"  # REINFORCE baseline: loo (leave-one-out over M z_t) | ema (per t)
     num_zt_samples: int = 2  # M: z_t samples per (x, t) for loo; batch_size/M distinct x per step
     ema_decay: float = 0.99
@@ -210,6 +218,8 @@ class FLDDConfig:
         require(tr.forward_lr >= 0, "train.forward_lr", tr.forward_lr, "must be >= 0")
         require(tr.forward_lr_ref_steps >= 0, "train.forward_lr_ref_steps", tr.forward_lr_ref_steps, "must be >= 0")
         require(tr.grad_clip > 0, "train.grad_clip", tr.grad_clip, "must be > 0")
+        require(tr.grad_clip_mode in CLIP_MODES, "train.grad_clip_mode", tr.grad_clip_mode, f"must be one of {CLIP_MODES}")
+        require(0.0 <= tr.lr_decay_fraction <= 1.0, "train.lr_decay_fraction", tr.lr_decay_fraction, "must be in [0, 1]")
         require(tr.estimator in ESTIMATORS, "train.estimator", tr.estimator, f"must be one of {ESTIMATORS}")
         require(tr.num_zt_samples >= 1, "train.num_zt_samples", tr.num_zt_samples, "must be >= 1")
         if tr.estimator == "loo":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,7 +21,8 @@ from fldd.tokens import check_tokens
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "fldd-model/1"
+# 2: time enters the networks through per-step tables (issue 23); format 1 weights do not fit
+CHECKPOINT_FORMAT = "fldd-model/2"
 # config sections that define the parameters; train/data settings may differ between runs
 MODEL_DEFINING_KEYS = ("seq_len", "vocab_size", "process", "reverse_network", "forward_network")
 
@@ -36,17 +37,31 @@ class ForwardCollapseWarning(UserWarning):
 
 @dataclass
 class CollapseReport:
-    """Information z_t carries about x, per step, and whether the forward process collapsed."""
+    """What z_t carries about x, per step, and the two ways a learned forward dies.
+
+    collapsed: every interior step is *uninformative* (z_t independent of x); the T-step model
+    samples like a 1-step model. saturated: some interior step is *deterministic* (u(x,t) one-hot
+    for every x); its softmax is dead, the forward's gradient there is exactly zero (every sample
+    of z_t is the same, and a saturated softmax passes no pathwise gradient), so that step can never
+    change again, informative or not.
+    """
 
     information_bits: list[float]  # t = 0..T: mean over positions of I(x; z_t^i), in bits
     retained_fraction: list[float]  # information_bits[t] / information_bits[0]
     collapsed: bool
     threshold: float
+    entropy_bits: list[float] = field(default_factory=list)  # t = 0..T: mean over x and positions of H[u^i(x,t)]
+    saturated: bool = False
+    saturation_threshold: float = 0.01  # bits
 
     def __str__(self) -> str:
         steps = ", ".join(f"t={t}: {f:.3f}" for t, f in enumerate(self.retained_fraction))
         state = "COLLAPSED" if self.collapsed else "ok"
-        return f"forward process {state}; information retained per step ({steps})"
+        text = f"forward process {state}; information retained per step ({steps})"
+        if self.entropy_bits:
+            entropy = ", ".join(f"t={t}: {h:.3f}" for t, h in enumerate(self.entropy_bits))
+            text += f"; entropy of u(x,t) in bits ({entropy})" + ("; SATURATED" if self.saturated else "")
+        return text
 
 
 class FLDDModel(nn.Module):
@@ -168,9 +183,16 @@ class FLDDModel(nn.Module):
         I = H(mean_x u^i(x,t)) - mean_x H(u^i(x,t)): exact for the batch's empirical distribution,
         no sampling. It is 0 exactly when u(x,t) does not depend on x.
         """
+        return self.forward_statistics(x)[0]
+
+    @torch.no_grad()
+    def forward_statistics(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(information, entropy), each (T+1,) in bits, averaged over positions: I(x; z_t^i) as in
+        `information_per_step`, and mean_x H[u^i(x,t)], which is 0 exactly when u(x,t) is one-hot."""
         check_tokens(x, self.config.vocab_size, self.config.seq_len)
         D, S = self.config.seq_len, self.num_states
         bits = torch.zeros(self.num_steps + 1)
+        entropy = torch.zeros(self.num_steps + 1)
         for t_value in range(self.num_steps + 1):  # per step and in chunks: memory ~ chunk x D x S
             mean_u = torch.zeros(D, S, dtype=torch.float64, device=x.device)
             mean_entropy = torch.zeros(D, dtype=torch.float64, device=x.device)
@@ -180,26 +202,40 @@ class FLDDModel(nn.Module):
                 mean_u += u.sum(dim=0) / x.shape[0]
                 mean_entropy += _entropy(u).sum(dim=0) / x.shape[0]
             bits[t_value] = ((_entropy(mean_u) - mean_entropy).mean() / math.log(2.0)).clamp_min(0.0)
-        return bits
+            entropy[t_value] = mean_entropy.mean() / math.log(2.0)
+        return bits, entropy
 
     @torch.no_grad()
-    def check_collapse(self, x: Tensor, threshold: float = 0.01) -> CollapseReport:
+    def check_collapse(self, x: Tensor, threshold: float = 0.01, saturation_threshold: float = 0.01) -> CollapseReport:
         """Flag the model when every interior step 0 < t < T keeps < `threshold` of the information
-        z_0 carries about x. A collapsed model samples like a T=1 model while its bound looks tight.
+        z_0 carries about x (collapsed: a T-step model that samples like a 1-step model while its
+        bound looks tight), and report when some interior step's u(x,t) has a mean entropy below
+        `saturation_threshold` bits (saturated: a dead softmax, whose gradient is exactly zero).
         """
-        bits = self.information_per_step(x)
+        bits, entropy = self.forward_statistics(x)
         retained = bits / bits[0].clamp_min(1e-12)
         interior = retained[1:self.num_steps]
         collapsed = bool(interior.numel() > 0 and interior.max().item() < threshold)
+        interior_entropy = entropy[1:self.num_steps]
+        saturated = bool(self.forward_process.learned and interior_entropy.numel() > 0
+                         and interior_entropy.min().item() < saturation_threshold)
         self.information_bits.copy_(bits)
         self.collapsed.fill_(collapsed)
-        report = CollapseReport(bits.tolist(), retained.tolist(), collapsed, threshold)
+        report = CollapseReport(bits.tolist(), retained.tolist(), collapsed, threshold, entropy.tolist(), saturated,
+                                saturation_threshold)
         if collapsed:
             message = (f"FORWARD COLLAPSE: no step 0<t<{self.num_steps} carries information about x "
                        f"(max retained fraction {interior.max().item():.4f} < {threshold}); this "
                        f"{self.num_steps}-step model samples like a 1-step model. {report}")
             log.warning(message)
             warnings.warn(message, ForwardCollapseWarning, stacklevel=3)  # past no_grad's wrapper
+        if saturated:
+            step = 1 + int(interior_entropy.argmin())
+            message = (f"FORWARD SATURATED: u(x,{step}) is one-hot for every x (mean entropy "
+                       f"{interior_entropy.min().item():.2e} bits < {saturation_threshold}); its softmax is dead, "
+                       f"the forward's gradient there is zero and that step can no longer learn. {report}")
+            log.warning(message)
+            warnings.warn(message, ForwardCollapseWarning, stacklevel=3)
         return report
 
     # ---- persistence ---------------------------------------------------------------------
@@ -221,6 +257,9 @@ class FLDDModel(nn.Module):
             payload = torch.load(path, map_location=map_location, weights_only=True)
         except Exception as error:  # torch raises several types for corrupt or foreign files
             raise CheckpointError(f"checkpoint {str(path)!r} could not be read: {error}") from error
+        if isinstance(payload, dict) and payload.get("format") == "fldd-model/1":
+            raise CheckpointError(f"{str(path)!r} was saved by an earlier fldd (format fldd-model/1) whose networks "
+                                  f"had another layout; this version reads {CHECKPOINT_FORMAT}: train the model again")
         if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
             raise CheckpointError(f"{str(path)!r} is not an FLDD model checkpoint (format {CHECKPOINT_FORMAT})")
         try:

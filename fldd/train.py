@@ -50,6 +50,15 @@ class TrainSchedule:
         if boundaries is not None and learns_forward:
             self.freeze_steps, self.warmup_steps = int(boundaries["freeze_steps"]), int(boundaries["warmup_steps"])
         self.tau_start, self.tau_end = cfg.tau_start, cfg.tau_end
+        self.total_steps, self.decay_fraction = cfg.steps, cfg.lr_decay_fraction
+
+    def lr_factor(self, step: int) -> float:
+        """The learning rates' multiplier at `step`: 1, then linear to 0 over the last decay_fraction
+        of the steps (step `total_steps - 1` still moves, by 1 / decay_steps of the full rate)."""
+        decay_steps = self.decay_fraction * self.total_steps
+        if decay_steps <= 0:
+            return 1.0
+        return min(1.0, (self.total_steps - step) / decay_steps)
 
     def boundaries(self) -> dict[str, int]:
         """What a checkpoint stores: the last reverse-only step + 1 (the warm-up's start) and the warm-up length."""
@@ -73,7 +82,10 @@ def build_optimizer(model: FLDDModel, cfg: TrainConfig) -> torch.optim.Optimizer
     groups = [{"params": model.reverse_parameters(), "lr": cfg.lr, "name": "reverse"}]
     if model.forward_parameters():
         groups.append({"params": model.forward_parameters(), "lr": model.config.forward_lr, "name": "forward"})
-    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    for group in optimizer.param_groups:  # what TrainSchedule.lr_factor multiplies
+        group["base_lr"] = group["lr"]
+    return optimizer
 
 
 def _check_finite(out: dict[str, Tensor], step: int) -> None:
@@ -92,20 +104,32 @@ def _check_finite(out: dict[str, Tensor], step: int) -> None:
                              f"({ {k: float(v) for k, v in out.items() if v.numel() == 1} })")
 
 
-def clip_gradients_per_network(optimizer: torch.optim.Optimizer, max_norm: float) -> dict[str, float]:
-    """Clip each network's gradient (each optimizer group: reverse, forward) to `max_norm` on its own.
+def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float, mode: str = "joint") -> dict[str, float]:
+    """Clip the gradient of both networks together ("joint") or of each network (each optimizer
+    group: reverse, forward) on its own ("per-network") to `max_norm`.
 
-    One joint clip would let a spike in the forward network's noisy score-function gradient shrink
-    the reverse network's update too. Returns the norms before clipping: "grad_norm_<group>" per
+    Per-network (the default) keeps a spike in the forward's noisy score-function gradient from
+    shrinking the reverse update; joint shrinks the forward's step whenever the reverse gradient
+    is large, as the reference script does. Returns the norms before clipping: "grad_norm_<group>" per
     network and "grad_norm" for both together.
     """
-    norms = {f"grad_norm_{group.get('name', index)}": float(nn.utils.clip_grad_norm_(group["params"], max_norm))
+    norms = {f"grad_norm_{group.get('name', index)}": float(torch.linalg.vector_norm(torch.stack(
+                [p.grad.detach().norm() for p in group["params"] if p.grad is not None] or [torch.zeros(())])))
              for index, group in enumerate(optimizer.param_groups)}
-    return {**norms, "grad_norm": math.sqrt(sum(norm ** 2 for norm in norms.values()))}
+    total = math.sqrt(sum(norm ** 2 for norm in norms.values()))
+    if mode == "joint":
+        nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], max_norm)
+    elif mode == "per-network":
+        for group in optimizer.param_groups:
+            nn.utils.clip_grad_norm_(group["params"], max_norm)
+    else:
+        raise ValueError(f"clip mode {mode!r}: expected 'joint' or 'per-network'")
+    return {**norms, "grad_norm": total}
 
 
 def train_loop(model: nn.Module, batches: Iterator[Tensor], optimizer: torch.optim.Optimizer, *,
                num_steps: int, schedule: TrainSchedule, start_step: int = 0, grad_clip: float = 1.0,
+               grad_clip_mode: str = "joint",
                log_every: int = 100, on_metrics: MetricsCallback | None = None,
                checkpoint_every: int = 0, on_checkpoint: Callable[[int], None] | None = None,
                eval_every: int = 0, evaluate: Callable[[int], dict[str, float]] | None = None,
@@ -123,10 +147,13 @@ def train_loop(model: nn.Module, batches: Iterator[Tensor], optimizer: torch.opt
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}  # per key: some statistics exist only in some phases
     count, last_metrics, tick = 0, {}, time.perf_counter()
-    collapse_warned = False
+    collapse_warned = saturation_warned = False
     model.train()
     for step in range(start_step, num_steps):
         phase = schedule.phase(step)
+        lr_factor = schedule.lr_factor(step)
+        for group in optimizer.param_groups:
+            group["lr"] = group.get("base_lr", group["lr"]) * lr_factor
         optimizer.zero_grad(set_to_none=True)
         for micro in range(accumulation_steps):
             x = next(batches).to(device, non_blocking=True)
@@ -140,7 +167,7 @@ def train_loop(model: nn.Module, batches: Iterator[Tensor], optimizer: torch.opt
                 (out["loss"] / accumulation_steps).backward()
             for name, value in out.items():
                 sums[name] = sums.get(name, 0.0) + float(value.detach()) / accumulation_steps
-        grad_norms = clip_gradients_per_network(optimizer, grad_clip)
+        grad_norms = clip_gradients(optimizer, grad_clip, grad_clip_mode)
         if not phase.train_forward:
             grad_norms.pop("grad_norm_forward", None)  # frozen: no gradient to report
         if not all(math.isfinite(norm) for norm in grad_norms.values()):
@@ -159,13 +186,18 @@ def train_loop(model: nn.Module, batches: Iterator[Tensor], optimizer: torch.opt
             metrics = {name: total / counts[name] for name, total in sums.items()}
             metrics.update(steps_per_second=count / elapsed, forward_trained=float(phase.train_forward))
             if information_batch is not None and core.forward_process.learned and core.num_steps > 1:
-                bits = core.information_per_step(information_batch().to(device))
+                bits, entropy = core.forward_statistics(information_batch().to(device))
                 retained = (bits[1:core.num_steps] / bits[0].clamp_min(1e-12)).max().item()
-                metrics["information_retained_max"] = retained
+                entropy_min = entropy[1:core.num_steps].min().item()
+                metrics.update(information_retained_max=retained, forward_entropy_min=entropy_min)
                 if retained < 0.01 and phase.train_forward and not collapse_warned:
                     log.warning("step %d: the forward process is collapsing (max retained information %.4f)",
                                 done, retained)
                     collapse_warned = True
+                if entropy_min < 0.01 and phase.train_forward and not saturation_warned:
+                    log.warning("step %d: the forward process is saturating (u(x,t) one-hot at some 0<t<T: "
+                                "mean entropy %.2e bits; its gradient there is zero)", done, entropy_min)
+                    saturation_warned = True
             if on_metrics is not None:
                 on_metrics(done, {**metrics, "phase": phase.name})
             last_metrics = metrics
@@ -244,6 +276,7 @@ def fit(cfg: FLDDConfig, train_data: Tensor, valid_data: Tensor, *, on_metrics: 
     start = time.perf_counter()
     train_loop(model, batches, optimizer, num_steps=cfg.train.steps,
                schedule=TrainSchedule(cfg.train, cfg.learns_forward), grad_clip=cfg.train.grad_clip,
+               grad_clip_mode=cfg.train.grad_clip_mode,
                log_every=cfg.train.log_every, on_metrics=record, eval_every=cfg.train.eval_every,
                evaluate=evaluate, information_batch=lambda: probe,
                accumulation_steps=cfg.train.grad_accum_steps, device=device)

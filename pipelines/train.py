@@ -207,7 +207,7 @@ def train_worker(loop_config: dict) -> dict:
             # the starting model is a candidate too: the best checkpoint can never be worse than it
             on_checkpoint(0)
         train_loop(ddp_model, batches, optimizer, num_steps=cfg.train.steps, start_step=start_step,
-                   schedule=schedule, grad_clip=cfg.train.grad_clip,
+                   schedule=schedule, grad_clip=cfg.train.grad_clip, grad_clip_mode=cfg.train.grad_clip_mode,
                    log_every=cfg.train.log_every, on_metrics=on_metrics,
                    checkpoint_every=cfg.train.checkpoint_every, on_checkpoint=on_checkpoint,
                    information_batch=(lambda: valid[:1024]) if rank == 0 else None,

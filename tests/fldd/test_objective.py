@@ -181,6 +181,9 @@ def test_training_loss_phi_gradient_is_the_exact_nelbo_gradient(overrides):  # P
 
 def test_per_position_credit_is_biased():  # P11
     model = tiny_model({**RANDOM_FLDD, "process.forward_init_scale": 3.0}, T=3)
+    with torch.no_grad():  # a reverse that reads z_t, so KL_j depends on every z_t^i (the bias's source)
+        for p in model.reverse.parameters():
+            p.add_(0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1), dtype=p.dtype))
     states = enumerate_states(2, model.num_states)
     t_value = 2  # a learned u_t, so a score term exists
     exact = exact_step_kl(model, X, t_value, states).sum()
