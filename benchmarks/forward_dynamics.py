@@ -29,7 +29,8 @@ PILOT = {"process.method": "fldd", "process.warm_start": "none", "process.prior"
          "train.forward_freeze_fraction": 0.0, "train.forward_lr": 1e-3, "train.forward_lr_ref_steps": 0}
 
 
-def measure(preset: str, steps: int, seed: int) -> dict:
+def measure(preset: str, steps: int, seed: int, probe_rows: int = 256) -> dict:
+    """The pilot recipe on a preset for `steps` optimizer steps; per-step records and their summary."""
     cfg = resolve_data_shape(FLDDConfig.from_yaml(ROOT / "configs" / f"{preset}.yaml").with_overrides(
         {**PILOT, "train.seed": seed, "data.num_train": 20000}))[0]
     train, valid = load_splits(cfg)
@@ -37,7 +38,7 @@ def measure(preset: str, steps: int, seed: int) -> dict:
     model = FLDDModel(cfg)
     optimizer = build_optimizer(model, cfg.train)
     batches = infinite_batches(train, cfg.rows_per_micro_batch(), torch.Generator().manual_seed(seed))
-    probe, T = valid[:256], cfg.process.num_steps
+    probe, T = valid[:probe_rows], cfg.process.num_steps
     interior = torch.arange(1, T).repeat(len(probe), 1)
 
     def log_u() -> torch.Tensor:
@@ -48,7 +49,7 @@ def measure(preset: str, steps: int, seed: int) -> dict:
     for step in range(1, steps + 1):
         optimizer.zero_grad(set_to_none=True)
         model(next(batches))["loss"].backward()
-        norms = clip_gradients(optimizer, cfg.train.grad_clip, getattr(cfg.train, "grad_clip_mode", "per-network"))
+        norms = clip_gradients(optimizer, cfg.train.grad_clip, cfg.train.grad_clip_mode)
         optimizer.step()
         after = log_u()
         change = after - before

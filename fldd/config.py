@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 METHODS = ("fldd", "fldd-mask", "masked", "uniform")
-PRIORS = ("uniform", "mask")
+PRIORS = ("auto", "uniform", "mask")
 WARM_STARTS = ("none", "masked", "uniform")
 SCHEDULES = ("linear", "cosine")
 ARCHITECTURES = ("transformer", "mlp")
@@ -49,12 +49,18 @@ class ProcessConfig:
     num_steps: int = 2  # T: sampling costs exactly T reverse-network calls
     # For method=fldd. The default recipe (masked warm start + reverse-first schedule) is the one
     # that trained on every seed here; a random start collapsed (docs/training_recipe.md).
-    prior: str = "mask"  # uniform over K, or a point mass on an extra MASK token
+    # uniform over K, or a point mass on an extra MASK token; auto: the one the warm start needs
+    # (mask for a masked warm start, else uniform, the paper's setting for a random start)
+    prior: str = "auto"
     warm_start: str = "masked"  # none (random init) | masked | uniform: start u(x,t) at a fixed marginal
     warm_start_floor: float = 1e-3  # eps in (1-eps)*ubar + eps/S before the log
     # scale of the learned forward's initial logits: a near-uniform random start carries no
     # information about x and sits at the collapsed saddle (spec section 5b)
     forward_init_scale: float = 1.0
+    # method=fldd: u(x,t) = (1 - eps) softmax(f) + eps / S for 0<t<T, a guard against a dead softmax
+    # (u one-hot, gradient 0). 0: none. Measured not to be needed once the networks were fixed
+    # (docs/training_recipe.md, "A floor on u"), so off by default.
+    forward_floor: float = 0.0
     schedule: str = "linear"  # alpha_t for fixed processes and warm starts: linear | cosine
     # How the reverse network's output becomes p(z_s | z_t): "direct" (spec section 3; the only
     # choice for a learned forward, whose q(x | z_t) is not factorized) or "x0" for the fixed
@@ -137,7 +143,15 @@ class FLDDConfig:
     @property
     def uses_mask_state(self) -> bool:
         p = self.process
-        return p.method in ("fldd-mask", "masked") or (p.method == "fldd" and p.prior == "mask")
+        return p.method in ("fldd-mask", "masked") or (p.method == "fldd" and self.resolved_prior == "mask")
+
+    @property
+    def resolved_prior(self) -> str:
+        """process.prior with "auto" resolved: mask for a masked warm start, uniform otherwise."""
+        p = self.process
+        if p.prior != "auto":
+            return p.prior
+        return "mask" if p.warm_start == "masked" else "uniform"
 
     @property
     def num_states(self) -> int:
@@ -200,11 +214,13 @@ class FLDDConfig:
                 "process.reverse_parameterization", p.reverse_parameterization,
                 "'x0' needs a fixed forward (masked or uniform): a learned forward's q(x | z_t) is not factorized")
         require(p.forward_init_scale >= 0, "process.forward_init_scale", p.forward_init_scale, "must be >= 0")
+        require(0.0 <= p.forward_floor < 1.0, "process.forward_floor", p.forward_floor, "must be in [0, 1)")
         require(0.0 < p.warm_start_floor < 1.0, "process.warm_start_floor", p.warm_start_floor, "must be in (0, 1)")
         if p.method == "fldd" and p.warm_start == "masked":
-            require(p.prior == "mask", "process.prior", p.prior, "a masked warm start needs prior='mask'")
+            require(self.resolved_prior == "mask", "process.prior", p.prior, "a masked warm start needs prior='mask'")
         if p.method == "fldd" and p.warm_start == "uniform":
-            require(p.prior == "uniform", "process.prior", p.prior, "a uniform warm start needs prior='uniform'")
+            require(self.resolved_prior == "uniform", "process.prior", p.prior,
+                    "a uniform warm start needs prior='uniform'")
         for name, net in (("reverse_network", self.reverse_network), ("forward_network", self.forward_network)):
             require(net.arch in ARCHITECTURES, f"{name}.arch", net.arch, f"must be one of {ARCHITECTURES}")
             require(net.width >= 1, f"{name}.width", net.width, "must be >= 1")

@@ -110,6 +110,7 @@ class LearnedForward(ForwardProcess):
         self.warm_start = cfg.process.warm_start
         self.schedule = cfg.process.schedule
         self.floor = cfg.process.warm_start_floor
+        self.marginal_floor = cfg.process.forward_floor
         self.network = TokenNetwork(cfg.forward_network, seq_len=cfg.seq_len, num_inputs=cfg.vocab_size,
                                     num_outputs=self.num_states, num_steps=self.num_steps, time_in_trunk=False)
         with torch.no_grad():  # scale 0 with a warm start: the model starts *as* the fixed one
@@ -123,7 +124,11 @@ class LearnedForward(ForwardProcess):
             ubar = self._fixed_log_marginals(x, t, self.schedule).exp()
             ubar = (1 - self.floor) * ubar + self.floor / self.num_states
             logits = torch.log(ubar) + logits
-        return self._override_boundaries(F.log_softmax(logits, dim=-1), x, t)
+        log_u = F.log_softmax(logits, dim=-1)
+        if self.marginal_floor > 0:  # (1 - eps) u + eps / S, in log space
+            log_u = torch.logaddexp(log_u + math.log1p(-self.marginal_floor),
+                                    torch.full_like(log_u, math.log(self.marginal_floor / self.num_states)))
+        return self._override_boundaries(log_u, x, t)
 
 
 class LearnedMaskingForward(ForwardProcess):

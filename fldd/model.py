@@ -301,7 +301,10 @@ def config_differences(expected: FLDDConfig, actual: FLDDConfig) -> list[str]:
 def init_mismatch(target: FLDDConfig, source: FLDDConfig) -> str | None:
     """Why a model of config `target` cannot start as a trained model of config `source` (None: it can)."""
     a, b = target.to_flat_dict(), source.to_flat_dict()
-    same = ["seq_len", "vocab_size", "process.num_steps", "process.prior", "process.reverse_parameterization",
+    if target.uses_mask_state != source.uses_mask_state:
+        return (f"the latent states differ (a MASK state here: {target.uses_mask_state}, in the source model: "
+                f"{source.uses_mask_state}; see process.prior): the reverse network must be the same")
+    same = ["seq_len", "vocab_size", "process.num_steps", "process.reverse_parameterization",
             *[k for k in a if k.startswith("reverse_network.")]]
     for key in same:
         if a[key] != b[key]:

@@ -62,6 +62,7 @@ PROCESS_VARIANTS = {
     "fldd-random": RANDOM_FLDD,
     "fldd-random-scaled": {**RANDOM_FLDD, "process.forward_init_scale": 30.0},
     "fldd-random-prior-mask": {**RANDOM_FLDD, "process.prior": "mask"},
+    "fldd-random-floor": {**RANDOM_FLDD, "process.forward_floor": 0.01},
     "fldd-warm-uniform": {**RANDOM_FLDD, "process.warm_start": "uniform"},
     "fldd-mask": {"process.method": "fldd-mask"},
     "masked": {"process.method": "masked"},

@@ -69,3 +69,18 @@ def test_fixed_masked_schedules():
         keep = all_marginals(model, x).exp()[0, :, 0, 0]
         assert keep[0] == 1 and keep[-1] == 0
         assert (keep[1:] < keep[:-1]).all()
+
+
+def test_forward_floor_keeps_every_interior_state_reachable():
+    """process.forward_floor: (1 - eps) softmax + eps / S, so even saturated logits leave every state
+    a probability of at least eps / S (a softmax that cannot die); boundaries stay exact."""
+    model = tiny_model({"process.method": "fldd", "process.warm_start": "none", "process.prior": "uniform",
+                        "process.forward_floor": 0.01}, T=3, K=4, D=3)
+    with torch.no_grad():
+        model.forward_process.network.output_layer.bias.view(3, 4)[:, 0] += 1e4  # a saturated softmax
+    x = torch.randint(0, 4, (16, 3))
+    u = all_marginals(model, x).exp()
+    interior = u[:, 1:3]
+    assert interior.min() >= 0.01 / 4 * (1 - 1e-9) and interior[..., 0].min() > 0.99
+    torch.testing.assert_close(interior.sum(-1), torch.ones_like(interior.sum(-1)), atol=1e-12, rtol=0)
+    assert torch.equal(u[:, 0], F.one_hot(x, 4).double())

@@ -2,6 +2,7 @@
 
 import itertools
 import math
+import statistics
 
 import pytest
 import torch
@@ -175,7 +176,10 @@ def test_training_loss_phi_gradient_is_the_exact_nelbo_gradient(overrides):  # P
                          for _ in range(200)])
     mean, stderr = draws.mean(dim=0), draws.std(dim=0) / math.sqrt(len(draws))
     error = (mean - exact).abs()
-    assert (error <= 4 * stderr + 1e-8).all(), f"max error {(error / stderr.clamp_min(1e-12)).max():.1f} SE"
+    # every entry within z SE, z set for all of them at once (Bonferroni: a 1-in-1000 false alarm
+    # over the whole gradient, about 4.9 SE for ~2000 entries; a fixed 4 SE fails by chance)
+    z = statistics.NormalDist().inv_cdf(1 - 0.0005 / error.numel())
+    assert (error <= z * stderr + 1e-8).all(), f"max error {(error / stderr.clamp_min(1e-12)).max():.1f} SE (bound {z:.1f})"
     assert exact.abs().max() > 10 * stderr.max()  # the estimate resolves the gradient: not vacuous
 
 

@@ -116,7 +116,7 @@ class SpikedForwardGradient(nn.Module):
         return {**out, "loss": out["loss"] + self.spike * (total - total.detach())}
 
 
-def test_a_forward_gradient_spike_does_not_shrink_the_reverse_update():
+def test_per_network_clip_a_forward_gradient_spike_does_not_shrink_the_reverse_update():
     updates, logged = {}, {}
     for spike in (0.0, 1e6):
         model = tiny_model({**RANDOM_FLDD, "train.forward_freeze_fraction": 0.0}, T=2, double=False)
@@ -125,7 +125,7 @@ def test_a_forward_gradient_spike_does_not_shrink_the_reverse_update():
         seen = []
         train_loop(SpikedForwardGradient(model, spike), iter([DATA[:4]]), build_optimizer(model, model.config.train),
                    num_steps=1, schedule=TrainSchedule(model.config.train, True), grad_clip=1.0,
-                   on_metrics=lambda step, metrics: seen.append(metrics))
+                   grad_clip_mode="per-network", on_metrics=lambda step, metrics: seen.append(metrics))
         updates[spike] = [p.detach() - b for p, b in zip(model.reverse_parameters(), before)]
         logged[spike] = seen[-1]
     assert any(u.abs().max() > 0 for u in updates[0.0])
@@ -258,3 +258,33 @@ def test_keep_best_refuses_to_choose_when_every_evaluation_is_non_finite(monkeyp
     with pytest.raises(NonFiniteLossError, match="every validation evaluation was non-finite"):
         fit(cfg, train, valid, eval_passes=1, keep_best=True)
     fit(cfg, train, valid, eval_passes=1, keep_best=False)  # without keep_best nothing is chosen: no error
+
+
+@pytest.mark.parametrize("mode", ["joint", "per-network"])
+def test_clip_modes(mode):
+    """joint (the default): one norm over both networks, so a large forward gradient shortens the
+    reverse's gradient too; per-network: each group clipped on its own. Norms are reported before
+    clipping either way."""
+    from fldd.train import clip_gradients
+
+    model = tiny_model({**RANDOM_FLDD, "train.forward_freeze_fraction": 0.0}, T=2, double=False)
+    optimizer = build_optimizer(model, model.config.train)
+    for p in model.reverse_parameters():
+        p.grad = torch.full_like(p, 0.01)
+    for p in model.forward_parameters():
+        p.grad = torch.full_like(p, 10.0)
+    norm = lambda params: torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])).item()  # noqa: E731
+    reverse_before, forward_before = norm(model.reverse_parameters()), norm(model.forward_parameters())
+    reported = clip_gradients(optimizer, 1.0, mode)
+    assert reported["grad_norm_reverse"] == pytest.approx(reverse_before)
+    assert reported["grad_norm_forward"] == pytest.approx(forward_before)
+    assert reported["grad_norm"] == pytest.approx(math.hypot(reverse_before, forward_before))
+    if mode == "joint":
+        scale = 1.0 / math.hypot(reverse_before, forward_before)
+        assert norm(model.reverse_parameters()) == pytest.approx(reverse_before * scale, rel=1e-4)
+        assert math.hypot(norm(model.reverse_parameters()), norm(model.forward_parameters())) == pytest.approx(1.0, rel=1e-4)
+    else:
+        assert norm(model.reverse_parameters()) == pytest.approx(min(reverse_before, 1.0), rel=1e-4)
+        assert norm(model.forward_parameters()) == pytest.approx(1.0, rel=1e-4)
+    with pytest.raises(ValueError, match="clip mode"):
+        clip_gradients(optimizer, 1.0, "sideways")
