@@ -56,6 +56,7 @@ def run_one(job: tuple[str, int, int, dict]) -> dict:
     exact = exact_distribution_metrics(result.model, data_pmf("toy2d"))
     return {"recipe": name, "seed": seed, "steps": steps, "valid_nelbo_bits": result.valid_nelbo.bits_per_token,
             "kl": exact["kl"], "tv": exact["tv"], "collapsed": bool(result.collapse and result.collapse.collapsed),
+            "saturated": bool(result.collapse and result.collapse.saturated),
             "train_seconds": result.train_seconds, "curve": curve}
 
 

@@ -215,6 +215,8 @@ class FLDDConfig:
                 "'x0' needs a fixed forward (masked or uniform): a learned forward's q(x | z_t) is not factorized")
         require(p.forward_init_scale >= 0, "process.forward_init_scale", p.forward_init_scale, "must be >= 0")
         require(0.0 <= p.forward_floor < 1.0, "process.forward_floor", p.forward_floor, "must be in [0, 1)")
+        require(p.forward_floor == 0.0 or p.method == "fldd", "process.forward_floor", p.forward_floor,
+                "applies to the learned general forward (process.method=fldd) only")
         require(0.0 < p.warm_start_floor < 1.0, "process.warm_start_floor", p.warm_start_floor, "must be in (0, 1)")
         if p.method == "fldd" and p.warm_start == "masked":
             require(self.resolved_prior == "mask", "process.prior", p.prior, "a masked warm start needs prior='mask'")

@@ -39,6 +39,10 @@ class ForwardProcess(nn.Module):
     """log u(x, t) for a batch of data x (B, D) and steps t (B,) or (B, n)."""
 
     learned: bool = False
+    # u(x,t) is a softmax of network logits, which can saturate (one-hot, zero gradient); a masking
+    # forward's deterministic reveal order is a legitimate solution, not a dead softmax
+    saturable: bool = False
+    entropy_floor_bits: float = 0.0  # the least entropy an interior u(x,t) can have per position
 
     def __init__(self, cfg: FLDDConfig):
         super().__init__()
@@ -104,6 +108,7 @@ class LearnedForward(ForwardProcess):
     """
 
     learned = True
+    saturable = True
 
     def __init__(self, cfg: FLDDConfig):
         super().__init__(cfg)
@@ -111,6 +116,10 @@ class LearnedForward(ForwardProcess):
         self.schedule = cfg.process.schedule
         self.floor = cfg.process.warm_start_floor
         self.marginal_floor = cfg.process.forward_floor
+        if self.marginal_floor > 0:  # a floored one-hot: (1 - eps + eps/S, eps/S, ...)
+            eps, S = self.marginal_floor, self.num_states
+            probs = [1 - eps + eps / S] + [eps / S] * (S - 1)
+            self.entropy_floor_bits = -sum(p * math.log2(p) for p in probs)
         self.network = TokenNetwork(cfg.forward_network, seq_len=cfg.seq_len, num_inputs=cfg.vocab_size,
                                     num_outputs=self.num_states, num_steps=self.num_steps, time_in_trunk=False)
         with torch.no_grad():  # scale 0 with a warm start: the model starts *as* the fixed one

@@ -40,10 +40,12 @@ class CollapseReport:
     """What z_t carries about x, per step, and the two ways a learned forward dies.
 
     collapsed: every interior step is *uninformative* (z_t independent of x); the T-step model
-    samples like a 1-step model. saturated: some interior step is *deterministic* (u(x,t) one-hot
-    for every x); its softmax is dead, the forward's gradient there is exactly zero (every sample
-    of z_t is the same, and a saturated softmax passes no pathwise gradient), so that step can never
-    change again, informative or not.
+    samples like a 1-step model. saturated (a learned general forward only): some interior step is
+    *deterministic* (u(x,t) one-hot for every x, or as close as process.forward_floor allows); its
+    softmax is dead, the forward's gradient there is ~zero (every sample of z_t is the same, and a
+    saturated softmax passes no pathwise gradient; a floor mixed in after the softmax does not
+    change that), so that step can never change again, informative or not. A masking forward's
+    deterministic reveal order is not reported: it is a valid solution, not a dead softmax.
     """
 
     information_bits: list[float]  # t = 0..T: mean over positions of I(x; z_t^i), in bits
@@ -217,8 +219,9 @@ class FLDDModel(nn.Module):
         interior = retained[1:self.num_steps]
         collapsed = bool(interior.numel() > 0 and interior.max().item() < threshold)
         interior_entropy = entropy[1:self.num_steps]
-        saturated = bool(self.forward_process.learned and interior_entropy.numel() > 0
-                         and interior_entropy.min().item() < saturation_threshold)
+        floor = self.forward_process.entropy_floor_bits  # with process.forward_floor, a one-hot's entropy
+        saturated = bool(self.forward_process.saturable and interior_entropy.numel() > 0
+                         and interior_entropy.min().item() < floor + saturation_threshold)
         self.information_bits.copy_(bits)
         self.collapsed.fill_(collapsed)
         report = CollapseReport(bits.tolist(), retained.tolist(), collapsed, threshold, entropy.tolist(), saturated,
@@ -232,8 +235,9 @@ class FLDDModel(nn.Module):
         if saturated:
             step = 1 + int(interior_entropy.argmin())
             message = (f"FORWARD SATURATED: u(x,{step}) is one-hot for every x (mean entropy "
-                       f"{interior_entropy.min().item():.2e} bits < {saturation_threshold}); its softmax is dead, "
-                       f"the forward's gradient there is zero and that step can no longer learn. {report}")
+                       f"{interior_entropy.min().item():.2e} bits, within {saturation_threshold} of the least "
+                       f"possible, {floor:.3g}); its softmax is dead, the forward's gradient there is ~zero and "
+                       f"that step can no longer learn. {report}")
             log.warning(message)
             warnings.warn(message, ForwardCollapseWarning, stacklevel=3)
         return report
@@ -294,6 +298,7 @@ def _entropy(p: Tensor) -> Tensor:
 def config_differences(expected: FLDDConfig, actual: FLDDConfig) -> list[str]:
     """Model-defining fields whose values differ, as 'field: expected X, found Y'."""
     a, b = expected.to_flat_dict(), actual.to_flat_dict()
+    a["process.prior"], b["process.prior"] = expected.resolved_prior, actual.resolved_prior  # "auto" == what it means
     model_defining = [k for k in a if k.split(".")[0] in MODEL_DEFINING_KEYS]
     return [f"{k}: expected {a[k]!r}, found {b[k]!r}" for k in model_defining if a[k] != b[k]]
 

@@ -54,11 +54,13 @@ class TrainSchedule:
 
     def lr_factor(self, step: int) -> float:
         """The learning rates' multiplier at `step`: 1, then linear to 0 over the last decay_fraction
-        of the steps (step `total_steps - 1` still moves, by 1 / decay_steps of the full rate)."""
+        of `train.steps` (the last step still moves, by 1 / decay_steps of the full rate), never
+        below 0. The decay follows the run's current `train.steps`: a finished run resumed with more
+        steps trains at the full rate again and decays again before its new end."""
         decay_steps = self.decay_fraction * self.total_steps
         if decay_steps <= 0:
             return 1.0
-        return min(1.0, (self.total_steps - step) / decay_steps)
+        return max(0.0, min(1.0, (self.total_steps - step) / decay_steps))
 
     def boundaries(self) -> dict[str, int]:
         """What a checkpoint stores: the last reverse-only step + 1 (the warm-up's start) and the warm-up length."""
@@ -108,9 +110,9 @@ def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float, mode: str 
     """Clip the gradient of both networks together ("joint") or of each network (each optimizer
     group: reverse, forward) on its own ("per-network") to `max_norm`.
 
-    Per-network (the default) keeps a spike in the forward's noisy score-function gradient from
-    shrinking the reverse update; joint shrinks the forward's step whenever the reverse gradient
-    is large, as the reference script does. Returns the norms before clipping: "grad_norm_<group>" per
+    Joint (the default, as in the reference script) shrinks the forward's step whenever the reverse
+    gradient is large; per-network keeps a spike in the forward's noisy score-function gradient
+    from shrinking the reverse update. Returns the norms before clipping: "grad_norm_<group>" per
     network and "grad_norm" for both together.
     """
     norms = {f"grad_norm_{group.get('name', index)}": float(torch.linalg.vector_norm(torch.stack(
@@ -148,12 +150,14 @@ def train_loop(model: nn.Module, batches: Iterator[Tensor], optimizer: torch.opt
     counts: dict[str, int] = {}  # per key: some statistics exist only in some phases
     count, last_metrics, tick = 0, {}, time.perf_counter()
     collapse_warned = saturation_warned = False
+    for group in optimizer.param_groups:  # an optimizer not made by build_optimizer: its rates are the base
+        group.setdefault("base_lr", group["lr"])
     model.train()
     for step in range(start_step, num_steps):
         phase = schedule.phase(step)
         lr_factor = schedule.lr_factor(step)
         for group in optimizer.param_groups:
-            group["lr"] = group.get("base_lr", group["lr"]) * lr_factor
+            group["lr"] = group["base_lr"] * lr_factor
         optimizer.zero_grad(set_to_none=True)
         for micro in range(accumulation_steps):
             x = next(batches).to(device, non_blocking=True)
@@ -194,7 +198,9 @@ def train_loop(model: nn.Module, batches: Iterator[Tensor], optimizer: torch.opt
                     log.warning("step %d: the forward process is collapsing (max retained information %.4f)",
                                 done, retained)
                     collapse_warned = True
-                if entropy_min < 0.01 and phase.train_forward and not saturation_warned:
+                floor = core.forward_process.entropy_floor_bits
+                if core.forward_process.saturable and entropy_min < floor + 0.01 and phase.train_forward \
+                        and not saturation_warned:
                     log.warning("step %d: the forward process is saturating (u(x,t) one-hot at some 0<t<T: "
                                 "mean entropy %.2e bits; its gradient there is zero)", done, entropy_min)
                     saturation_warned = True

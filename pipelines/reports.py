@@ -54,6 +54,8 @@ def evaluate_model(model: FLDDModel, valid: torch.Tensor, *, passes: int = 10, s
         report = model.check_collapse(valid[:1024])
         metrics["collapsed"] = report.collapsed
         metrics["information_retained_max"] = max(report.retained_fraction[1:model.num_steps], default=0.0)
+        metrics["saturated"] = report.saturated
+        metrics["forward_entropy_min"] = min(report.entropy_bits[1:model.num_steps], default=0.0)
     return metrics
 
 

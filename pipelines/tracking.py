@@ -131,7 +131,9 @@ def start_run(cfg: FLDDConfig, run_name: str, tags: dict[str, Any], home: Path |
         if "fldd.error" in client.get_run(run_id).data.tags:  # the failure this run resumes from is over
             client.delete_tag(run_id, "fldd.error")
         return tracker, True
-    derived = {"train.forward_lr_at_T": cfg.forward_lr} if cfg.learns_forward else {}  # what the optimizer uses
+    # what the optimizer uses, and the prior "auto" stands for (K or K+1 latent states)
+    derived = {"train.forward_lr_at_T": cfg.forward_lr, "process.prior_resolved": cfg.resolved_prior} \
+        if cfg.learns_forward else {}
     tracker.log_params({**cfg.to_flat_dict(), **derived})
     return tracker, False
 

@@ -670,7 +670,8 @@ def finish_run(run: PreparedRun, result: ray.train.Result, train_seconds: float)
         if artifact.suffix in (".yaml", ".json", ".png"):
             tracker.log_artifact(artifact)
     model_uri = log_sampler_model(tracker, run_dir / MODEL_FILE, cfg)
-    tracker.set_tags({"model_uri": model_uri, "collapsed": metrics.get("collapsed", False)})
+    tracker.set_tags({"model_uri": model_uri, "collapsed": metrics.get("collapsed", False),
+                      "saturated": metrics.get("saturated", False)})
     tracker.finish("FINISHED")
     if not run.opts.quiet:
         print(f"finished: validation NELBO {metrics['valid_nelbo_bits']:.4f} bits/token; model {model_uri}; "

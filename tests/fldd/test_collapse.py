@@ -82,3 +82,38 @@ def test_guard_flags_only_when_every_interior_step_is_uninformative(interior, co
     torch.testing.assert_close(torch.tensor(report.retained_fraction[1:3]), torch.tensor(interior), atol=1e-5, rtol=0)
     assert report.collapsed == collapsed == bool(model.collapsed)
     assert any(issubclass(w.category, ForwardCollapseWarning) for w in caught) == collapsed
+
+
+def saturate(model, t_value: int):
+    """Make the learned forward's u(x, t_value) the same one-hot for every x (a dead softmax)."""
+    with torch.no_grad():
+        model.forward_process.network.output_layer.weight.zero_()
+        model.forward_process.network.output_layer.bias.zero_()
+        model.forward_process.network.output_layer.bias.view(3, -1)[:, 0] = 1e4
+    return model
+
+
+@pytest.mark.parametrize("floor", [0.0, 0.01])
+def test_guard_reports_a_saturated_learned_forward(floor):
+    """A one-hot u(x,t) is reported as saturated (and, being the same for every x, as collapsed);
+    with process.forward_floor the least entropy u can have is the floored one-hot's, and the
+    guard measures against that, so a floor cannot hide a dead softmax from it."""
+    model = saturate(tiny_model({**RANDOM_FLDD, "process.forward_floor": floor}, T=3, K=5, D=3, double=False), 1)
+    with pytest.warns(ForwardCollapseWarning, match="FORWARD SATURATED"):
+        report = model.check_collapse(X)
+    assert report.saturated and report.collapsed
+    assert max(report.entropy_bits[1:3]) < model.forward_process.entropy_floor_bits + 0.01
+    assert (model.forward_process.entropy_floor_bits > 0.05) == (floor > 0)
+
+
+@pytest.mark.parametrize("overrides", [
+    {**RANDOM_FLDD, "process.forward_init_scale": 30.0},  # informative and spread
+    {"process.method": "fldd-mask"},  # a masking forward is never "saturated"
+    {"process.method": "masked"},
+])
+def test_guard_does_not_report_saturation_otherwise(overrides):
+    model = tiny_model(overrides, T=4, K=5, D=3, double=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ForwardCollapseWarning)
+        report = model.check_collapse(X)
+    assert not report.saturated

@@ -75,3 +75,19 @@ def test_cli_method_applies_the_preset():
     assert cfg.parameterization == "masked-x0"
     with pytest.raises(SystemExit):  # argparse rejects names outside PARAMETERIZATIONS
         build_parser().parse_args(["train", "--method", "mdlm"])
+
+
+def test_auto_prior_follows_the_warm_start():
+    """process.prior: auto (the default) is MASK for a masked warm start and uniform otherwise (the
+    paper's random start); an explicit prior is kept, and a contradictory one is refused."""
+    base = FLDDConfig(seq_len=2, vocab_size=5)
+    assert base.process.prior == "auto" and base.process.warm_start == "masked"
+    assert base.resolved_prior == "mask" and base.num_states == 6
+    random = base.with_overrides({"process.warm_start": "none"})
+    assert random.resolved_prior == "uniform" and random.num_states == 5
+    assert random.with_overrides({"process.prior": "mask"}).num_states == 6
+    assert base.with_overrides({"process.warm_start": "uniform"}).resolved_prior == "uniform"
+    with pytest.raises(ConfigError, match="process.prior='uniform'"):
+        base.with_overrides({"process.prior": "uniform"})
+    with pytest.raises(ConfigError, match="process.forward_floor"):
+        base.with_overrides({"process.method": "masked", "process.forward_floor": 0.01})

@@ -148,3 +148,22 @@ def test_a_general_learned_forward_must_start_exactly_at_the_source():
     with pytest.raises(ConfigError, match="forward_init_scale"):
         tiny_model({**warm, "process.forward_init_scale": 1.0, "process.warm_start_floor": 1e-12}).init_from(
             tiny_model({"process.method": "masked"}))
+
+
+def test_a_format_1_checkpoint_is_refused_with_what_to_do(tmp_path):
+    model = tiny_model()
+    model.save(tmp_path / "m.pt")
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    payload["format"] = "fldd-model/1"
+    torch.save(payload, tmp_path / "old.pt")
+    with pytest.raises(CheckpointError, match="earlier fldd .format fldd-model/1.*train the model again"):
+        FLDDModel.load(tmp_path / "old.pt")
+
+
+def test_an_auto_prior_matches_the_prior_it_stands_for(tmp_path):
+    from fldd.model import config_differences
+
+    auto = tiny_config({"process.method": "fldd", "process.warm_start": "none"})
+    explicit = auto.with_overrides({"process.prior": "uniform"})
+    assert config_differences(auto, explicit) == []
+    assert config_differences(auto, auto.with_overrides({"process.prior": "mask"})) != []

@@ -288,3 +288,20 @@ def test_clip_modes(mode):
         assert norm(model.forward_parameters()) == pytest.approx(1.0, rel=1e-4)
     with pytest.raises(ValueError, match="clip mode"):
         clip_gradients(optimizer, 1.0, "sideways")
+
+
+def test_learning_rates_decay_linearly_over_the_last_fraction_of_steps():
+    cfg = tiny_config({"train.steps": 100, "train.lr_decay_fraction": 0.2}).train
+    schedule = TrainSchedule(cfg, learns_forward=True)
+    assert [schedule.lr_factor(s) for s in (0, 79, 80, 90, 99)] == pytest.approx([1.0, 1.0, 1.0, 0.5, 0.05])
+    assert schedule.lr_factor(150) == 0.0  # never negative
+    flat = TrainSchedule(tiny_config({"train.steps": 100, "train.lr_decay_fraction": 0.0}).train, True)
+    assert flat.lr_factor(99) == 1.0
+    model = tiny_model({"train.steps": 10, "train.lr_decay_fraction": 0.5, "process.method": "masked"}, double=False)
+    optimizer = build_optimizer(model, model.config.train)
+    seen = []
+    train_loop(model, iter([DATA[:4]] * 10), optimizer, num_steps=10,
+               schedule=TrainSchedule(model.config.train, False), on_step=lambda step: seen.append(
+                   optimizer.param_groups[0]["lr"]))
+    base = model.config.train.lr
+    assert seen == pytest.approx([base] * 5 + [base * f for f in (1.0, 0.8, 0.6, 0.4, 0.2)])
