@@ -57,9 +57,9 @@ class ProcessConfig:
     # scale of the learned forward's initial logits: a near-uniform random start carries no
     # information about x and sits at the collapsed saddle (spec section 5b)
     forward_init_scale: float = 1.0
-    # method=fldd: u(x,t) = (1 - eps) softmax(f) + eps / S for 0<t<T, a guard against a dead softmax
-    # (u one-hot, gradient 0). 0: none. Measured not to be needed once the networks were fixed
-    # (docs/training_recipe.md, "A floor on u"), so off by default.
+    # method=fldd: u(x,t) = (1 - eps) softmax(f) + eps / S for 0<t<T, so every state stays reachable.
+    # It does not revive a saturated softmax's gradient (the floor is mixed in after it); measured in
+    # docs/training_recipe.md ("A floor on u"). 0: none, the default.
     forward_floor: float = 0.0
     schedule: str = "linear"  # alpha_t for fixed processes and warm starts: linear | cosine
     # How the reverse network's output becomes p(z_s | z_t): "direct" (spec section 3; the only
@@ -92,10 +92,10 @@ class TrainConfig:
     forward_lr_ref_steps: int = 4
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max gradient norm
-    # per-network: each network (reverse, forward) clipped on its own, so a spike in the forward's
-    # noisy score-function gradient does not shrink the reverse update. joint: one norm over both
-    # (the reference script's habit). Measured on toy2d from random init, neither is reliably better
-    # (docs/training_recipe.md).
+    # joint: one norm over both networks (the reference script's habit, and the setting with which
+    # a random start reached the reference on toy2d: docs/training_recipe.md). per-network: each
+    # network clipped on its own, so a spike in the forward's noisy score-function gradient does not
+    # shrink the reverse update.
     grad_clip_mode: str = "joint"
     # linear learning-rate decay to 0 over the last fraction of the steps (both networks); 0: constant
     lr_decay_fraction: float = 0.2

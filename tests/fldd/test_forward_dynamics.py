@@ -50,8 +50,8 @@ def test_toy2d_random_init_does_not_saturate(seed):
 
 
 @pytest.mark.parametrize("preset, bound", [
-    ("digits", 0.4),  # binary digits, the MLP: old networks 0.84 nats per step, these 0.18
-    ("text", 0.12),  # mini-text8, the transformer: old 0.26, these 0.06
+    ("digits", 0.4),  # binary digits, the MLP: old networks 0.65 nats per step, these 0.18
+    ("text", 0.12),  # mini-text8, the transformer: old 0.37, these 0.06
 ])
 def test_one_step_moves_the_forward_marginals_by_a_fraction_of_a_nat(preset, bound):
     """The rule itself, on the other shipped architectures: the RMS change of log u(x,t) per

@@ -26,9 +26,13 @@ from pipelines.train import LaunchOptions, launch
 from tests.conftest import module_project_home
 from tests.pipelines.conftest import toy_config
 
-# toy2d T=2, same config but for training length: validation NELBO about 8.6 / 5.2 / 5.0 bits/token,
-# and the paired test differences are many standard errors apart
+# toy2d T=2, fldd-mask-carry (a learned forward that keeps information from the first step; the
+# general forward's short runs are flagged collapsed, which the gate refuses), same config but for
+# training length: validation NELBO about 5.6 / 5.05 / 5.0 bits/token, and the paired test
+# differences are many standard errors apart
 TRAIN_STEPS = {"weak": 20, "mid": 100, "strong": 300}
+PARAMETERIZATION = "fldd-mask-carry"
+MASK_CARRY_RECIPE = {"train.forward_lr": 3e-4, "train.forward_freeze_fraction": 0.3}  # its own sweeps' recipe
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +48,11 @@ def runs(registry_home):
     """Run ids: toy2d T=2 weak / mid / strong, toy2d T=4, and a tiny digits-binary run."""
     ids = {}
     for name, steps in TRAIN_STEPS.items():
-        cfg = toy_config(**{"train.steps": steps, "train.checkpoint_every": steps, "train.log_every": steps})
+        cfg = toy_config(**{"train.steps": steps, "train.checkpoint_every": steps,
+                            "train.log_every": steps, **MASK_CARRY_RECIPE}).with_parameterization(PARAMETERIZATION)
         ids[name] = launch(cfg, LaunchOptions(workers=0, quiet=True, name=f"toy-{name}")).run_id
-    cfg = toy_config(**{"process.num_steps": 4, "train.steps": 40, "train.checkpoint_every": 40})
+    cfg = toy_config(**{"process.num_steps": 4, "train.steps": 40, "train.checkpoint_every": 40,
+                        **MASK_CARRY_RECIPE}).with_parameterization(PARAMETERIZATION)
     ids["t4"] = launch(cfg, LaunchOptions(workers=0, quiet=True, name="toy-t4")).run_id
     digits = FLDDConfig.from_yaml(CONFIG_DIR / "digits.yaml").with_overrides(
         {"process.num_steps": 2, "train.steps": 10, "train.checkpoint_every": 10, "train.log_every": 10,
@@ -131,7 +137,7 @@ def test_first_version_is_accepted_and_evaluated_on_test(runs):
     assert model_tags[registry.DEFAULT_BUDGET_TAG] == "2"
     assert [model_tags[f"fldd.{k}"] for k in ("dataset", "vocab_size", "seq_len")] == ["toy2d", "50", "2"]
     tags = version_tags("first", "1")
-    assert (tags["fldd.num_steps_T"], tags["fldd.parameterization"], tags["fldd.dataset"]) == ("2", "fldd", "toy2d")
+    assert (tags["fldd.num_steps_T"], tags["fldd.parameterization"], tags["fldd.dataset"]) == ("2", PARAMETERIZATION, "toy2d")
     assert (tags["fldd.seq_len"], tags["fldd.vocab_size"]) == ("2", "50")
     assert float(tags["fldd.valid_nelbo_bits"]) == run.data.metrics["final_valid_nelbo_bits"]
     assert float(tags["fldd.valid_nelbo_stderr"]) == run.data.metrics["final_valid_nelbo_stderr"]
@@ -162,7 +168,7 @@ def test_worse_candidate_is_refused(runs, capsys):
     assert history("worse", "champion-t2") == ["1"]
     tags = version_tags("worse", "2")
     assert tags["fldd.decision"] == "refused" and tags["fldd.holder_version"] == "1"
-    assert float(tags["fldd.holder_test_nelbo_bits"]) < float(tags["fldd.test_nelbo_bits"]) - 1.0
+    assert float(tags["fldd.holder_test_nelbo_bits"]) < float(tags["fldd.test_nelbo_bits"]) - 0.3
     difference, stderr = float(tags["fldd.paired_difference_bits"]), float(tags["fldd.paired_difference_stderr"])
     assert difference == pytest.approx(float(tags["fldd.holder_test_nelbo_bits"]) - float(tags["fldd.test_nelbo_bits"]))
     assert difference < 0 and 0 < stderr < 0.2
@@ -173,7 +179,7 @@ def test_margin_refuses_a_small_win_and_a_retry_gets_a_version_of_its_own(runs):
     registry.promote(run_id=runs["weak"], model_name="margin")
     (within,) = registry.promote(run_id=runs["mid"], model_name="margin", margin=100.0)
     assert within.decision == "refused" and within.reason.startswith("within the margin of holder version 1")
-    assert 1.0 < within.difference_bits < 100.0 and within.margin_bits == 100.0
+    assert 10 * within.difference_stderr < within.difference_bits < 100.0 and within.margin_bits == 100.0
     assert version_tags("margin", "2")["fldd.margin_rule"] == "absolute (--margin)"
     assert aliases("margin")["champion-t2"] == "1"
     with pytest.raises(registry.RegistryError, match="margin=-1.0"):
