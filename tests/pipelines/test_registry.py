@@ -274,7 +274,7 @@ def test_better_candidates_move_both_aliases_and_rollbacks_go_back_step_by_step(
     assert main(["models", name]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:4] == ["model", "ver", "aliases", "T"] and len(table) == 5
-    assert table[4].split()[:5] == [name, "4", "champion,champion-t2", "2", "fldd"]
+    assert table[4].split()[:5] == [name, "4", "champion,champion-t2", "2", PARAMETERIZATION]
     assert main(["models", "no-such-model"]) == 2
     assert main(["promote", "--rollback", "--model-name", "no-such-model"]) == 2
 

@@ -38,7 +38,7 @@ def test_two_workers_lower_validation_nelbo(ray_cluster, home):
     assert history[-1][1] < history[0][1] - 0.05
     run = MlflowClient(tracking_uri()).get_run(outcome.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["workers"] == "2"
-    assert run.data.params["process.method"] == "masked" and run.data.params["train.batch_size"] == "256"
+    assert run.data.params["process.method"] == "masked" and run.data.params["train.batch_size"] == "512"
     assert {"nelbo", "kl", "grad_norm", "final_valid_nelbo_bits", "final_kl"} <= set(run.data.metrics)
     artifacts = {a.path for a in MlflowClient(tracking_uri()).list_artifacts(outcome.run_id)}
     assert {"config.yaml", "metrics.json", "samples.png", "forward_schedule.png"} <= artifacts

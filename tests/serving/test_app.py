@@ -86,7 +86,10 @@ def server(ray_cluster, tmp_path_factory):
     with module_project_home(tmp_path_factory, "serving") as home:
         runs = {}
         for name, steps, extra in (("weak", 20, {}), ("mid", 150, {}), ("t4", 20, {"process.num_steps": 4})):
-            runs[name] = launch(small(toy_config(), steps, **extra),
+            # the masked warm start: a general (non-masking) forward that keeps information in runs this
+            # short (the toy2d preset's random start is still on its uninformative plateau, flagged collapsed)
+            warm = {"process.warm_start": "masked", "train.forward_freeze_fraction": 0.3, "train.forward_lr": 3e-4}
+            runs[name] = launch(small(toy_config(), steps, **warm, **extra),
                                 LaunchOptions(workers=0, quiet=True, name=f"toy-{name}")).run_id
         masked = {"process.method": "masked", "process.reverse_parameterization": "direct", "process.num_steps": 2}
         for name, preset in (("text", "text"), ("digits", "digits")):
