@@ -3,8 +3,8 @@ a step moves u").
 
 With the old networks (a sinusoid -> MLP -> FiLM time path on a LayerNorm'd head) the forward's
 softmax died within a few dozen steps on every shipped architecture: u(x,t) became the same one-hot
-for every x and the forward's gradient norm fell to ~1e-12 (toy2d, step 60), ~5e-5 (binary digits)
-and ~0 on the text transformer, after which nothing can recover. These runs are short (the failure
+for every x and the forward's gradient norm fell to ~1e-17 (toy2d), ~2.5e-4 (binary digits) and
+~8e-5 (the text transformer) by step 100 (docs/results/forward_dynamics_old_networks.json), after which nothing can recover. These runs are short (the failure
 showed by step 40-100) and use the spec's pilot recipe: random init, forward trained from step 0 at
 the reverse's learning rate. Measured with the old networks swapped back in: every test here fails.
 """
