@@ -5,9 +5,12 @@ on a small grid, each value trained on the selection seeds and scored by its **v
 averaged over those seeds** (nothing else: no exact KL, no test split). The value with the lowest
 mean is then trained on the report seeds, which played no part in the choice, and evaluated on the
 **test** split. Both arms get the same tuning effort, a 4-value grid of the one knob each is most
-sensitive to: the learned forward its forward learning rate (the `(4/T)^2` rule switched off, so
-the grid value is the rate used; its reverse learning rate stays at the preset's 1e-3, a point of
-the other arm's grid), the fixed forward its learning rate. A run that diverges scores +inf, and a
+sensitive to, 3 values each: the learned masking order (`fldd-mask-carry`) its forward learning
+rate, with its own 30% reverse-only phase; the general learned forward (`fldd`) its recipe, a
+start (random init, no reverse-only phase / masked warm start, 30% reverse-only) with a forward
+learning rate, written "random/1e-3"; the fixed forward (`masked-x0`) its learning rate. The
+`(4/T)^2` rule is switched off, so a grid's rate is the rate used; the learned forwards' reverse
+learning rate stays at the preset's 1e-3, a point of the fixed arm's grid. A run that diverges scores +inf, and a
 collapsed run counts with its (poor) NELBO: a value that fails on one seed of three is not
 reliable. Every run is the project's one training loop (`fldd.train.fit`, in-process, as
 `quality_vs_steps.py`), equal network, batch and optimizer steps.
@@ -52,12 +55,51 @@ from fldd.config import ConfigError  # noqa: E402
 from fldd.train import NonFiniteLossError  # noqa: E402
 from pipelines.tracking import git_commit  # noqa: E402  (HEAD, "-dirty" for uncommitted code)
 
-# the knob each method is tuned on, and its grid (same size for both arms)
-KNOBS = {
-    "fldd-mask-carry": ("train.forward_lr", [3e-5, 1e-4, 3e-4, 1e-3]),
-    "masked-x0": ("train.lr", [5e-4, 1e-3, 2e-3, 4e-3]),
+# How the general learned forward starts and when it begins to learn: a "recipe" grid value is
+# "<start>/<forward lr>" and sets all three keys, so that selection chooses the start per T
+# (a random start won at T=2 and collapsed at T=8 in configs/sweep-recipe-toy2d.yaml).
+RECIPE_STARTS = {
+    "random": {"process.warm_start": "none", "train.forward_freeze_fraction": 0.0},
+    "masked-warm": {"process.warm_start": "masked", "train.forward_freeze_fraction": 0.3},
 }
+RECIPE = "recipe"
+
+# the knob each method is tuned on, and its grid (3 values for every arm, fixed before any test
+# number of the new networks was seen)
+KNOBS = {
+    "fldd": (RECIPE, ["random/1e-3", "masked-warm/3e-4", "masked-warm/1e-3"]),
+    "fldd-mask-carry": ("train.forward_lr", [3e-4, 1e-3, 3e-3]),
+    "masked-x0": ("train.lr", [2.5e-4, 5e-4, 1e-3]),
+}
+# what a method keeps fixed whatever its grid value: the learned masking order's reverse-only
+# phase (its own recipe; the toy2d preset's freeze 0 is the general forward's random-start recipe)
+METHOD_BASE = {"fldd-mask-carry": {"train.forward_freeze_fraction": 0.3}}
 ALWAYS = {"train.forward_lr_ref_steps": 0}  # the grid value is the rate at every T
+
+
+def recipe_overrides(value: str) -> dict:
+    """The config keys a "<start>/<forward lr>" grid value sets."""
+    start, _, rate = value.partition("/")
+    if start not in RECIPE_STARTS:
+        raise ValueError(f"recipe {value!r}: the start must be one of {tuple(RECIPE_STARTS)}")
+    try:
+        forward_lr = float(rate)
+    except ValueError:
+        raise ValueError(f"recipe {value!r}: after the '/' comes the forward learning rate") from None
+    if not (math.isfinite(forward_lr) and forward_lr > 0):
+        raise ValueError(f"recipe {value!r}: the forward learning rate must be finite and positive")
+    return {**RECIPE_STARTS[start], "train.forward_lr": forward_lr}
+
+
+def cell_overrides(method: str, knob: str, value, always: dict) -> dict:
+    """A run's overrides: the fixed ones, the method's base, and its grid value (a recipe is kept by
+    name too, for selection to group by, and expanded into the keys it sets)."""
+    chosen = {RECIPE: value, **recipe_overrides(value)} if knob == RECIPE else {knob: value}
+    return {**always, **METHOD_BASE.get(method, {}), **chosen}
+
+
+def config_keys(overrides: dict) -> dict:
+    return {k: v for k, v in overrides.items() if k != RECIPE}
 SELECTION_METRIC = "nelbo_bits"  # on the validation split; the only number selection reads
 
 
@@ -106,7 +148,7 @@ def run_one(phase: str, job: dict, overrides: dict, train_steps: int | None, num
     """One run; a divergence is a result (+inf), not the end of the protocol."""
     try:
         return run_job(job, train_steps, num_samples, None, "valid" if phase == "select" else "test", None,
-                       overrides, keep_best)
+                       config_keys(overrides), keep_best)
     except NonFiniteLossError as error:
         return [{**job, "metric": SELECTION_METRIC, "value": math.inf},
                 {**job, "metric": "diverged", "value": 1.0}, {**job, "metric": "error", "value": str(error)}]
@@ -161,7 +203,7 @@ def choose(selection: list[dict], knob: str) -> dict:
     best = min(finite, key=finite.get)
     return {"knob": knob, "value": best, "valid_nelbo_mean_by_value": {str(k): v for k, v in sorted(means.items())},
             "valid_nelbo_by_value": {str(k): v for k, v in sorted(by_value.items())},
-            "at_grid_edge": best in (min(means), max(means))}
+            "at_grid_edge": knob != RECIPE and best in (min(means), max(means))}
 
 
 def finite_json(value):
@@ -187,7 +229,8 @@ def summary_table(report: list[dict], choices: dict, dataset: str) -> str:
         prim = [e["values"].get(metric, math.nan) for e in runs]
         nelbo = [e["values"].get("nelbo_bits", math.nan) for e in runs]
         edge = " (grid edge)" if choice["at_grid_edge"] else ""
-        lines.append(f"| {method} | {T} | {choice['knob'].split('.')[-1]}={choice['value']:g}{edge} | "
+        value = choice["value"] if choice["knob"] == RECIPE else f"{choice['value']:g}"
+        lines.append(f"| {method} | {T} | {choice['knob'].split('.')[-1]}={value}{edge} | "
                      f"{statistics.mean(prim):.4f} ({' / '.join(f'{v:.4f}' for v in prim)}) | "
                      f"{statistics.mean(nelbo):.4f} ({' / '.join(f'{v:.4f}' for v in nelbo)}) |")
     return "\n".join(lines)
@@ -266,12 +309,20 @@ def parse_args(argv: list[str] | None = None
         if method in gridded:
             parser.error(f"--grid {item}: {method} has a --grid already; give its values in one list")
         gridded.add(method)
-        try:
-            grid = sorted({float(v) for v in values.split(",")})
-        except ValueError:
-            parser.error(f"--grid {item}: values must be numbers separated by commas")
-        if not all(math.isfinite(v) and v > 0 for v in grid):
-            parser.error(f"--grid {item}: learning rates must be finite and positive")
+        if knobs[method][0] == RECIPE:
+            grid = sorted(set(values.split(",")))
+            try:
+                for value in grid:
+                    recipe_overrides(value)
+            except ValueError as error:
+                parser.error(f"--grid {item}: {error}")
+        else:
+            try:
+                grid = sorted({float(v) for v in values.split(",")})
+            except ValueError:
+                parser.error(f"--grid {item}: values must be numbers separated by commas")
+            if not all(math.isfinite(v) and v > 0 for v in grid):
+                parser.error(f"--grid {item}: learning rates must be finite and positive")
         if len(grid) < 2:
             parser.error(f"--grid {item}: a grid needs at least two values, or there is nothing to choose")
         knobs[method] = (knobs[method][0], grid)
@@ -301,12 +352,12 @@ def main(argv: list[str] | None = None) -> None:
     def job(method: str, T: int, seed: int) -> dict:
         return {"dataset": args.dataset, "method": method, "steps": T, "seed": seed}
 
-    selection_tasks = [("select", job(m, T, s), {**always, knob: value})
+    selection_tasks = [("select", job(m, T, s), cell_overrides(m, knob, value, always))
                        for m, (knob, grid) in knobs.items() for T in args.steps for value in grid
                        for s in args.select_seeds]
     try:  # fail before any training on a bad value
         for _, j, o in selection_tasks:
-            config_for(j, args.train_steps, None, o)
+            config_for(j, args.train_steps, None, config_keys(o))
     except ConfigError as err:
         parser.error(str(err))
     results = run_all(selection_tasks, args, cache, done, commit)
@@ -317,10 +368,10 @@ def main(argv: list[str] | None = None) -> None:
             runs = [results[run_key(*t)] for t in selection_tasks if t[1]["method"] == method and t[1]["steps"] == T]
             choices[(method, T)] = choose(runs, knob)
             c = choices[(method, T)]
-            print(f"chosen on validation: {method} T={T} {knob}={c['value']:g}  "
+            print(f"chosen on validation: {method} T={T} {knob}={c['value']}  "
                   f"(mean valid NELBO by value: {c['valid_nelbo_mean_by_value']})", flush=True)
 
-    report_tasks = [("report", job(m, T, s), {**always, choices[(m, T)]["knob"]: choices[(m, T)]["value"]})
+    report_tasks = [("report", job(m, T, s), cell_overrides(m, choices[(m, T)]["knob"], choices[(m, T)]["value"], always))
                     for (m, T) in choices for s in args.report_seeds]
     results = run_all(report_tasks, args, cache, results, commit)
     report = [results[run_key(*t)] for t in report_tasks]
