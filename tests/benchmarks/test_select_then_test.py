@@ -11,7 +11,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from select_then_test import ProtocolMismatch, choose, main, parse_args, read_cache, run_key  # noqa: E402
+from select_then_test import (ProtocolMismatch, cell_overrides, choose, config_keys, main,  # noqa: E402
+                              parse_args, read_cache, run_key)
 
 
 def run(value: float, seed: int, nelbo: float) -> dict:
@@ -36,6 +37,21 @@ def test_a_value_that_diverged_or_gave_nan_on_one_seed_is_never_chosen_and_edges
     assert edge["value"] == 1e-3 and edge["at_grid_edge"]
     with pytest.raises(RuntimeError, match="diverged"):
         choose([run(1e-3, 0, math.inf)], "train.forward_lr")
+
+
+def test_a_recipe_value_sets_the_start_its_phase_and_the_forward_rate_and_selection_groups_by_its_name():
+    always = {"train.forward_lr_ref_steps": 0}
+    random = cell_overrides("fldd", "recipe", "random/1e-3", always)
+    assert config_keys(random) == {"train.forward_lr_ref_steps": 0, "process.warm_start": "none",
+                                   "train.forward_freeze_fraction": 0.0, "train.forward_lr": 1e-3}
+    warm = cell_overrides("fldd", "recipe", "masked-warm/3e-4", always)
+    assert (warm["process.warm_start"], warm["train.forward_freeze_fraction"]) == ("masked", 0.3)
+    # the learned masking order keeps its own reverse-only phase whatever its rate
+    assert cell_overrides("fldd-mask-carry", "train.forward_lr", 3e-3, always)["train.forward_freeze_fraction"] == 0.3
+    runs = [{"overrides": o, "seed": s, "values": {"nelbo_bits": v}}
+            for o, s, v in [(random, 0, 4.53), (random, 1, 4.90), (warm, 0, 4.56), (warm, 1, 4.57)]]
+    choice = choose(runs, "recipe")
+    assert choice["value"] == "masked-warm/3e-4" and not choice["at_grid_edge"]  # names have no edge
 
 
 def test_the_cache_refuses_runs_of_another_protocol_and_skips_a_line_cut_short(tmp_path):
@@ -66,7 +82,9 @@ def test_the_cache_refuses_runs_of_another_protocol_and_skips_a_line_cut_short(t
 @pytest.mark.parametrize("grid, message", [(["masked-x0=1e-3"], "at least two values"),
                                            (["masked-x0=1e-3,fast"], "numbers"),
                                            (["masked-x0=1e-3,inf"], "finite and positive"),
-                                           (["fldd=1e-3,2e-3"], "not one of the methods"),
+                                           (["fldd-mask=1e-3,2e-3"], "not one of the methods"),
+                                           (["fldd=random/1e-3,warm/1e-3"], "the start must be one of"),
+                                           (["fldd=random/1e-3,random/fast"], "forward learning rate"),
                                            (["masked-x0=1e-3,2e-3", "masked-x0=4e-3,8e-3"], "has a --grid already")])
 def test_a_bad_grid_is_refused_before_any_training(tmp_path, grid, message, capsys):
     with pytest.raises(SystemExit):
@@ -84,7 +102,7 @@ def test_another_grid_needs_its_own_output(capsys):
 def test_quick_shortens_the_default_grids_but_keeps_a_users_grid_whole():
     _, args, knobs = parse_args(["--quick", "--grid", "masked-x0=1e-4,2e-4,3e-4", "--out", "x.json"])
     assert knobs["masked-x0"] == ("train.lr", [1e-4, 2e-4, 3e-4])
-    assert knobs["fldd-mask-carry"] == ("train.forward_lr", [1e-4, 3e-4])  # the default's middle two
+    assert knobs["fldd-mask-carry"] == ("train.forward_lr", [1e-3, 3e-3])  # the default's last two
     assert (args.steps, args.select_seeds, args.report_seeds, args.train_steps) == ([2], [0], [10], 150)
 
 
