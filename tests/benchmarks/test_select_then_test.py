@@ -102,7 +102,7 @@ def test_another_grid_needs_its_own_output(capsys):
 def test_quick_shortens_the_default_grids_but_keeps_a_users_grid_whole():
     _, args, knobs = parse_args(["--quick", "--grid", "masked-x0=1e-4,2e-4,3e-4", "--out", "x.json"])
     assert knobs["masked-x0"] == ("train.lr", [1e-4, 2e-4, 3e-4])
-    assert knobs["fldd-mask-carry"] == ("train.forward_lr", [1e-3, 3e-3])  # the default's last two
+    assert knobs["fldd-mask-carry"] == ("train.forward_lr", [3e-4, 1e-3])  # the default's middle two
     assert (args.steps, args.select_seeds, args.report_seeds, args.train_steps) == ([2], [0], [10], 150)
 
 
