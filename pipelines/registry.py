@@ -44,19 +44,18 @@ from mlflow.tracking import MlflowClient
 
 from fldd.config import FLDDConfig
 from fldd.model import FLDDModel
-from pipelines.tracking import (BUDGET_TAG, DATASET_TAG, EXPERIMENT, KIND_TAG, PARAMETERIZATION_TAG, RUN_NAME_TAG,
-                                SWEEP_TAG, dataset_name, download_model_file, tracking_uri)
+from pipelines.tracking import dataset_name, download_model_file, tracking_uri
+from pipelines.vocabulary import (BUDGET_TAG, CHAMPION, COLLAPSED_TAG, DATASET_TAG, DECIDED_AT_TAG, DECISION_REASON_TAG,
+                                  DECISION_TAG, DEFAULT_BUDGET_TAG, EVAL_PASSES_TAG, EVAL_SEED_TAG, EXPERIMENT,
+                                  FINAL_VALID_NELBO_METRIC, FINAL_VALID_STDERR_METRIC, GIT_COMMIT_TAG,
+                                  HOLDER_TEST_NELBO_TAG, HOLDER_VERSION_TAG, IDENTITY_KEYS, IDENTITY_TAGS, KIND_TAG,
+                                  KIND_TRIAL, MARGIN_RULE_TAG, MARGIN_TAG, MODEL_NAME, MODEL_VERSIONS_TAG,
+                                  PAIRED_DIFFERENCE_TAG, PAIRED_STDERR_TAG, PARAMETERIZATION_TAG, REGISTERED_MODEL_NAME,
+                                  ROLLED_BACK_AT_TAG, RUN_NAME_TAG, SOURCE_RUN, SOURCE_SWEEP, SOURCE_TAG, SWEEP_TAG,
+                                  TEST_EXAMPLES_TAG, TEST_NELBO_TAG, TEST_SPLIT_TAG, TEST_STDERR_TAG, VALID_NELBO_TAG,
+                                  VALID_STDERR_TAG, VERSION_BUDGET_TAG, VERSION_GIT_COMMIT_TAG, VERSION_METHOD_TAG,
+                                  champion_alias, history_tag)
 
-SCORE_METRIC, SCORE_STDERR_METRIC = "final_valid_nelbo_bits", "final_valid_nelbo_stderr"
-
-# registered-model tags
-DEFAULT_BUDGET_TAG = "fldd.default_budget"
-HISTORY_TAG_PREFIX = "fldd.history."
-IDENTITY_KEYS = ("dataset", "vocab_size", "seq_len")  # stored as fldd.<key> on the model and its versions
-
-MODEL_VERSIONS_TAG = "mlflow.modelVersions"  # LoggedModel tag: [{"name", "version"}, ...]
-
-CHAMPION = "champion"
 PROMOTED, REFUSED, UNCHANGED = "promoted", "refused", "unchanged"
 
 
@@ -66,14 +65,6 @@ class RegistryError(ValueError):
 
 class RollbackError(RuntimeError):
     """A rollback that cannot be done: no previous holder, or an alias history out of step. (exit 1)"""
-
-
-def champion_alias(budget: int) -> str:
-    return f"{CHAMPION}-t{int(budget)}"
-
-
-def history_tag(alias: str) -> str:
-    return HISTORY_TAG_PREFIX + alias
 
 
 @dataclass
@@ -105,17 +96,17 @@ class Decision:
 
     def tags(self) -> dict[str, str]:
         """The version tags that record this decision."""
-        tags = {"fldd.decision": self.decision, "fldd.decision_reason": self.reason[:4900],
-                "fldd.decided_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "fldd.test_nelbo_bits": _number(self.candidate_test_bits),
-                "fldd.test_nelbo_stderr": _number(self.candidate_test_stderr),
-                "fldd.test_examples": str(self.test_examples), "fldd.test_split_sha1": self.test_split,
-                "fldd.holder_version": self.holder_version or "none"}
+        tags = {DECISION_TAG: self.decision, DECISION_REASON_TAG: self.reason[:4900],
+                DECIDED_AT_TAG: time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                TEST_NELBO_TAG: _number(self.candidate_test_bits),
+                TEST_STDERR_TAG: _number(self.candidate_test_stderr),
+                TEST_EXAMPLES_TAG: str(self.test_examples), TEST_SPLIT_TAG: self.test_split,
+                HOLDER_VERSION_TAG: self.holder_version or "none"}
         if self.holder_version is not None:
-            tags.update({"fldd.holder_test_nelbo_bits": _number(self.holder_test_bits),
-                         "fldd.paired_difference_bits": _number(self.difference_bits),
-                         "fldd.paired_difference_stderr": _number(self.difference_stderr),
-                         "fldd.margin_bits": _number(self.margin_bits), "fldd.margin_rule": self.margin_rule})
+            tags.update({HOLDER_TEST_NELBO_TAG: _number(self.holder_test_bits),
+                         PAIRED_DIFFERENCE_TAG: _number(self.difference_bits),
+                         PAIRED_STDERR_TAG: _number(self.difference_stderr),
+                         MARGIN_TAG: _number(self.margin_bits), MARGIN_RULE_TAG: self.margin_rule})
         return tags
 
     def __str__(self) -> str:
@@ -183,7 +174,7 @@ def _not_found(error: MlflowException) -> bool:
 
 
 def default_model_name(cfg: FLDDConfig) -> str:
-    return f"fldd-{dataset_name(cfg)}"
+    return REGISTERED_MODEL_NAME.format(dataset=dataset_name(cfg))
 
 
 def _default_name_from_run(run: Run) -> str:
@@ -191,7 +182,7 @@ def _default_name_from_run(run: Run) -> str:
     params = run.data.params
     dataset = (run.data.tags.get(DATASET_TAG) or (Path(params["data.path"]).stem if params.get("data.path") else None)
                or params.get("data.name", "unknown"))
-    return f"fldd-{dataset}"
+    return REGISTERED_MODEL_NAME.format(dataset=dataset)
 
 
 def identity_of(cfg: FLDDConfig) -> dict[str, str]:
@@ -257,13 +248,14 @@ def _eligible(run: Run) -> str | None:
     """Why a run cannot be a candidate (None: it can)."""
     if run.info.status != "FINISHED":
         return f"status {run.info.status}"
-    value = run.data.metrics.get(SCORE_METRIC)
+    value = run.data.metrics.get(FINAL_VALID_NELBO_METRIC)
     if value is None:
-        return f"no {SCORE_METRIC} metric (training logs only finite values: it was NaN or inf, or never logged)"
+        return (f"no {FINAL_VALID_NELBO_METRIC} metric (training logs only finite values: it was NaN or inf, "
+                "or never logged)")
     if not math.isfinite(value):
-        return f"{SCORE_METRIC}={value}"
-    if run.data.tags.get("collapsed") == "True":
-        return "collapsed forward (tag collapsed=True)"
+        return f"{FINAL_VALID_NELBO_METRIC}={value}"
+    if run.data.tags.get(COLLAPSED_TAG) == "True":
+        return f"collapsed forward (tag {COLLAPSED_TAG}=True)"
     return None
 
 
@@ -272,14 +264,14 @@ def find_candidates(sweep: str, budget: int | None = None, client: MlflowClient 
     lowest final validation NELBO, skipping non-finite values and collapsed runs. Budgets whose
     trials are all ineligible map to a string saying why. RegistryError: no trials at all."""
     client = _client(client)
-    filters = f"tags.`{SWEEP_TAG}` = '{_quoted(sweep, 'sweep')}' and tags.`{KIND_TAG}` = 'trial'"
+    filters = f"tags.`{SWEEP_TAG}` = '{_quoted(sweep, 'sweep')}' and tags.`{KIND_TAG}` = '{KIND_TRIAL}'"
     if budget is not None:
         filters += f" and tags.`{BUDGET_TAG}` = '{int(budget)}'"
     trials = _search_runs(client, filters)
     if not trials:
         at = f" at budget T={budget}" if budget is not None else ""
         raise RegistryError(f"sweep {sweep!r} has no trial runs{at} (runs tagged {SWEEP_TAG}={sweep!r}, "
-                            f"{KIND_TAG}=trial) in experiment {EXPERIMENT!r} of {client.tracking_uri}")
+                            f"{KIND_TAG}={KIND_TRIAL}) in experiment {EXPERIMENT!r} of {client.tracking_uri}")
     by_budget: dict[int, list[Run]] = {}
     for run in trials:
         try:
@@ -292,7 +284,7 @@ def find_candidates(sweep: str, budget: int | None = None, client: MlflowClient 
     for T, runs in sorted(by_budget.items()):
         eligible = [r for r in runs if _eligible(r) is None]
         if eligible:
-            result[T] = min(eligible, key=lambda r: (r.data.metrics[SCORE_METRIC], r.info.start_time))
+            result[T] = min(eligible, key=lambda r: (r.data.metrics[FINAL_VALID_NELBO_METRIC], r.info.start_time))
         else:
             reasons = sorted({_eligible(r) for r in runs})
             result[T] = f"no eligible trial among {len(runs)} at T={T}: " + "; ".join(reasons)
@@ -338,11 +330,11 @@ def _model_source(client: MlflowClient, run: Run) -> tuple[str, str | None]:
     """
     run_id = run.info.run_id
     models = client.search_logged_models([run.info.experiment_id],
-                                         filter_string=f"source_run_id = '{run_id}' AND name = 'model'")
+                                         filter_string=f"source_run_id = '{run_id}' AND name = '{MODEL_NAME}'")
     if models:
         newest = max(models, key=lambda m: m.creation_timestamp)
         return newest.artifact_location, newest.model_id
-    location = f"{run.info.artifact_uri.rstrip('/')}/model"
+    location = f"{run.info.artifact_uri.rstrip('/')}/{MODEL_NAME}"
     if not any(a.path.endswith("MLmodel") for a in get_artifact_repository(location).list_artifacts()):
         raise RegistryError(f"run {run_id} has no logged model at runs:/{run_id}/model")
     return location, None
@@ -361,15 +353,15 @@ def _static_refusal(run: Run, cfg: FLDDConfig, model: FLDDModel) -> str | None:
     """Reasons to refuse before registering anything."""
     if run.info.status != "FINISHED":
         return f"run {run.info.run_id} is {run.info.status}, not FINISHED"
-    for key in (SCORE_METRIC, SCORE_STDERR_METRIC):
+    for key in (FINAL_VALID_NELBO_METRIC, FINAL_VALID_STDERR_METRIC):
         value = run.data.metrics.get(key)
         if value is None:
             return (f"the run has no {key} metric: its final validation metrics are missing "
                     "(training logs only finite values, so it was NaN or inf, or the run never finished)")
         if not math.isfinite(value):
             return f"non-finite validation metric {key}={value}"
-    if run.data.tags.get("collapsed") == "True" or bool(model.collapsed):
-        return ("collapsed forward process (run tag collapsed=True): no interior step carries information "
+    if run.data.tags.get(COLLAPSED_TAG) == "True" or bool(model.collapsed):
+        return (f"collapsed forward process (run tag {COLLAPSED_TAG}=True): no interior step carries information "
                 "about x, so this T-step model samples like a 1-step model")
     return None
 
@@ -378,11 +370,11 @@ def _identity_refusal(client: MlflowClient, name: str, identity: dict[str, str])
     registered = _get_registered_model(client, name)
     if registered is None:
         return None
-    expected = {k: registered.tags.get(f"fldd.{k}") for k in IDENTITY_KEYS}
+    expected = {k: registered.tags.get(IDENTITY_TAGS[k]) for k in IDENTITY_KEYS}
     if any(v is None for v in expected.values()):  # a model registered by other means: ask its versions
         for version in _versions(client, name):
             for k in IDENTITY_KEYS:
-                expected[k] = expected[k] or version.tags.get(f"fldd.{k}")
+                expected[k] = expected[k] or version.tags.get(IDENTITY_TAGS[k])
     differences = [f"{k} {identity[k]!r} (model has {expected[k]!r})" for k in IDENTITY_KEYS
                    if expected[k] is not None and expected[k] != identity[k]]
     if differences:
@@ -404,7 +396,7 @@ def _register(client: MlflowClient, name: str, run: Run, cfg: FLDDConfig, model:
     if _get_registered_model(client, name) is None:
         try:
             client.create_registered_model(
-                name, tags={f"fldd.{k}": v for k, v in identity.items()},
+                name, tags={IDENTITY_TAGS[k]: v for k, v in identity.items()},
                 description=f"FLDD samplers for {identity['dataset']} (fldd promote). Aliases: champion-t<T> "
                 "per step budget T; champion follows champion-t<default budget>.")
         except MlflowException as error:
@@ -412,21 +404,21 @@ def _register(client: MlflowClient, name: str, run: Run, cfg: FLDDConfig, model:
                 raise
     registered = client.get_registered_model(name)
     for key, value in identity.items():  # a model created by other means: adopt the identity
-        if f"fldd.{key}" not in registered.tags:
-            client.set_registered_model_tag(name, f"fldd.{key}", value)
+        if IDENTITY_TAGS[key] not in registered.tags:
+            client.set_registered_model_tag(name, IDENTITY_TAGS[key], value)
     tags = run.data.tags
     version_tags = {
-        "fldd.num_steps_T": str(T), "fldd.parameterization": tags.get(PARAMETERIZATION_TAG) or cfg.parameterization,
-        "fldd.method": cfg.process.method, **{f"fldd.{k}": v for k, v in identity.items()},
-        "fldd.valid_nelbo_bits": _number(run.data.metrics[SCORE_METRIC]),
-        "fldd.valid_nelbo_stderr": _number(run.data.metrics[SCORE_STDERR_METRIC]),
-        "fldd.git_commit": tags.get("git_commit", "unknown"),
-        "fldd.run_name": tags.get(RUN_NAME_TAG, run.info.run_name),
-        "fldd.source": "sweep" if sweep else "run", **({"fldd.sweep": sweep} if sweep else {}),
+        VERSION_BUDGET_TAG: str(T), PARAMETERIZATION_TAG: tags.get(PARAMETERIZATION_TAG) or cfg.parameterization,
+        VERSION_METHOD_TAG: cfg.process.method, **{IDENTITY_TAGS[k]: v for k, v in identity.items()},
+        VALID_NELBO_TAG: _number(run.data.metrics[FINAL_VALID_NELBO_METRIC]),
+        VALID_STDERR_TAG: _number(run.data.metrics[FINAL_VALID_STDERR_METRIC]),
+        VERSION_GIT_COMMIT_TAG: tags.get(GIT_COMMIT_TAG, "unknown"),
+        RUN_NAME_TAG: tags.get(RUN_NAME_TAG, run.info.run_name),
+        SOURCE_TAG: SOURCE_SWEEP if sweep else SOURCE_RUN, **({SWEEP_TAG: sweep} if sweep else {}),
     }
     source, model_id = _model_source(client, run)
     version = client.create_model_version(name, source, run_id=run.info.run_id, tags=version_tags,
-                                          description=f"run {run.info.run_id} ({version_tags['fldd.run_name']})",
+                                          description=f"run {run.info.run_id} ({version_tags[RUN_NAME_TAG]})",
                                           model_id=model_id)
     if model_id:  # the LoggedModel lists its registered versions, as mlflow.register_model records it
         listed = json.loads(client.get_logged_model(model_id).tags.get(MODEL_VERSIONS_TAG) or "[]")
@@ -485,7 +477,7 @@ def promote_run(run: Run, *, model_name: str | None = None, margin: float | None
     cfg = candidate.config
     T = cfg.process.num_steps
     name = model_name or default_model_name(cfg)
-    valid_bits = _float(run.data.metrics.get(SCORE_METRIC))
+    valid_bits = _float(run.data.metrics.get(FINAL_VALID_NELBO_METRIC))
     base = {"model_name": name, "budget": T, "run_id": run_id, "valid_bits": valid_bits}
     if budget is not None and int(budget) != T:
         raise RegistryError(f"run {run_id} is tagged for budget T={budget} but its model has T={T}")
@@ -511,7 +503,7 @@ def promote_run(run: Run, *, model_name: str | None = None, margin: float | None
                                 f"{identity_of(holder_model.config)}, the candidate for {identity_of(cfg)}: "
                                 "fix the registered model's aliases first")
     fingerprint = split_fingerprint(test)
-    judged_on = holder.tags.get("fldd.test_split_sha1") if holder is not None else None
+    judged_on = holder.tags.get(TEST_SPLIT_TAG) if holder is not None else None
     if judged_on and judged_on != fingerprint:  # the two test NELBOs would not be comparable
         return Decision(decision=REFUSED, reason=f"the candidate's test split ({fingerprint}) is not the one holder "
                         f"version {holder.version} was judged on ({judged_on}): its data settings (data.seed, "
@@ -560,7 +552,7 @@ def promote_run(run: Run, *, model_name: str | None = None, margin: float | None
                                f"{decision.difference_bits:.4f} <= margin {decision.margin_bits:.4f} bits/token")
 
     # the record first: an alias never points at a version whose decision is not written down
-    for key, value in {**decision.tags(), "fldd.eval_seed": str(seed), "fldd.eval_passes": str(passes)}.items():
+    for key, value in {**decision.tags(), EVAL_SEED_TAG: str(seed), EVAL_PASSES_TAG: str(passes)}.items():
         client.set_model_version_tag(name, version_number, key, value)
     if decision.promoted:
         with uninterrupted():
@@ -640,7 +632,7 @@ def rollback(model_name: str, budget: int | None = None, client: MlflowClient | 
             if champion_history and champion_history[-1] == str(current.version):
                 _set_history(client, model_name, CHAMPION, champion_history[:-1])
             moved[CHAMPION] = previous
-    client.set_model_version_tag(model_name, str(current.version), "fldd.rolled_back_at",
+    client.set_model_version_tag(model_name, str(current.version), ROLLED_BACK_AT_TAG,
                                  time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     return moved
 
@@ -671,9 +663,9 @@ def list_models(name: str | None = None, client: MlflowClient | None = None) -> 
             t = v.tags
             rows.append(ModelRow(
                 name=model_name, version=str(v.version), aliases=sorted(aliases.get(str(v.version), [])),
-                budget=t.get("fldd.num_steps_T", "?"), parameterization=t.get("fldd.parameterization", "?"),
-                dataset=t.get("fldd.dataset", "?"), valid_bits=_short(t.get("fldd.valid_nelbo_bits")),
-                test_bits=_short(t.get("fldd.test_nelbo_bits")), decision=t.get("fldd.decision", "-"),
+                budget=t.get(VERSION_BUDGET_TAG, "?"), parameterization=t.get(PARAMETERIZATION_TAG, "?"),
+                dataset=t.get(DATASET_TAG, "?"), valid_bits=_short(t.get(VALID_NELBO_TAG)),
+                test_bits=_short(t.get(TEST_NELBO_TAG)), decision=t.get(DECISION_TAG, "-"),
                 run_id=v.run_id or ""))
     return rows
 
