@@ -41,6 +41,7 @@ from ray.serve import Application
 
 from fldd.model import FLDDModel
 from fldd.service import GenerationRequest, PreparedRequest, RequestError, SamplerService
+from pipelines.vocabulary import champion_alias
 from serving.registry import (ModelSnapshot, load_registered_model, model_id, read_registry, split_model_id)
 from serving.schemas import (GenerateRequest, GenerateResponse, ModelEntry, ModelsResponse, VersionEntry)
 from serving.settings import ServeSettings
@@ -294,7 +295,7 @@ class GenerationServer:
         if isinstance(result, Exception):
             raise result
         tokens, batch_requests = result
-        return GenerateResponse(model=name, version=version, alias=f"champion-t{steps}", steps=service.num_steps,
+        return GenerateResponse(model=name, version=version, alias=champion_alias(steps), steps=service.num_steps,
                                 seed=prepared.seed, format=body.format, samples=service.render(tokens, body.format),
                                 tokens=tokens.tolist(), batch_requests=batch_requests,
                                 elapsed_s=time.perf_counter() - start)

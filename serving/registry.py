@@ -14,12 +14,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from fldd.model import FLDDModel
-from pipelines.registry import CHAMPION, DEFAULT_BUDGET_TAG
 from pipelines.tracking import resolve_model
-
-CHAMPION_PREFIX = f"{CHAMPION}-t"
-INFO_TAGS = {"parameterization": "fldd.parameterization", "dataset": "fldd.dataset",
-             "test_nelbo_bits": "fldd.test_nelbo_bits", "valid_nelbo_bits": "fldd.valid_nelbo_bits"}
+from pipelines.vocabulary import (CHAMPION, DATASET_TAG, DEFAULT_BUDGET_TAG, PARAMETERIZATION_TAG, TEST_NELBO_TAG,
+                                  VALID_NELBO_TAG, VERSION_BUDGET_TAG, budget_of_alias)
 
 
 @dataclass(frozen=True)
@@ -83,20 +80,20 @@ def read_registry(tracking_uri: str, name: str) -> ModelSnapshot:
     aliases = {alias: str(version) for alias, version in (registered.aliases or {}).items()}
     budgets = {}
     for alias, version in aliases.items():
-        suffix = alias[len(CHAMPION_PREFIX):] if alias.startswith(CHAMPION_PREFIX) else ""
-        if suffix.isdigit():
-            budgets[int(suffix)] = version
+        budget = budget_of_alias(alias)
+        if budget is not None:
+            budgets[budget] = version
     versions = {}
     for version in sorted(set(budgets.values()) | ({aliases[CHAMPION]} if CHAMPION in aliases else set())):
         v = client.get_model_version(name, version)
         tags = v.tags
-        steps = tags.get("fldd.num_steps_T") or registered.tags.get(DEFAULT_BUDGET_TAG) or "0"
+        steps = tags.get(VERSION_BUDGET_TAG) or registered.tags.get(DEFAULT_BUDGET_TAG) or "0"
         versions[version] = VersionInfo(
             version=version, steps=int(steps),
             aliases=tuple(sorted(a for a, held in aliases.items() if held == version)),
-            parameterization=tags.get(INFO_TAGS["parameterization"]), dataset=tags.get(INFO_TAGS["dataset"]),
-            test_nelbo_bits=_float(tags.get(INFO_TAGS["test_nelbo_bits"])),
-            valid_nelbo_bits=_float(tags.get(INFO_TAGS["valid_nelbo_bits"])), run_id=v.run_id)
+            parameterization=tags.get(PARAMETERIZATION_TAG), dataset=tags.get(DATASET_TAG),
+            test_nelbo_bits=_float(tags.get(TEST_NELBO_TAG)), valid_nelbo_bits=_float(tags.get(VALID_NELBO_TAG)),
+            run_id=v.run_id)
     default = versions[aliases[CHAMPION]].steps if CHAMPION in aliases else None
     if default is not None and default not in budgets:  # a champion set by hand, without champion-t<T>
         budgets[default] = aliases[CHAMPION]
