@@ -17,6 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from pipelines.tracking import Tracker  # noqa: E402
+from pipelines.vocabulary import BEST_RUN_TAG, BEST_VALID_METRIC  # noqa: E402
 
 
 @dataclass
@@ -137,11 +138,11 @@ def log_results(outcome: SweepOutcome, parent: Tracker, home: Path) -> Path:
     for path in (write_csv(outcome.rows, directory / "trials.csv"), plot_front(outcome, directory / "quality_vs_steps.png")):
         parent.log_artifact(path)
     # the number the choice was made on: the mean over seeds where the config ran under several
-    metrics = {f"best_valid_nelbo_bits_T{T}": row.config_mean_valid_nelbo for T, row in outcome.best.items()}
+    metrics = {BEST_VALID_METRIC.format(T=T): row.config_mean_valid_nelbo for T, row in outcome.best.items()}
     parent.log_metrics(0, {**metrics, "trials": len(outcome.rows), "wall_seconds": outcome.wall_seconds,
                            **{f"trials_{status}": sum(r.status == status for r in outcome.rows)
                               for status in ("finished", "stopped", "error", "collapsed")}})
-    parent.set_tags({f"best_run_T{T}": row.run_id for T, row in outcome.best.items()})
+    parent.set_tags({BEST_RUN_TAG.format(T=T): row.run_id for T, row in outcome.best.items()})
     return directory
 
 

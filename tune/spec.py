@@ -32,11 +32,12 @@ import yaml
 from ray import tune
 
 from fldd.config import PARAMETERIZATIONS, ConfigError, FLDDConfig
+from pipelines.vocabulary import VALID_NELBO_METRIC
 
 PARAMETERIZATION_KEY = "parameterization"
 DOMAINS = ("grid", "choice", "uniform", "loguniform", "randint")
 SCHEDULERS = ("asha", "fifo")
-METRICS = ("valid_nelbo_bits",)  # selection happens on validation data only
+METRICS = (VALID_NELBO_METRIC,)  # selection happens on validation data only
 
 
 @dataclass
@@ -54,7 +55,7 @@ class SweepSpec:
     budgets: list[int]
     space: dict[str, dict[str, Any]]  # key -> {"domain": ..., "values": ..., "only": [...]}
     samples: int = 1
-    metric: str = "valid_nelbo_bits"
+    metric: str = VALID_NELBO_METRIC
     scheduler: dict[str, Any] = field(default_factory=lambda: {"type": "asha"})
     resources: Resources = field(default_factory=Resources)
     source: str = ""  # the YAML text, logged on the sweep's parent run
@@ -89,7 +90,7 @@ class SweepSpec:
         spec = cls(name=str(data.get("name") or default_name), base=base,
                    budgets=list(data.get("budgets") or [base.process.num_steps]),
                    space={key: _parse_domain(key, value) for key, value in (data.get("space") or {}).items()},
-                   samples=data.get("samples", 1), metric=data.get("metric", "valid_nelbo_bits"),
+                   samples=data.get("samples", 1), metric=data.get("metric", VALID_NELBO_METRIC),
                    scheduler=dict(data.get("scheduler") or {"type": "asha"}), resources=Resources(**resources),
                    source=source)
         return spec.validate()

@@ -23,15 +23,18 @@ from tqdm.auto import tqdm
 
 from fldd.config import ConfigError
 from fldd.data import resolve_data_shape
-from pipelines.tracking import (BUDGET_TAG, KIND_TAG, PARENT_TAG, SWEEP_TAG, TRIAL_TAG, Tracker, ensure_experiment,
-                                find_or_create_run, git_commit, project_home, tracking_uri)
-from pipelines.train import SCORE, LaunchOptions, TrainingError, init_ray, launch
+from pipelines.tracking import Tracker, ensure_experiment, find_or_create_run, git_commit, project_home, tracking_uri
+from pipelines.train import LaunchOptions, TrainingError, init_ray, launch
+from pipelines.vocabulary import (BUDGET_TAG, BUDGETS_TAG, COLLAPSED_TAG, DIGEST_TAG, EARLY_STOPPED_TAG, ERROR_TAG,
+                                  EXPERIMENT, FINAL_TRAIN_SECONDS_METRIC, FINAL_VALID_NELBO_METRIC,
+                                  FINAL_VALID_STDERR_METRIC, GIT_COMMIT_TAG, KIND_SWEEP, KIND_TAG, KIND_TRIAL,
+                                  PARENT_TAG, RAY_NODE_TAG, RAY_VERSION_TAG, STORAGE_TAG, SWEEP_RUN_NAME, SWEEP_TAG,
+                                  TRIAL_RUN_NAME, TRIAL_TAG, VALID_NELBO_METRIC)
 from tune.results import SweepOutcome, TrialRow, best_per_budget, log_results
 from tune.spec import PARAMETERIZATION_KEY, SweepSpec
 
 log = logging.getLogger(__name__)
 
-DIGEST_TAG = "fldd.sweep_digest"
 TRIAL_DRIVER_CPUS = 0.01  # the trial's own process only waits on its Train workers (STACK_NOTES)
 
 
@@ -59,13 +62,13 @@ def run_trial(values: dict[str, Any], *, spec: SweepSpec, budget: int, sweep: st
         workers=r.workers_per_trial, gpu=r.gpus_per_worker > 0, cpus_per_worker=r.cpus_per_worker,
         storage=storage, name=trial_run_name(sweep, budget, trial_id), quiet=True, max_failures=1,
         callbacks=[TuneReportCallback()],
-        tags={PARENT_TAG: parent_run_id, SWEEP_TAG: sweep, KIND_TAG: "trial", BUDGET_TAG: budget,
-              TRIAL_TAG: trial_id, "ray_node_id": ray.get_runtime_context().get_node_id()}))
+        tags={PARENT_TAG: parent_run_id, SWEEP_TAG: sweep, KIND_TAG: KIND_TRIAL, BUDGET_TAG: budget,
+              TRIAL_TAG: trial_id, RAY_NODE_TAG: ray.get_runtime_context().get_node_id()}))
 
 
 def trial_run_name(sweep: str, budget: int, trial_id: str) -> str:
     """One name per trial, stable across restores: its Ray Train run and its MLflow child run."""
-    return f"{sweep}-T{budget}-{trial_id}"
+    return TRIAL_RUN_NAME.format(sweep=sweep, T=budget, trial_id=trial_id)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,7 +122,7 @@ class SweepProgress(tune.Callback):
             self._drawn = time.monotonic()
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        value = result.get(SCORE)
+        value = result.get(VALID_NELBO_METRIC)
         if value is not None and math.isfinite(value):
             self._best = min(self._best, value)
         self._refresh(trials)
@@ -218,20 +221,21 @@ def start_parent_run(spec: SweepSpec, name: str, storage: str, home: Path) -> Tr
     uri = tracking_uri(home)
     client = MlflowClient(uri)
     experiment_id = ensure_experiment(client, home)
-    tags = {SWEEP_TAG: name, KIND_TAG: "sweep", "git_commit": git_commit(), "ray_version": ray.__version__,
-            "storage": storage, "budgets": ",".join(map(str, spec.budgets))}
+    tags = {SWEEP_TAG: name, KIND_TAG: KIND_SWEEP, GIT_COMMIT_TAG: git_commit(), RAY_VERSION_TAG: ray.__version__,
+            STORAGE_TAG: storage, BUDGETS_TAG: ",".join(map(str, spec.budgets))}
     digest = spec.digest()
     existing = client.search_runs([experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{name}' and "
-                                  f"tags.`{KIND_TAG}` = 'sweep'", max_results=1)
+                                  f"tags.`{KIND_TAG}` = '{KIND_SWEEP}'", max_results=1)
     if existing:  # a rerun resumes the same sweep only: Tune would keep the old space and samples
         old = existing[0].data.tags
-        if old.get("storage") != storage:
-            raise SweepError(f"sweep {name!r} keeps its state in {old.get('storage')}, not {storage}: pass "
-                             f"--storage {old.get('storage')} to resume it, or use another --name")
+        if old.get(STORAGE_TAG) != storage:
+            raise SweepError(f"sweep {name!r} keeps its state in {old.get(STORAGE_TAG)}, not {storage}: pass "
+                             f"--storage {old.get(STORAGE_TAG)} to resume it, or use another --name")
         if old.get(DIGEST_TAG) != digest:
             raise SweepError(f"sweep {name!r} exists with a different definition (its sweep file, base config or "
                              "--samples changed since it started): use another --name for a new sweep")
-    run_id, resumed = find_or_create_run(client, experiment_id, f"sweep-{name}", {**tags, DIGEST_TAG: digest})
+    run_id, resumed = find_or_create_run(client, experiment_id, SWEEP_RUN_NAME.format(sweep=name),
+                                         {**tags, DIGEST_TAG: digest})
     tracker = Tracker(uri, run_id)
     if not resumed:
         params = {"sweep.samples": spec.samples, "sweep.metric": spec.metric, "sweep.budgets": spec.budgets,
@@ -309,8 +313,8 @@ def _run_budget(spec: SweepSpec, name: str, budget: int, storage: str, home: Pat
     else:
         tuner = tune.Tuner(
             trainable, param_space=spec.param_space(),
-            tune_config=tune.TuneConfig(metric=SCORE, mode="min", scheduler=_scheduler(spec), num_samples=spec.samples,
-                                        max_concurrent_trials=max_concurrent(spec)),
+            tune_config=tune.TuneConfig(metric=VALID_NELBO_METRIC, mode="min", scheduler=_scheduler(spec),
+                                        num_samples=spec.samples, max_concurrent_trials=max_concurrent(spec)),
             run_config=tune.RunConfig(name=experiment, storage_path=storage, verbose=2 if verbose else 0,
                                       callbacks=[watcher],
                                       failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)))
@@ -327,10 +331,10 @@ def collect_rows(spec: SweepSpec, name: str, trials_by_budget: dict[int, list], 
     """One row per trial: Tune's status joined with the MLflow child run's final validation metrics.
     Trials the scheduler stopped early have no final metrics; their child runs are closed as KILLED."""
     client = MlflowClient(mlflow_uri)
-    experiment = client.get_experiment_by_name("fldd")
+    experiment = client.get_experiment_by_name(EXPERIMENT)
     runs = {r.data.tags.get(TRIAL_TAG): r for r in client.search_runs(
-        [experiment.experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{name}' and tags.`{KIND_TAG}` = 'trial'",
-        max_results=10000)}
+        [experiment.experiment_id],
+        filter_string=f"tags.`{SWEEP_TAG}` = '{name}' and tags.`{KIND_TAG}` = '{KIND_TRIAL}'", max_results=10000)}
     rows = []
     for budget, trials in trials_by_budget.items():
         for trial in trials:
@@ -342,9 +346,9 @@ def collect_rows(spec: SweepSpec, name: str, trials_by_budget: dict[int, list], 
             run = runs.get(trial.trial_id)
             if run is not None:
                 row.run_id = run.info.run_id
-                row.valid_nelbo_bits = run.data.metrics.get("final_valid_nelbo_bits", math.nan)
-                row.valid_nelbo_stderr = run.data.metrics.get("final_valid_nelbo_stderr", math.nan)
-                row.train_seconds = run.data.metrics.get("final_train_seconds", math.nan)
+                row.valid_nelbo_bits = run.data.metrics.get(FINAL_VALID_NELBO_METRIC, math.nan)
+                row.valid_nelbo_stderr = run.data.metrics.get(FINAL_VALID_STDERR_METRIC, math.nan)
+                row.train_seconds = run.data.metrics.get(FINAL_TRAIN_SECONDS_METRIC, math.nan)
             if trial.status == "ERROR":
                 row.status = "error"
                 row.error = _trial_error(trial)
@@ -357,11 +361,11 @@ def collect_rows(spec: SweepSpec, name: str, trials_by_budget: dict[int, list], 
                 # launch saw as a failure (or never saw, if it was killed first); neither is one
                 row.status = "stopped"
                 if run.info.status != "KILLED":
-                    if "fldd.error" in run.data.tags:
-                        client.delete_tag(run.info.run_id, "fldd.error")
-                    client.set_tag(run.info.run_id, "fldd.early_stopped", "true")
+                    if ERROR_TAG in run.data.tags:
+                        client.delete_tag(run.info.run_id, ERROR_TAG)
+                    client.set_tag(run.info.run_id, EARLY_STOPPED_TAG, "true")
                     client.set_terminated(run.info.run_id, "KILLED")
-            elif run.data.tags.get("collapsed") == "True":
+            elif run.data.tags.get(COLLAPSED_TAG) == "True":
                 row.status = "collapsed"
             rows.append(row)
     return rows

@@ -19,7 +19,7 @@ from ray import tune
 from pipelines.cli import CONFIG_DIR
 from pipelines.tracking import ensure_experiment, tracking_uri
 from tune.spec import SweepSpec
-from pipelines.tracking import BUDGET_TAG, KIND_TAG, PARENT_TAG, SWEEP_TAG, TRIAL_TAG
+from pipelines.vocabulary import BUDGET_TAG, KIND_TAG, PARENT_TAG, SWEEP_TAG, TRIAL_TAG
 from tune.sweep import run_sweep
 
 REPO = Path(__file__).resolve().parents[2]
