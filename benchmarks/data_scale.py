@@ -108,6 +108,7 @@ def child(data_dir: str, steps: int, workers: int, home: str) -> dict:
     from fldd.config import FLDDConfig
     from pipelines.train import LaunchOptions, launch
     from pipelines.tracking import tracking_uri
+    from pipelines.vocabulary import VALID_NELBO_METRIC
 
     cfg = FLDDConfig.from_yaml(ROOT / "configs" / "toy2d.yaml").with_overrides({
         "data.path": data_dir, "train.steps": steps, "train.log_every": 25, "train.checkpoint_every": steps,
@@ -124,7 +125,7 @@ def child(data_dir: str, steps: int, workers: int, home: str) -> dict:
             "worker_peak_rss_mb": sorted(sampler.workers.values()),
             "ray_data_process_peak_rss_mb": sampler.data,
             "steps_per_s": (last_step - first_step) / (last_time - first_time),
-            "launch_wall_s": wall, "valid_nelbo_bits": outcome.metrics["valid_nelbo_bits"]}
+            "launch_wall_s": wall, "valid_nelbo_bits": outcome.metrics[VALID_NELBO_METRIC]}
 
 
 def main() -> None:

@@ -35,6 +35,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from pipelines.vocabulary import DECISION_TAG, EXPERIMENT, RUN_NAME_TAG, TAG_PREFIX
+
 ROOT = Path(__file__).resolve().parent.parent
 FLDD = str(Path(sys.executable).parent / "fldd")
 FIXED = "masked-x0"
@@ -65,9 +67,7 @@ class Runner:
         return MlflowClient(self.env["MLFLOW_TRACKING_URI"])
 
     def finished_run(self, name: str) -> str | None:
-        from pipelines.tracking import RUN_NAME_TAG
-
-        experiment = self.client().get_experiment_by_name("fldd")
+        experiment = self.client().get_experiment_by_name(EXPERIMENT)
         if experiment is None:
             return None
         runs = self.client().search_runs([experiment.experiment_id],
@@ -99,17 +99,17 @@ class Runner:
         """`fldd promote --run`; the decision as the gate recorded it on the version it registered."""
         command = [FLDD, "promote", "--run", run_id, "--model-name", model_name]
         query = f"name = '{model_name}' and run_id = '{run_id}'"
-        decided = [v for v in self.client().search_model_versions(query) if "fldd.decision" in v.tags]
+        decided = [v for v in self.client().search_model_versions(query) if DECISION_TAG in v.tags]
         if decided:  # a rerun: the gate decided already; promoting again would register another version
             versions = decided[-1:]
-            finished = subprocess.CompletedProcess(command, 0 if versions[0].tags["fldd.decision"] != "refused" else 1,
+            finished = subprocess.CompletedProcess(command, 0 if versions[0].tags[DECISION_TAG] != "refused" else 1,
                                                    stdout="(decided in an earlier invocation)")
         else:
             finished = subprocess.run(command, env=self.env, capture_output=True, text=True)
             if finished.returncode not in (0, 1):  # 0 promoted, 1 refused, 2 bad input
                 raise RuntimeError(f"{' '.join(command)} exited {finished.returncode}: {finished.stderr[-2000:]}")
             versions = self.client().search_model_versions(query)
-        tags = {k.removeprefix("fldd."): v for k, v in (versions[0].tags if versions else {}).items()}
+        tags = {k.removeprefix(TAG_PREFIX): v for k, v in (versions[0].tags if versions else {}).items()}
         output = finished.stdout.strip()
         recorded = {"decision": tags.get("decision"), "reason": tags.get("decision_reason"),
                     **{key: int(tags[key]) if key == "test_examples" else float(tags[key])

@@ -37,10 +37,11 @@ CARRY = ["--set", "process.reverse_parameterization=carry-over"]
 def run_id_of(name: str, home: Path) -> str:
     from mlflow.tracking import MlflowClient
 
-    from pipelines.tracking import RUN_NAME_TAG, tracking_uri
+    from pipelines.tracking import tracking_uri
+    from pipelines.vocabulary import EXPERIMENT, RUN_NAME_TAG
 
     client = MlflowClient(tracking_uri(home))
-    experiment = client.get_experiment_by_name("fldd")
+    experiment = client.get_experiment_by_name(EXPERIMENT)
     runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{name}'")
     return runs[0].info.run_id
 

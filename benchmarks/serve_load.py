@@ -38,6 +38,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 import requests  # noqa: E402
 import torch  # noqa: E402
 
+from pipelines.vocabulary import champion_alias  # noqa: E402
 from serving.settings import ServeSettings  # noqa: E402
 
 T = 4
@@ -169,7 +170,7 @@ def mlflow_server(args, uri: str, concurrencies) -> list[dict]:
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri,
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     process = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m",
-                                f"models:/{args.model_name}@champion-t{T}", "--env-manager", "local", "-h",
+                                f"models:/{args.model_name}@{champion_alias(T)}", "--env-manager", "local", "-h",
                                 "127.0.0.1", "-p", str(port)], env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -225,7 +226,7 @@ def main() -> int:
     start_local_ray(log_to_driver=False)
     if home is not None:
         tiny_champion(args.model_name)
-    version = MlflowClient(uri).get_model_version_by_alias(args.model_name, f"champion-t{T}").version
+    version = MlflowClient(uri).get_model_version_by_alias(args.model_name, champion_alias(T)).version
     result = {"model": args.model_name, "version": str(version), "steps": T, "torch_threads": torch.get_num_threads(),
               "cpus": os.cpu_count(), "load_average_at_start": os.getloadavg(),  # the box may be shared
               "caveat": "client and servers share the machine's CPUs: client_cpu_s is taken from the servers",
