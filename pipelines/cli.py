@@ -90,9 +90,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     metrics["split"] = args.split
     if run_id is not None:
         from pipelines.tracking import Tracker, tracking_uri
+        from pipelines.vocabulary import EVAL_PREFIX
 
-        Tracker(tracking_uri(), run_id).log_metrics(model.config.train.steps,
-                                                    {f"eval_{k}": v for k, v in metrics.items() if k != "split"})
+        logged = {f"{EVAL_PREFIX}{k}": v for k, v in metrics.items() if k != "split"}
+        Tracker(tracking_uri(), run_id).log_metrics(model.config.train.steps, logged)
         print(f"logged to MLflow run {run_id}", file=sys.stderr)
     print(json.dumps(metrics, indent=2))
     return 0

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 import yaml
 
+from pipelines.vocabulary import CHAMPION, FINAL_KL_METRIC
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEMO_SWEEP = CONFIG_DIR / "sweep-demo.yaml"
 DEMO_MODEL = "fldd-demo-toy2d"
@@ -158,7 +160,8 @@ def run_demo(options: DemoOptions) -> DemoOutcome:
                 errors = "; ".join(f"{r.parameterization}: {r.status} {r.error}".strip() for r in sweep.rows
                                    if r.budget == T)
                 raise DemoError(f"sweep {spec.name!r}: no trial finished at T={T} ({errors})")
-            kl = {name: client.get_run(row.run_id).data.metrics.get("final_kl", math.nan) for name, row in best.items()}
+            kl = {name: client.get_run(row.run_id).data.metrics.get(FINAL_KL_METRIC, math.nan)
+                  for name, row in best.items()}
             outcome.budgets.append(BudgetSummary(T, best, kl))
 
         # 2. promotion: the best trial per budget (on validation) through the registry's test-split gate
@@ -171,7 +174,7 @@ def run_demo(options: DemoOptions) -> DemoOutcome:
             for summary in outcome.budgets:
                 if summary.budget == decision.budget:
                     summary.decision = decision
-        if not any(alias.startswith(registry.CHAMPION) for alias in
+        if not any(alias.startswith(CHAMPION) for alias in
                    client.get_registered_model(options.model_name).aliases):
             raise DemoError(f"{options.model_name!r} has no champion: every promotion was refused (see above)")
         outcome.seconds["promote"] = time.perf_counter() - clock

@@ -21,6 +21,9 @@ from fldd.sample_metrics import CharNGram, digits_metrics, text_metrics  # noqa:
 from fldd.sampler import sample  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+from pipelines.vocabulary import (COLLAPSED_METRIC, SATURATED_METRIC, VALID_NELBO_METRIC,  # noqa: E402
+                                  VALID_STDERR_METRIC)
+
 
 def nelbo_with_progress(model: FLDDModel, data: torch.Tensor, passes: int, seed: int, label: str):
     """evaluate_nelbo with a progress bar over the rows (on a terminal only)."""
@@ -35,8 +38,8 @@ def evaluate_model(model: FLDDModel, valid: torch.Tensor, *, passes: int = 10, s
     t), exact KL/TV on the 2-D toys, digits-FD / confidence / copy rate on digits, gen-BPC with
     unigram entropy and distinct-4-grams on text, and the collapse flag."""
     estimate = nelbo_with_progress(model, valid, passes, seed, "evaluating")
-    metrics: dict[str, Any] = {"valid_nelbo_bits": estimate.bits_per_token,
-                               "valid_nelbo_stderr": estimate.stderr_bits_per_token}
+    metrics: dict[str, Any] = {VALID_NELBO_METRIC: estimate.bits_per_token,
+                               VALID_STDERR_METRIC: estimate.stderr_bits_per_token}
     for t, bits in enumerate(estimate.kl_per_step_bits_per_token, start=1):
         metrics[f"valid_kl_t{t}_bits"] = bits
     cfg = model.config
@@ -52,9 +55,9 @@ def evaluate_model(model: FLDDModel, valid: torch.Tensor, *, passes: int = 10, s
             metrics.update(digits_metrics(samples, valid, train, cfg.vocab_size))
     if cfg.learns_forward:
         report = model.check_collapse(valid[:1024])
-        metrics["collapsed"] = report.collapsed
+        metrics[COLLAPSED_METRIC] = report.collapsed
         metrics["information_retained_max"] = max(report.retained_fraction[1:model.num_steps], default=0.0)
-        metrics["saturated"] = report.saturated
+        metrics[SATURATED_METRIC] = report.saturated
         metrics["forward_entropy_min"] = min(report.entropy_bits[1:model.num_steps], default=0.0)
     return metrics
 

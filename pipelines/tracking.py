@@ -26,15 +26,9 @@ from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
 from fldd.config import FLDDConfig
+from pipelines.vocabulary import (ERROR_TAG, EXPERIMENT, MODEL_ID_TAG, MODEL_NAME, RESUMED_TAG, RUN_NAME_TAG,
+                                  TRAIN_STEPS_TAG)
 
-EXPERIMENT = "fldd"
-RUN_NAME_TAG = "fldd.run_name"
-# run tags that training, sweeps and the registry share
-PARAMETERIZATION_TAG, DATASET_TAG = "fldd.parameterization", "fldd.dataset"
-SWEEP_TAG, KIND_TAG, BUDGET_TAG, TRIAL_TAG = "fldd.sweep", "fldd.kind", "fldd.sweep_budget", "fldd.trial_id"
-PARENT_TAG = "mlflow.parentRunId"  # MLflow nests a child run under this parent in its UI
-MODEL_ID_TAG = "fldd.model_id"  # the run's latest LoggedModel (m-...)
-MODEL_NAME = "model"  # the LoggedModel's name: runs:/<run_id>/model
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 MODEL_CODE = Path(__file__).resolve().parent / "mlflow_model.py"
 MODEL_PIP_REQUIREMENTS = ["torch==2.13.0", "numpy", "pyyaml", "pyarrow"]
@@ -127,9 +121,9 @@ def start_run(cfg: FLDDConfig, run_name: str, tags: dict[str, Any], home: Path |
     tracker = Tracker(uri, run_id)
     if resumed:
         # params are immutable in MLflow; the settings a resume may change go in as tags
-        tracker.set_tags({**tags, "fldd.resumed": "true", "fldd.train_steps": cfg.train.steps})
-        if "fldd.error" in client.get_run(run_id).data.tags:  # the failure this run resumes from is over
-            client.delete_tag(run_id, "fldd.error")
+        tracker.set_tags({**tags, RESUMED_TAG: "true", TRAIN_STEPS_TAG: cfg.train.steps})
+        if ERROR_TAG in client.get_run(run_id).data.tags:  # the failure this run resumes from is over
+            client.delete_tag(run_id, ERROR_TAG)
         return tracker, True
     # what the optimizer uses, and the prior "auto" stands for (K or K+1 latent states)
     derived = {"train.forward_lr_at_T": cfg.forward_lr, "process.prior_resolved": cfg.resolved_prior} \

@@ -40,15 +40,18 @@ from fldd.objective import evaluate_nelbo
 from fldd.train import CHECKPOINT_EVAL_SEED, NonFiniteLossError, TrainSchedule, build_optimizer, train_loop
 from pipelines import reports
 from pipelines.cluster import prepare_connection
-from pipelines.tracking import (DATASET_TAG, PARAMETERIZATION_TAG, Tracker, dataset_name, download_model_file,
-                                git_commit, log_sampler_model, project_home, start_run, tracking_uri)
+from pipelines.tracking import (Tracker, dataset_name, download_model_file, git_commit, log_sampler_model, project_home,
+                                start_run, tracking_uri)
+from pipelines.vocabulary import (COLLAPSED_METRIC, COLLAPSED_TAG, DATASET_TAG, DEVICE_TAG, ERROR_TAG, FINAL_PREFIX,
+                                  GIT_COMMIT_TAG, METHOD_TAG, MODEL_URI_TAG, NUM_STEPS_TAG, PARAMETERIZATION_TAG,
+                                  RAY_GCS_TAG, RAY_VERSION_TAG, RUN_NAME, SATURATED_METRIC, SATURATED_TAG, STORAGE_TAG,
+                                  TORCH_VERSION_TAG, VALID_NELBO_METRIC, VALID_STDERR_METRIC, WORKERS_TAG)
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"  # full training state inside each Ray checkpoint
 MODEL_FILE = "model.pt"  # the inference model (FLDDModel.save format)
 RUN_CONFIG_FILE = "fldd_config.yaml"  # written beside the Ray run, checked on resume
-SCORE = "valid_nelbo_bits"
 VALID_ROWS_PER_CHECKPOINT = 2000  # validation NELBO at checkpoints: rows x 2 passes (final: all rows x 10)
 SHUFFLE_BUFFER_ROWS = 16384  # a worker's local shuffle buffer, at least (rows; 16384 x 64 int64 = 8 MB)
 READ_TASK_CPUS = 0  # Ray Data read tasks and file checks: Train workers may hold every CPU (no deadlock)
@@ -95,8 +98,8 @@ def config_digest(cfg: FLDDConfig) -> str:
 def default_run_name(cfg: FLDDConfig) -> str:
     """data-parameterization-T-seed-digest: two configs that differ in any hyperparameter get two
     runs (on shared storage they would otherwise resume each other)."""
-    return (f"{dataset_name(cfg)}-{cfg.parameterization}-T{cfg.process.num_steps}-seed{cfg.train.seed}"
-            f"-{config_digest(cfg)}")
+    return RUN_NAME.format(dataset=dataset_name(cfg), parameterization=cfg.parameterization, T=cfg.process.num_steps,
+                           seed=cfg.train.seed, digest=config_digest(cfg))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,8 +187,9 @@ def train_worker(loop_config: dict) -> dict:
         estimate = evaluate_nelbo(model, valid[:VALID_ROWS_PER_CHECKPOINT], num_passes=2,
                                   generator=torch.Generator(device=device).manual_seed(CHECKPOINT_EVAL_SEED))
         model.train()
-        metrics[SCORE] = estimate.bits_per_token
-        tracker.log_metrics(step, {SCORE: estimate.bits_per_token, "valid_nelbo_stderr": estimate.stderr_bits_per_token})
+        metrics[VALID_NELBO_METRIC] = estimate.bits_per_token
+        tracker.log_metrics(step, {VALID_NELBO_METRIC: estimate.bits_per_token,
+                                   VALID_STDERR_METRIC: estimate.stderr_bits_per_token})
         # local mode persists nothing itself: keep checkpoints under the run's storage directory
         directory = (local_checkpoints / f"checkpoint_{step:08d}" if local_checkpoints is not None
                      else Path(tempfile.mkdtemp(prefix="fldd-ckpt-")))
@@ -286,7 +290,7 @@ def _newest_checkpoint(from_ray: Checkpoint | None, run_dir: Path | None) -> Che
 
 def _checkpoint_score(directory: Path) -> float:
     try:
-        return float(json.loads((directory / "metrics.json").read_text())[SCORE])
+        return float(json.loads((directory / "metrics.json").read_text())[VALID_NELBO_METRIC])
     except (OSError, ValueError, KeyError):
         return float("inf")
 
@@ -301,13 +305,14 @@ def best_checkpoint(result: ray.train.Result, storage: str, name: str) -> Checkp
         on_disk = checkpoints_on_disk(Path(storage) / name)
         if on_disk:
             return Checkpoint.from_directory(str(min(reversed(on_disk), key=_checkpoint_score)))
-    return result.get_best_checkpoint(SCORE, "min") if result.best_checkpoints else result.checkpoint
+    return result.get_best_checkpoint(VALID_NELBO_METRIC, "min") if result.best_checkpoints else result.checkpoint
 
 
 def _prune_local_checkpoints(directory: Path, keep: int) -> None:
     """Keep the latest checkpoint, the best by validation NELBO, and the most recent up to `keep`."""
     found = sorted(p for p in directory.glob("checkpoint_*") if (p / "metrics.json").is_file())
-    best = min(found, key=lambda p: json.loads((p / "metrics.json").read_text()).get(SCORE, float("inf")))
+    best = min(found, key=lambda p: json.loads((p / "metrics.json").read_text()).get(VALID_NELBO_METRIC,
+                                                                                      float("inf")))
     kept = {found[-1], best, *found[-max(keep, 1):]}
     for path in found:
         if path not in kept:
@@ -543,11 +548,11 @@ def prepare_run(cfg: FLDDConfig, opts: LaunchOptions) -> PreparedRun:
         log.warning("this Ray cluster has %d nodes: --storage must be shared by all of them (now %s) and "
                     "MLFLOW_TRACKING_URI should name a tracking server (README: running on a cluster)",
                     len(ray.nodes()), storage)
-    tags = {"git_commit": git_commit(), "ray_version": ray.__version__, "torch_version": torch.__version__,
-            "workers": opts.workers, "device": "gpu" if opts.gpu else "cpu", "method": cfg.process.method,
+    tags = {GIT_COMMIT_TAG: git_commit(), RAY_VERSION_TAG: ray.__version__, TORCH_VERSION_TAG: torch.__version__,
+            WORKERS_TAG: opts.workers, DEVICE_TAG: "gpu" if opts.gpu else "cpu", METHOD_TAG: cfg.process.method,
             PARAMETERIZATION_TAG: cfg.parameterization, DATASET_TAG: dataset_name(cfg),
-            "num_steps_T": cfg.process.num_steps, "storage": storage,
-            "ray_gcs_address": ray.get_runtime_context().gcs_address, **opts.tags}  # the cluster it ran on
+            NUM_STEPS_TAG: cfg.process.num_steps, STORAGE_TAG: storage,
+            RAY_GCS_TAG: ray.get_runtime_context().gcs_address, **opts.tags}  # the cluster it ran on
     tracker, resumed = start_run(cfg, name, tags, home)
     if not opts.quiet:
         print(f"MLflow run {tracker.run_id} ({'resumed' if resumed else 'new'}), tracking {tracker.uri}", flush=True)
@@ -599,7 +604,7 @@ def build_trainer(run: PreparedRun, failure_marker: Path) -> TorchTrainer:
                                      {"CPU": opts.cpus_per_worker, **({"GPU": 1} if opts.gpu else {})}),
         run_config=RunConfig(name=run.name, storage_path=run.storage, callbacks=list(opts.callbacks),
                              checkpoint_config=CheckpointConfig(num_to_keep=opts.keep_checkpoints,
-                                                                checkpoint_score_attribute=SCORE,
+                                                                checkpoint_score_attribute=VALID_NELBO_METRIC,
                                                                 checkpoint_score_order="min"),
                              failure_config=FailureConfig(max_failures=opts.max_failures)),
         datasets={"train": training_dataset(run), "valid": ray.data.from_arrow(token_table(run.valid_data, cfg.vocab_size, cfg.data.column))},
@@ -650,7 +655,7 @@ def finish_run(run: PreparedRun, result: ray.train.Result, train_seconds: float)
     cfg, tracker, name, storage, home = run.cfg, run.tracker, run.name, run.storage, run.home
     returned = result.return_value or {}
     if "error" in returned:
-        tracker.set_tags({"fldd.error": returned["error"][:5000]})
+        tracker.set_tags({ERROR_TAG: returned["error"][:5000]})
         tracker.finish("FAILED")
         raise TrainingError(f"training run {name!r} stopped: {returned['error']}")
 
@@ -665,16 +670,16 @@ def finish_run(run: PreparedRun, result: ray.train.Result, train_seconds: float)
     model = FLDDModel.load(run_dir / MODEL_FILE)
     metrics = reports.final_report(model, run.valid_data, run_dir, train_seconds=train_seconds,
                                    workers=run.opts.workers)
-    tracker.log_metrics(cfg.train.steps, {f"final_{k}": v for k, v in metrics.items()})
+    tracker.log_metrics(cfg.train.steps, {f"{FINAL_PREFIX}{k}": v for k, v in metrics.items()})
     for artifact in sorted(run_dir.iterdir()):
         if artifact.suffix in (".yaml", ".json", ".png"):
             tracker.log_artifact(artifact)
     model_uri = log_sampler_model(tracker, run_dir / MODEL_FILE, cfg)
-    tracker.set_tags({"model_uri": model_uri, "collapsed": metrics.get("collapsed", False),
-                      "saturated": metrics.get("saturated", False)})
+    tracker.set_tags({MODEL_URI_TAG: model_uri, COLLAPSED_TAG: metrics.get(COLLAPSED_METRIC, False),
+                      SATURATED_TAG: metrics.get(SATURATED_METRIC, False)})
     tracker.finish("FINISHED")
     if not run.opts.quiet:
-        print(f"finished: validation NELBO {metrics['valid_nelbo_bits']:.4f} bits/token; model {model_uri}; "
+        print(f"finished: validation NELBO {metrics[VALID_NELBO_METRIC]:.4f} bits/token; model {model_uri}; "
               f"files under {run_dir}", flush=True)
     return TrainOutcome(name, tracker.run_id, run.resumed, run_dir / MODEL_FILE, model_uri, metrics,
                         int(returned.get("start_step", 0)))
@@ -692,7 +697,7 @@ def launch(cfg: FLDDConfig, opts: LaunchOptions | None = None) -> TrainOutcome:
     except TrainingError:
         raise  # finish_run recorded it
     except BaseException as error:  # a Tune stop or Ctrl-C lands here too: the run must not stay RUNNING
-        run.tracker.set_tags({"fldd.error": f"{type(error).__name__}: {error}"[:5000]})
+        run.tracker.set_tags({ERROR_TAG: f"{type(error).__name__}: {error}"[:5000]})
         run.tracker.finish("FAILED" if isinstance(error, Exception) else "KILLED")
         if not isinstance(error, Exception):
             raise

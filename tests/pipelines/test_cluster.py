@@ -25,8 +25,8 @@ from mlflow.tracking import MlflowClient
 
 from fldd.model import CheckpointError
 from pipelines.cluster import _probe
-from pipelines.tracking import RUN_NAME_TAG
 from pipelines.train import RUN_CONFIG_FILE, _check_resume_config
+from pipelines.vocabulary import RUN_NAME_TAG
 from tests.pipelines.conftest import toy_config
 
 REPO = Path(__file__).resolve().parents[2]

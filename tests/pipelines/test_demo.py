@@ -16,7 +16,8 @@ from mlflow.tracking import MlflowClient
 from pipelines import registry
 from pipelines.demo import DEMO_APP, DEMO_SWEEP, DemoOptions, demo_spec, run_demo
 from pipelines.cli import CONFIG_DIR
-from pipelines.tracking import SWEEP_TAG, tracking_uri
+from pipelines.tracking import tracking_uri
+from pipelines.vocabulary import SWEEP_TAG
 
 SMALL = {"train.steps": 60, "train.checkpoint_every": 30, "train.log_every": 30, "data.num_train": 2000,
          "data.num_valid": 300, "reverse_network.width": 32, "forward_network.width": 32}

@@ -11,7 +11,8 @@ from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
 from fldd.model import FLDDModel
-from pipelines.tracking import MODEL_ID_TAG, download_model_file, log_sampler_model, resolve_model, start_run
+from pipelines.tracking import download_model_file, log_sampler_model, resolve_model, start_run
+from pipelines.vocabulary import MODEL_ID_TAG
 from tests.conftest import tiny_model
 
 

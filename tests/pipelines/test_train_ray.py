@@ -14,8 +14,9 @@ import pipelines.train
 from fldd.config import ConfigError
 from fldd.data import DataError, write_token_table
 from fldd.model import CheckpointError
-from pipelines.tracking import RUN_NAME_TAG, tracking_uri
+from pipelines.tracking import tracking_uri
 from pipelines.train import LaunchOptions, TrainingError, launch
+from pipelines.vocabulary import RUN_NAME_TAG
 from tests.pipelines.conftest import toy_config
 
 
