@@ -17,7 +17,15 @@ import yaml
 
 METHODS = ("fldd", "fldd-mask", "masked", "uniform")
 PRIORS = ("auto", "uniform", "mask")
-WARM_STARTS = ("none", "masked", "uniform")
+WARM_STARTS = ("none", "masked", "uniform", "auto")
+# warm_start "auto": a random start up to this T, the masked warm start above it. Chosen on
+# validation (toy2d, selection seeds 0-2): a random start won at T=2 and collapsed at T=4, 8, 16,
+# where the masked warm start won; the reference script collapses from a random start at T=4 too
+# (docs/training_recipe.md).
+AUTO_RANDOM_START_MAX_T = 2
+# forward_freeze_fraction "auto": no reverse-only phase for a random start (with one it collapsed),
+# this much for a warm start or a learned masking order (without one the masked warm start collapsed)
+AUTO_FREEZE_FRACTION = 0.3
 SCHEDULES = ("linear", "cosine")
 ARCHITECTURES = ("transformer", "mlp")
 ESTIMATORS = ("loo", "ema")
@@ -53,7 +61,9 @@ class ProcessConfig:
     # uniform over K, or a point mass on an extra MASK token; auto: the one the warm start needs
     # (mask for a masked warm start, else uniform, the paper's setting for a random start)
     prior: str = "auto"
-    warm_start: str = "masked"  # none (random init) | masked | uniform: start u(x,t) at a fixed marginal
+    # none (random init) | masked | uniform: start u(x,t) at a fixed marginal | auto: none at
+    # T <= AUTO_RANDOM_START_MAX_T, masked above (see resolved_warm_start)
+    warm_start: str = "masked"
     warm_start_floor: float = 1e-3  # eps in (1-eps)*ubar + eps/S before the log
     # scale of the learned forward's initial logits: a near-uniform random start carries no
     # information about x and sits at the collapsed saddle (spec section 5b)
@@ -103,7 +113,9 @@ class TrainConfig:
     estimator: str = "loo"  # REINFORCE baseline: loo (leave-one-out over M z_t) | ema (per t)
     num_zt_samples: int = 2  # M: z_t samples per (x, t) for loo; batch_size/M distinct x per step
     ema_decay: float = 0.99
-    forward_freeze_fraction: float = 0.3  # train the reverse alone for this fraction of steps
+    # train the reverse alone for this fraction of steps; "auto": 0 for a random start, else
+    # AUTO_FREEZE_FRACTION (see FLDDConfig.resolved_freeze_fraction)
+    forward_freeze_fraction: float | str = 0.3
     concrete_warmup_steps: int = 0  # relaxed (Concrete) warm-up; off by default (spec 5b)
     tau_start: float = 1.0
     tau_end: float = 1e-3
@@ -147,12 +159,31 @@ class FLDDConfig:
         return p.method in ("fldd-mask", "masked") or (p.method == "fldd" and self.resolved_prior == "mask")
 
     @property
+    def resolved_warm_start(self) -> str:
+        """process.warm_start with "auto" resolved by T: a random start (none) up to
+        AUTO_RANDOM_START_MAX_T steps, the masked warm start above."""
+        p = self.process
+        if p.warm_start != "auto":
+            return p.warm_start
+        return "none" if p.num_steps <= AUTO_RANDOM_START_MAX_T else "masked"
+
+    @property
+    def resolved_freeze_fraction(self) -> float:
+        """train.forward_freeze_fraction with "auto" resolved: no reverse-only phase for the general
+        learned forward's random start, AUTO_FREEZE_FRACTION otherwise."""
+        fraction = self.train.forward_freeze_fraction
+        if fraction != "auto":
+            return float(fraction)
+        random_start = self.process.method == "fldd" and self.resolved_warm_start == "none"
+        return 0.0 if random_start else AUTO_FREEZE_FRACTION
+
+    @property
     def resolved_prior(self) -> str:
         """process.prior with "auto" resolved: mask for a masked warm start, uniform otherwise."""
         p = self.process
         if p.prior != "auto":
             return p.prior
-        return "mask" if p.warm_start == "masked" else "uniform"
+        return "mask" if self.resolved_warm_start == "masked" else "uniform"
 
     @property
     def num_states(self) -> int:
@@ -219,9 +250,9 @@ class FLDDConfig:
         require(p.forward_floor == 0.0 or p.method == "fldd", "process.forward_floor", p.forward_floor,
                 "applies to the learned general forward (process.method=fldd) only")
         require(0.0 < p.warm_start_floor < 1.0, "process.warm_start_floor", p.warm_start_floor, "must be in (0, 1)")
-        if p.method == "fldd" and p.warm_start == "masked":
+        if p.method == "fldd" and self.resolved_warm_start == "masked":
             require(self.resolved_prior == "mask", "process.prior", p.prior, "a masked warm start needs prior='mask'")
-        if p.method == "fldd" and p.warm_start == "uniform":
+        if p.method == "fldd" and self.resolved_warm_start == "uniform":
             require(self.resolved_prior == "uniform", "process.prior", p.prior,
                     "a uniform warm start needs prior='uniform'")
         for name, net in (("reverse_network", self.reverse_network), ("forward_network", self.forward_network)):
@@ -250,8 +281,10 @@ class FLDDConfig:
         require(tr.batch_size % micro == 0, "train.batch_size", tr.batch_size,
                 f"must be a multiple of train.num_zt_samples x train.grad_accum_steps = {micro}")
         require(0.0 < tr.ema_decay < 1.0, "train.ema_decay", tr.ema_decay, "must be in (0, 1)")
-        require(0.0 <= tr.forward_freeze_fraction < 1.0, "train.forward_freeze_fraction",
-                tr.forward_freeze_fraction, "must be in [0, 1)")
+        require(tr.forward_freeze_fraction == "auto" or (isinstance(tr.forward_freeze_fraction, (int, float))
+                                                         and not isinstance(tr.forward_freeze_fraction, bool)
+                                                         and 0.0 <= tr.forward_freeze_fraction < 1.0),
+                "train.forward_freeze_fraction", tr.forward_freeze_fraction, "must be in [0, 1) or 'auto'")
         require(tr.concrete_warmup_steps >= 0, "train.concrete_warmup_steps", tr.concrete_warmup_steps, "must be >= 0")
         require(0 < tr.tau_end <= tr.tau_start, "train.tau_end", tr.tau_end, "need 0 < tau_end <= tau_start")
         require(tr.log_every >= 1, "train.log_every", tr.log_every, "must be >= 1")
@@ -350,6 +383,13 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
 
 
 def _coerce(value: Any, kind: type, name: str) -> Any:
+    if kind == float | str:  # a number, or a word such as "auto" that validate() checks
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{name}={value!r}: expected a number or a word such as 'auto'")
+        try:
+            return float(value)
+        except ValueError:
+            return value
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is float and isinstance(value, str):

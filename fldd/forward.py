@@ -112,7 +112,7 @@ class LearnedForward(ForwardProcess):
 
     def __init__(self, cfg: FLDDConfig):
         super().__init__(cfg)
-        self.warm_start = cfg.process.warm_start
+        self.warm_start = cfg.resolved_warm_start
         self.schedule = cfg.process.schedule
         self.floor = cfg.process.warm_start_floor
         self.marginal_floor = cfg.process.forward_floor

@@ -324,11 +324,12 @@ def init_mismatch(target: FLDDConfig, source: FLDDConfig) -> str | None:
                     f"the {q.schedule} schedule")
     elif p.method == "fldd":
         # the warm start floors its fixed marginal at warm_start_floor: only a negligible floor starts *at* it
-        if p.warm_start != q.method or p.schedule != q.schedule or p.forward_init_scale != 0 \
+        warm_start = target.resolved_warm_start
+        if warm_start != q.method or p.schedule != q.schedule or p.forward_init_scale != 0 \
                 or p.warm_start_floor > 1e-9:
             return (f"a learned forward starts at the source's marginals only with process.warm_start={q.method}, "
                     f"process.schedule={q.schedule}, process.forward_init_scale=0 and process.warm_start_floor "
-                    f"<= 1e-9 (found {p.warm_start}, {p.schedule}, {p.forward_init_scale}, {p.warm_start_floor})")
+                    f"<= 1e-9 (found {warm_start}, {p.schedule}, {p.forward_init_scale}, {p.warm_start_floor})")
     elif (p.method, p.schedule) != (q.method, q.schedule):
         return f"the forward is {p.method}/{p.schedule} here but {q.method}/{q.schedule} in the source model"
     return None

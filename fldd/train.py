@@ -43,9 +43,16 @@ class TrainSchedule:
     resumed with a larger `train.steps` passes the `boundaries()` saved in its checkpoint, else the
     reverse-only phase (a fraction of the *new* total) would move under it."""
 
-    def __init__(self, cfg: TrainConfig, learns_forward: bool, boundaries: dict[str, int] | None = None):
+    def __init__(self, cfg: TrainConfig, learns_forward: bool, boundaries: dict[str, int] | None = None,
+                 freeze_fraction: float | None = None):
+        """`freeze_fraction`: the reverse-only fraction with "auto" resolved
+        (FLDDConfig.resolved_freeze_fraction); needed when cfg.forward_freeze_fraction is "auto"."""
         self.learns_forward = learns_forward
-        self.freeze_steps = int(cfg.forward_freeze_fraction * cfg.steps) if learns_forward else 0
+        fraction = cfg.forward_freeze_fraction if freeze_fraction is None else freeze_fraction
+        if isinstance(fraction, str):
+            raise ValueError(f"train.forward_freeze_fraction={fraction!r}: pass freeze_fraction, resolved by "
+                             "FLDDConfig.resolved_freeze_fraction")
+        self.freeze_steps = int(fraction * cfg.steps) if learns_forward else 0
         self.warmup_steps = cfg.concrete_warmup_steps if learns_forward else 0
         if boundaries is not None and learns_forward:
             self.freeze_steps, self.warmup_steps = int(boundaries["freeze_steps"]), int(boundaries["warmup_steps"])
@@ -281,7 +288,8 @@ def fit(cfg: FLDDConfig, train_data: Tensor, valid_data: Tensor, *, on_metrics: 
 
     start = time.perf_counter()
     train_loop(model, batches, optimizer, num_steps=cfg.train.steps,
-               schedule=TrainSchedule(cfg.train, cfg.learns_forward), grad_clip=cfg.train.grad_clip,
+               schedule=TrainSchedule(cfg.train, cfg.learns_forward, freeze_fraction=cfg.resolved_freeze_fraction),
+               grad_clip=cfg.train.grad_clip,
                grad_clip_mode=cfg.train.grad_clip_mode,
                log_every=cfg.train.log_every, on_metrics=record, eval_every=cfg.train.eval_every,
                evaluate=evaluate, information_batch=lambda: probe,

@@ -125,9 +125,10 @@ def start_run(cfg: FLDDConfig, run_name: str, tags: dict[str, Any], home: Path |
         if ERROR_TAG in client.get_run(run_id).data.tags:  # the failure this run resumes from is over
             client.delete_tag(run_id, ERROR_TAG)
         return tracker, True
-    # what the optimizer uses, and the prior "auto" stands for (K or K+1 latent states)
-    derived = {"train.forward_lr_at_T": cfg.forward_lr, "process.prior_resolved": cfg.resolved_prior} \
-        if cfg.learns_forward else {}
+    # what the optimizer uses, and what each "auto" stands for at this T
+    derived = {"train.forward_lr_at_T": cfg.forward_lr, "process.prior_resolved": cfg.resolved_prior,
+               "process.warm_start_resolved": cfg.resolved_warm_start,
+               "train.forward_freeze_fraction_resolved": cfg.resolved_freeze_fraction} if cfg.learns_forward else {}
     tracker.log_params({**cfg.to_flat_dict(), **derived})
     return tracker, False
 

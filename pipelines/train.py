@@ -140,7 +140,8 @@ def train_worker(loop_config: dict) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         start_step = int(state["step"])
         # checkpoints from before the boundaries were stored: the schedule of the run that wrote them
-        boundaries = state.get("schedule") or TrainSchedule(saved.train, cfg.learns_forward).boundaries()
+        boundaries = state.get("schedule") or TrainSchedule(
+            saved.train, cfg.learns_forward, freeze_fraction=saved.resolved_freeze_fraction).boundaries()
         if rank == 0:
             torch.set_rng_state(state["rng"].cpu())  # map_location moved it; RNG states live on the CPU
             if on_gpu and "cuda_rng" in state:
@@ -154,8 +155,8 @@ def train_worker(loop_config: dict) -> dict:
             model.load_state_dict(loop_config["init_state"])
         torch.manual_seed(cfg.train.seed + 7919 * rank)  # different z_t and t draws per rank
 
-    schedule = TrainSchedule(cfg.train, cfg.learns_forward, boundaries)
-    freezes_forward = cfg.learns_forward and cfg.train.forward_freeze_fraction > 0
+    schedule = TrainSchedule(cfg.train, cfg.learns_forward, boundaries, freeze_fraction=cfg.resolved_freeze_fraction)
+    freezes_forward = cfg.learns_forward and cfg.resolved_freeze_fraction > 0
     ddp_model = prepare_model(model, move_to_device=False,
                               parallel_strategy_kwargs={"find_unused_parameters": freezes_forward})
 

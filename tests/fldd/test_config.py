@@ -1,6 +1,10 @@
 import pytest
 
+from pathlib import Path
+
 from fldd.config import PARAMETERIZATIONS, ConfigError, FLDDConfig
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_yaml_round_trip(tmp_path):
@@ -75,6 +79,33 @@ def test_cli_method_applies_the_preset():
     assert cfg.parameterization == "masked-x0"
     with pytest.raises(SystemExit):  # argparse rejects names outside PARAMETERIZATIONS
         build_parser().parse_args(["train", "--method", "mdlm"])
+
+
+def test_auto_start_is_random_at_two_steps_and_masked_above_with_the_phase_that_start_needs():
+    """warm_start: auto and forward_freeze_fraction: auto (the toy2d preset) follow T: a random start
+    with no reverse-only phase at T <= 2, the masked warm start with a 30% one above; a learned
+    masking order keeps its reverse-only phase; a number or a fixed start is kept as given."""
+    from fldd.train import TrainSchedule
+
+    auto = FLDDConfig(seq_len=2, vocab_size=5).with_overrides(
+        {"process.warm_start": "auto", "train.forward_freeze_fraction": "auto", "train.steps": 100})
+    two, four = (auto.with_overrides({"process.num_steps": T}) for T in (2, 4))
+    assert (two.resolved_warm_start, two.resolved_freeze_fraction, two.num_states) == ("none", 0.0, 5)
+    assert (four.resolved_warm_start, four.resolved_freeze_fraction, four.num_states) == ("masked", 0.3, 6)
+    assert auto.with_overrides({"process.num_steps": 16, "process.warm_start": "none"}).resolved_freeze_fraction == 0.0
+    mask_order = two.with_parameterization("fldd-mask-carry")
+    assert mask_order.resolved_freeze_fraction == 0.3
+    assert two.with_overrides({"train.forward_freeze_fraction": 0.1}).resolved_freeze_fraction == 0.1
+    # the schedule runs on the resolved fraction; the raw word alone is refused, not read as 0
+    assert TrainSchedule(four.train, True, freeze_fraction=four.resolved_freeze_fraction).phase(29).name == "reverse-only"
+    assert TrainSchedule(two.train, True, freeze_fraction=two.resolved_freeze_fraction).phase(0).name != "reverse-only"
+    with pytest.raises(ValueError, match="resolved_freeze_fraction"):
+        TrainSchedule(four.train, True)
+    for bad, message in (("often", "must be in \\[0, 1\\) or 'auto'"), (True, "expected a number")):
+        with pytest.raises(ConfigError, match=message):
+            auto.with_overrides({"train.forward_freeze_fraction": bad})
+    assert FLDDConfig.from_yaml(ROOT / "configs" / "toy2d.yaml").with_overrides(
+        {"process.num_steps": 8, "seq_len": 2, "vocab_size": 50}).resolved_warm_start == "masked"
 
 
 def test_auto_prior_follows_the_warm_start():
