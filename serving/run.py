@@ -79,7 +79,7 @@ def start_endpoint(config: str | Path = DEFAULT_CONFIG, *, models: list[str] | N
     from ray import serve
 
     from pipelines.logs import requiet
-    from pipelines.train import init_ray
+    from pipelines.cluster import init_ray
     from serving.app import build_app
 
     requiet()  # Ray Serve set its driver logger to INFO on import

@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 from fldd.config import ConfigError
 from fldd.data import resolve_data_shape
 from pipelines.tracking import Tracker, ensure_experiment, find_or_create_run, git_commit, project_home, tracking_uri
-from pipelines.train import LaunchOptions, TrainingError, init_ray, launch
+from pipelines.cluster import init_ray
+from pipelines.train import LaunchOptions, TrainingError, launch
 from pipelines.vocabulary import (BUDGET_TAG, BUDGETS_TAG, COLLAPSED_TAG, DIGEST_TAG, EARLY_STOPPED_TAG, ERROR_TAG,
                                   EXPERIMENT, FINAL_TRAIN_SECONDS_METRIC, FINAL_VALID_NELBO_METRIC,
                                   FINAL_VALID_STDERR_METRIC, GIT_COMMIT_TAG, KIND_SWEEP, KIND_TAG, KIND_TRIAL,
