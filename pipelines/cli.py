@@ -17,24 +17,11 @@ from pathlib import Path
 import torch
 
 from fldd.codec import CodecError
-from fldd.config import PARAMETERIZATIONS, ConfigError, FLDDConfig
+from fldd.config import CONFIG_DIR, PARAMETERIZATIONS, ConfigError, FLDDConfig, resolve_config
 from fldd.data import DataError, load_test_split, load_valid_split, resolve_data_shape
 from fldd.model import CheckpointError, FLDDModel
 from fldd.sampler import sample
 from pipelines.demo import DEMO_MODEL
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
-def resolve_config(path: str | None) -> FLDDConfig:
-    """A YAML path, or the name of a preset in configs/ (e.g. `toy2d`)."""
-    if path is None:
-        return FLDDConfig.from_yaml(CONFIG_DIR / "toy2d.yaml")
-    candidate = Path(path)
-    if not candidate.exists() and (CONFIG_DIR / f"{path}.yaml").exists():
-        candidate = CONFIG_DIR / f"{path}.yaml"
-    return FLDDConfig.from_yaml(candidate)
-
 
 def build_config(args: argparse.Namespace) -> FLDDConfig:
     cfg = resolve_config(args.config)

@@ -25,9 +25,9 @@ from typing import Any
 import torch
 import yaml
 
+from fldd.config import CONFIG_DIR
 from pipelines.vocabulary import CHAMPION, FINAL_KL_METRIC
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEMO_SWEEP = CONFIG_DIR / "sweep-demo.yaml"
 DEMO_MODEL = "fldd-demo-toy2d"
 DEMO_APP = "fldd-demo"  # its own Serve application name: never replaces a `fldd serve` app on a shared cluster

@@ -13,9 +13,9 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
+from fldd.config import CONFIG_DIR
 from pipelines import registry
 from pipelines.demo import DEMO_APP, DEMO_SWEEP, DemoOptions, demo_spec, run_demo
-from pipelines.cli import CONFIG_DIR
 from pipelines.tracking import tracking_uri
 from pipelines.vocabulary import SWEEP_TAG
 

@@ -22,9 +22,8 @@ import requests
 import yaml
 from mlflow.tracking import MlflowClient
 
-from fldd.config import FLDDConfig
+from fldd.config import CONFIG_DIR, FLDDConfig
 from pipelines import registry
-from pipelines.cli import CONFIG_DIR
 from pipelines.tracking import tracking_uri
 from pipelines.train import LaunchOptions, launch
 from tests.conftest import module_project_home
