@@ -21,7 +21,7 @@ from fldd.config import CONFIG_DIR, PARAMETERIZATIONS, ConfigError, FLDDConfig, 
 from fldd.data import DataError, load_test_split, load_valid_split, resolve_data_shape
 from fldd.model import CheckpointError, FLDDModel
 from fldd.sampler import sample
-from pipelines.demo import DEMO_MODEL
+from commands.demo import DEMO_MODEL
 
 def build_config(args: argparse.Namespace) -> FLDDConfig:
     cfg = resolve_config(args.config)
@@ -184,7 +184,7 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The whole product on one machine: sweep -> promotion -> Serve -> HTTP requests -> summary."""
-    from pipelines.demo import DemoError, DemoOptions, run_demo
+    from commands.demo import DemoError, DemoOptions, run_demo
     from pipelines.registry import RegistryError
     from tune.sweep import SweepError, SweepInterrupted
 
