@@ -22,13 +22,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs
 import ray
 import ray.data
 import ray.train
 import torch
+import yaml
 from mlflow.exceptions import MlflowException
+from ray.experimental import tqdm_ray
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer, get_device, prepare_model
+from tqdm.auto import tqdm
 
 from fldd.config import ConfigError, FLDDConfig
 from fldd.codec import TokenCodec
@@ -235,14 +239,10 @@ class TrainingProgress:
 
     def __init__(self, total: int, start: int, in_driver: bool):
         if in_driver:
-            from tqdm.auto import tqdm
-
             self.bar = tqdm(total=total, initial=start, unit="step", desc="training", dynamic_ncols=True,
                             mininterval=1.0)
         else:
-            from ray.experimental.tqdm_ray import tqdm
-
-            self.bar = tqdm(total=total, desc="training", unit="step")
+            self.bar = tqdm_ray.tqdm(total=total, desc="training", unit="step")
             self.bar.update(start)
         self.done = start
 
@@ -382,8 +382,6 @@ RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "trai
 
 def _storage_file_system(storage: str):
     """(pyarrow FileSystem, path inside it) of a storage location: a local path, file://, s3://, gs://..."""
-    import pyarrow.fs
-
     if "://" not in storage:
         return pyarrow.fs.LocalFileSystem(), str(Path(storage).resolve())
     try:
@@ -397,9 +395,6 @@ def _check_resume_config(cfg: FLDDConfig, storage: str, name: str, save: bool = 
     Anything else (model, data, optimizer settings) is refused here, naming the field, before any
     worker starts or the MLflow run is touched. The config is kept beside the run
     (<storage>/<name>/fldd_config.yaml) through the storage's file system: local and remote alike."""
-    import pyarrow.fs
-    import yaml
-
     fs, root = _storage_file_system(storage)
     run_dir = f"{root.rstrip('/')}/{name}"
     saved_path = f"{run_dir}/{RUN_CONFIG_FILE}"
