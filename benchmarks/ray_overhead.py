@@ -29,7 +29,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from fldd.data import load_splits  # noqa: E402
 from fldd.train import fit  # noqa: E402
-from pipelines.cli import resolve_config  # noqa: E402
+from fldd.config import resolve_config  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results" / "ray_overhead.json"
 

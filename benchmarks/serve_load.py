@@ -213,7 +213,7 @@ def main() -> int:
     from mlflow.tracking import MlflowClient
 
     from pipelines.tracking import tracking_uri
-    from pipelines.train import start_local_ray
+    from pipelines.cluster import start_local_ray
 
     home = None
     if args.model_name is None:

@@ -66,7 +66,7 @@ def main() -> None:
     os.environ.setdefault("FLDD_HOME", str(ROOT / ".fldd" / "bench-sweep-efficiency"))
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "180")
-    from pipelines.cli import CONFIG_DIR
+    from fldd.config import CONFIG_DIR
     from tune.spec import SweepSpec
     from tune.sweep import run_sweep
 

@@ -346,6 +346,20 @@ class FLDDConfig:
         return FLDDConfig.from_dict(data)
 
 
+# The repository's YAML presets (toy2d, digits, text, sweep-*, serve): `--config NAME` names one
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def resolve_config(path: str | None) -> FLDDConfig:
+    """A YAML path, or the name of a preset in configs/ (e.g. `toy2d`)."""
+    if path is None:
+        return FLDDConfig.from_yaml(CONFIG_DIR / "toy2d.yaml")
+    candidate = Path(path)
+    if not candidate.exists() and (CONFIG_DIR / f"{path}.yaml").exists():
+        candidate = CONFIG_DIR / f"{path}.yaml"
+    return FLDDConfig.from_yaml(candidate)
+
+
 def flatten_dict(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in d.items():

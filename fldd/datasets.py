@@ -78,7 +78,7 @@ def _pmf_splits(pmf: Callable[[], Tensor], vocab_size: int) -> Callable[[DataCon
 
 @lru_cache(maxsize=1)
 def _digit_images() -> np.ndarray:
-    from sklearn.datasets import load_digits  # ships its data inside the package: no download
+    from sklearn.datasets import load_digits  # lazy: start-up time (scikit-learn); data inside it: no download
 
     images = load_digits().data.astype(np.int64)  # (1797, 64), levels 0..16
     order = np.random.default_rng(0).permutation(len(images))

@@ -1,1 +1,1 @@
-"""pipelines: Ray Train + MLflow launchers and the `fldd` CLI (the CLI is in-process for now)."""
+"""pipelines: Ray Train + MLflow: the training launcher, Ray start-up, tracking, the registry gate, reports."""

@@ -1,4 +1,6 @@
-"""Joining an existing Ray cluster: a quick look at its address before `ray.init`.
+"""Ray start-up for every job (training, sweeps, serving): `init_ray` joins the cluster at an
+address or starts a fresh local one (`start_local_ray`). Before joining an existing cluster, a quick
+look at its address (`prepare_connection`).
 
 `ray.init(address="HOST:PORT")` fails slowly and says little. Against a cluster with token
 authentication (Ray 2.60 turns it on for `ray start --head` on a machine with ~/.ray/auth_token)
@@ -19,6 +21,12 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+
+import grpc
+import ray
+from ray._raylet import AuthenticationTokenLoader, Config
+from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
 
 from fldd.config import ConfigError
 
@@ -37,9 +45,6 @@ class ClusterConnectionError(ConfigError):
 
 def _probe(address: str, token_headers: dict[str, str] | None, timeout: float):
     """(status code name, details) of one GetClusterId call to the GCS at `address`."""
-    import grpc
-    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
-
     # no HTTP proxy: a proxy would answer for any address (seen here: "http2 header with status: 404")
     with grpc.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)]) as channel:
         stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
@@ -53,8 +58,6 @@ def _probe(address: str, token_headers: dict[str, str] | None, timeout: float):
 
 def _local_token_headers() -> dict[str, str]:
     """The authorization header from this machine's token ({} when there is none)."""
-    from ray._raylet import AuthenticationTokenLoader
-
     loader = AuthenticationTokenLoader.instance()
     loader.reset_cache()  # RAY_AUTH_TOKEN / HOME may have changed since Ray first looked
     try:
@@ -65,8 +68,6 @@ def _local_token_headers() -> dict[str, str]:
 
 def _enable_token_mode() -> None:
     """RAY_AUTH_MODE=token for this process (and what it starts), as Ray's own `_enable_token_auth`."""
-    from ray._raylet import AuthenticationTokenLoader, Config
-
     os.environ[AUTH_MODE_ENV] = "token"
     Config.initialize("")  # Ray caches its config: re-read the environment
     AuthenticationTokenLoader.instance().reset_cache()
@@ -124,3 +125,52 @@ def _token_source() -> str:
     if os.environ.get("RAY_AUTH_TOKEN_PATH"):
         return f"RAY_AUTH_TOKEN_PATH={os.environ['RAY_AUTH_TOKEN_PATH']}"
     return "~/.ray/auth_token"
+
+
+def _ray_log_level() -> int:
+    """ray.init resets the `ray` logger to its logging_level (INFO by default): keep the level the
+    command line chose (WARNING unless --verbose)."""
+    return logging.getLogger("ray").getEffectiveLevel()
+
+
+def init_ray(address: str | None, log_to_driver: bool = True) -> None:
+    """Join the cluster at `address` (else RAY_ADDRESS), else start a fresh local one. Before joining,
+    prepare_connection (below) checks the address in milliseconds: it turns token auth on
+    when the cluster needs it and the token is on this machine, and otherwise raises
+    ClusterConnectionError (a ConfigError) saying what to do, instead of Ray's retries."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:  # a fresh local cluster (never attach to a stale one by accident)
+        start_local_ray(log_to_driver=log_to_driver)
+        return
+    # fail fast with what to do (no token, nothing listening); token mode on when the cluster needs it
+    prepare_connection(address)
+    # tell the cluster's own processes which cluster they are in (see start_local_ray)
+    env = {} if address == "auto" or address.startswith("ray://") else {"env_vars": {"RAY_ADDRESS": address}}
+    ray.init(address=address, log_to_driver=log_to_driver, runtime_env=env or None, logging_level=_ray_log_level())
+
+
+def start_local_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> None:
+    """A new local cluster on 127.0.0.1 whose processes know its address.
+
+    Ray Train's placement-group cleaner (it frees a Tune trial's workers when the trial is stopped
+    early) asks the state API with no address; with two local clusters on the machine (a sweep and
+    a server, or tests) that fails with "multiple active Ray instances" and the stopped trial's CPUs
+    leak, so the next trial waits forever. Fixing the GCS port up front lets every worker carry
+    RAY_ADDRESS. The dashboard stays on: without it the same cleanup is skipped (STACK_NOTES).
+    """
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    previous = os.environ.get("RAY_GCS_SERVER_PORT")
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by Ray when it starts the head node
+    try:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 log_to_driver=log_to_driver, runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{port}"}},
+                 logging_level=_ray_log_level())
+    finally:  # later clusters started from this process (or its children) pick their own port
+        if previous is None:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
+        else:
+            os.environ["RAY_GCS_SERVER_PORT"] = previous

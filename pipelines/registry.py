@@ -43,7 +43,9 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 from mlflow.tracking import MlflowClient
 
 from fldd.config import FLDDConfig
+from fldd.data import load_test_split
 from fldd.model import FLDDModel
+from pipelines.reports import nelbo_with_progress
 from pipelines.tracking import dataset_name, download_model_file, tracking_uri
 from pipelines.vocabulary import (BUDGET_TAG, CHAMPION, COLLAPSED_TAG, DATASET_TAG, DECIDED_AT_TAG, DECISION_REASON_TAG,
                                   DECISION_TAG, DEFAULT_BUDGET_TAG, EVAL_PASSES_TAG, EVAL_SEED_TAG, EXPERIMENT,
@@ -384,8 +386,6 @@ def _identity_refusal(client: MlflowClient, name: str, identity: dict[str, str])
 
 
 def _evaluate(model: FLDDModel, data: torch.Tensor, passes: int, seed: int, label: str = "test NELBO"):
-    from pipelines.reports import nelbo_with_progress
-
     return nelbo_with_progress(model.eval(), data, passes, seed, label)
 
 
@@ -485,8 +485,6 @@ def promote_run(run: Run, *, model_name: str | None = None, margin: float | None
     reason = _static_refusal(run, cfg, candidate) or _identity_refusal(client, name, identity_of(cfg))
     if reason:
         return Decision(decision=REFUSED, reason=reason, **base)
-
-    from fldd.data import load_test_split
 
     test = load_test_split(cfg)  # DataError (bad input) before anything is registered
     alias = champion_alias(T)

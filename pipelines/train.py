@@ -16,20 +16,23 @@ import json
 import logging
 import os
 import shutil
-import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs
 import ray
 import ray.data
 import ray.train
 import torch
+import yaml
 from mlflow.exceptions import MlflowException
+from ray.experimental import tqdm_ray
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer, get_device, prepare_model
+from tqdm.auto import tqdm
 
 from fldd.config import ConfigError, FLDDConfig
 from fldd.codec import TokenCodec
@@ -39,7 +42,7 @@ from fldd.model import CheckpointError, FLDDModel, config_differences
 from fldd.objective import evaluate_nelbo
 from fldd.train import CHECKPOINT_EVAL_SEED, NonFiniteLossError, TrainSchedule, build_optimizer, train_loop
 from pipelines import reports
-from pipelines.cluster import prepare_connection
+from pipelines.cluster import init_ray
 from pipelines.tracking import (Tracker, dataset_name, download_model_file, git_commit, log_sampler_model, project_home,
                                 start_run, tracking_uri)
 from pipelines.vocabulary import (COLLAPSED_METRIC, COLLAPSED_TAG, DATASET_TAG, DEVICE_TAG, ERROR_TAG, FINAL_PREFIX,
@@ -237,14 +240,10 @@ class TrainingProgress:
 
     def __init__(self, total: int, start: int, in_driver: bool):
         if in_driver:
-            from tqdm.auto import tqdm
-
             self.bar = tqdm(total=total, initial=start, unit="step", desc="training", dynamic_ncols=True,
                             mininterval=1.0)
         else:
-            from ray.experimental.tqdm_ray import tqdm
-
-            self.bar = tqdm(total=total, desc="training", unit="step")
+            self.bar = tqdm_ray.tqdm(total=total, desc="training", unit="step")
             self.bar.update(start)
         self.done = start
 
@@ -372,55 +371,6 @@ def validate_launch(cfg: FLDDConfig, opts: LaunchOptions) -> None:
                           "use a directory, or workers >= 1 for remote storage")
 
 
-def _ray_log_level() -> int:
-    """ray.init resets the `ray` logger to its logging_level (INFO by default): keep the level the
-    command line chose (WARNING unless --verbose)."""
-    return logging.getLogger("ray").getEffectiveLevel()
-
-
-def init_ray(address: str | None, log_to_driver: bool = True) -> None:
-    """Join the cluster at `address` (else RAY_ADDRESS), else start a fresh local one. Before joining,
-    pipelines.cluster.prepare_connection checks the address in milliseconds: it turns token auth on
-    when the cluster needs it and the token is on this machine, and otherwise raises
-    ClusterConnectionError (a ConfigError) saying what to do, instead of Ray's retries."""
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if not address:  # a fresh local cluster (never attach to a stale one by accident)
-        start_local_ray(log_to_driver=log_to_driver)
-        return
-    # fail fast with what to do (no token, nothing listening); token mode on when the cluster needs it
-    prepare_connection(address)
-    # tell the cluster's own processes which cluster they are in (see start_local_ray)
-    env = {} if address == "auto" or address.startswith("ray://") else {"env_vars": {"RAY_ADDRESS": address}}
-    ray.init(address=address, log_to_driver=log_to_driver, runtime_env=env or None, logging_level=_ray_log_level())
-
-
-def start_local_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> None:
-    """A new local cluster on 127.0.0.1 whose processes know its address.
-
-    Ray Train's placement-group cleaner (it frees a Tune trial's workers when the trial is stopped
-    early) asks the state API with no address; with two local clusters on the machine (a sweep and
-    a server, or tests) that fails with "multiple active Ray instances" and the stopped trial's CPUs
-    leak, so the next trial waits forever. Fixing the GCS port up front lets every worker carry
-    RAY_ADDRESS. The dashboard stays on: without it the same cleanup is skipped (STACK_NOTES).
-    """
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    previous = os.environ.get("RAY_GCS_SERVER_PORT")
-    os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by Ray when it starts the head node
-    try:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 log_to_driver=log_to_driver, runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{port}"}},
-                 logging_level=_ray_log_level())
-    finally:  # later clusters started from this process (or its children) pick their own port
-        if previous is None:
-            os.environ.pop("RAY_GCS_SERVER_PORT", None)
-        else:
-            os.environ["RAY_GCS_SERVER_PORT"] = previous
-
-
 def _storage_path(opts: LaunchOptions, home: Path) -> str:
     if opts.storage and "://" in opts.storage:
         return opts.storage
@@ -433,8 +383,6 @@ RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "trai
 
 def _storage_file_system(storage: str):
     """(pyarrow FileSystem, path inside it) of a storage location: a local path, file://, s3://, gs://..."""
-    import pyarrow.fs
-
     if "://" not in storage:
         return pyarrow.fs.LocalFileSystem(), str(Path(storage).resolve())
     try:
@@ -448,9 +396,6 @@ def _check_resume_config(cfg: FLDDConfig, storage: str, name: str, save: bool = 
     Anything else (model, data, optimizer settings) is refused here, naming the field, before any
     worker starts or the MLflow run is touched. The config is kept beside the run
     (<storage>/<name>/fldd_config.yaml) through the storage's file system: local and remote alike."""
-    import pyarrow.fs
-    import yaml
-
     fs, root = _storage_file_system(storage)
     run_dir = f"{root.rstrip('/')}/{name}"
     saved_path = f"{run_dir}/{RUN_CONFIG_FILE}"

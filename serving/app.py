@@ -41,6 +41,7 @@ from ray.serve import Application
 
 from fldd.model import FLDDModel
 from fldd.service import GenerationRequest, PreparedRequest, RequestError, SamplerService
+from pipelines.tracking import tracking_uri
 from pipelines.vocabulary import champion_alias
 from serving.registry import (ModelSnapshot, load_registered_model, model_id, read_registry, split_model_id)
 from serving.schemas import (GenerateRequest, GenerateResponse, ModelEntry, ModelsResponse, VersionEntry)
@@ -304,8 +305,6 @@ class GenerationServer:
 def build_application(args: dict[str, Any], loader: Loader = load_registered_model) -> Application:
     """The application from a serve config's `args` (see configs/serve.yaml). `loader` loads a
     registry version; the default reads it from MLflow."""
-    from pipelines.tracking import tracking_uri
-
     settings = ServeSettings.from_dict(args, default_tracking_uri=tracking_uri())
     return GenerationServer.options(**settings.deployment).bind(settings.to_dict(), loader)
 

@@ -10,7 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
 import yaml
+from ray import serve
+
+from pipelines.cluster import init_ray
+from pipelines.logs import requiet
+from serving.app import build_app
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "serve.yaml"
 
@@ -43,9 +49,6 @@ class Endpoint:
                 f"-d '{{\"num_samples\": 4, {budget}\"seed\": 0}}'")
 
     def stop(self) -> None:
-        import ray
-        from ray import serve
-
         try:
             if self.own_cluster:
                 serve.shutdown()
@@ -74,15 +77,7 @@ def start_endpoint(config: str | Path = DEFAULT_CONFIG, *, models: list[str] | N
     # the HTTP proxy misses Serve's 5 s readiness checks on a busy 2-core box (STACK_NOTES);
     # it must be in the environment before Ray starts
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
-
-    import ray
-    from ray import serve
-
-    from pipelines.logs import requiet
-    from pipelines.train import init_ray
-    from serving.app import build_app
-
-    requiet()  # Ray Serve set its driver logger to INFO on import
+    requiet()  # Ray Serve set its driver logger to INFO when it was imported
     app = build_app(args)  # settings errors before any cluster starts
     own_cluster = not (ray.is_initialized() or address or os.environ.get("RAY_ADDRESS"))
     init_ray(address, log_to_driver=False)

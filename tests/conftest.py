@@ -22,7 +22,7 @@ os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "180")
 def ray_cluster():
     import ray
 
-    from pipelines.train import start_local_ray
+    from pipelines.cluster import start_local_ray
 
     try:
         start_local_ray(num_cpus=2, log_to_driver=False)

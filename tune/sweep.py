@@ -19,12 +19,14 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm.auto import tqdm
 
 from fldd.config import ConfigError
 from fldd.data import resolve_data_shape
+from pipelines.cluster import init_ray
 from pipelines.tracking import Tracker, ensure_experiment, find_or_create_run, git_commit, project_home, tracking_uri
-from pipelines.train import LaunchOptions, TrainingError, init_ray, launch
+from pipelines.train import LaunchOptions, TrainingError, launch
 from pipelines.vocabulary import (BUDGET_TAG, BUDGETS_TAG, COLLAPSED_TAG, DIGEST_TAG, EARLY_STOPPED_TAG, ERROR_TAG,
                                   EXPERIMENT, FINAL_TRAIN_SECONDS_METRIC, FINAL_VALID_NELBO_METRIC,
                                   FINAL_VALID_STDERR_METRIC, GIT_COMMIT_TAG, KIND_SWEEP, KIND_TAG, KIND_TRIAL,
@@ -172,8 +174,6 @@ def check_cluster(storage: str, mlflow_uri: str, workers: int, cpus: float, gpus
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text("shared?")
     try:
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
         @ray.remote(num_cpus=0)
         def sees(path: str) -> bool:
             return os.path.exists(path)

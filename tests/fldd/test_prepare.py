@@ -10,12 +10,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from commands.cli import main
 import fldd.prepare as prepare
 from fldd.codec import CODEC_KEY, CodecError, TokenCodec, codec_from_metadata
 from fldd.data import read_token_table
 from fldd.prepare import SPLITS, inspect_data, plan_splits, prepare_csv, prepare_text
 from fldd.token_table import VOCAB_KEY, DataError
-from pipelines.cli import main
 
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "naïve", "café", "—", "42"]
 

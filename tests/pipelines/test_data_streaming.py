@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+from commands.cli import main
 import pipelines.train
 from fldd.codec import TokenCodec
 from fldd.data import DataError, write_token_table
 from fldd.model import FLDDModel
-from pipelines.cli import main
 from pipelines.tracking import tracking_uri
 from pipelines.train import LaunchOptions, launch
 from tests.pipelines.conftest import toy_config

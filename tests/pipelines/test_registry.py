@@ -15,12 +15,12 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-from fldd.config import FLDDConfig
+from commands.cli import main
+from fldd.config import CONFIG_DIR, FLDDConfig
 from fldd.data import load_test_split
 from fldd.model import FLDDModel
 from fldd.objective import evaluate_nelbo
 from pipelines import registry
-from pipelines.cli import CONFIG_DIR, main
 from pipelines.tracking import download_model_file, resolve_model, tracking_uri
 from pipelines.train import LaunchOptions, launch
 from tests.conftest import module_project_home

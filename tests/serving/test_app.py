@@ -22,9 +22,8 @@ import requests
 import yaml
 from mlflow.tracking import MlflowClient
 
-from fldd.config import FLDDConfig
+from fldd.config import CONFIG_DIR, FLDDConfig
 from pipelines import registry
-from pipelines.cli import CONFIG_DIR
 from pipelines.tracking import tracking_uri
 from pipelines.train import LaunchOptions, launch
 from tests.conftest import module_project_home
@@ -382,7 +381,7 @@ def test_fldd_serve_stops_cleanly_on_sigterm(server, tmp_path):
     env = {**os.environ, "FLDD_HOME": str(home), "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60"}
     env.pop("RAY_ADDRESS", None)
     env.pop("MLFLOW_TRACKING_URI", None)
-    process = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", "--config", str(config),
+    process = subprocess.Popen([sys.executable, "-m", "commands.cli", "serve", "--config", str(config),
                                 "--model-name", TOY, "--port", str(port)], env=env, cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []

@@ -6,7 +6,7 @@ import re
 import pytest
 import yaml
 
-from pipelines.cli import CONFIG_DIR
+from fldd.config import CONFIG_DIR
 from serving.settings import DEFAULT_MAX_ONGOING_REQUESTS, ServeSettings, SettingsError
 
 BASE = {"models": ["m"], "tracking_uri": "sqlite:////tmp/x.db"}

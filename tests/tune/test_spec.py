@@ -3,8 +3,7 @@
 import pytest
 from ray.tune.search.variant_generator import generate_variants
 
-from fldd.config import ConfigError
-from pipelines.cli import CONFIG_DIR
+from fldd.config import CONFIG_DIR, ConfigError
 from tune.spec import SweepSpec
 
 BASE = {"base": "toy2d", "set": {"train.steps": 100, "train.checkpoint_every": 20}, "budgets": [2, 4]}

@@ -16,7 +16,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from pipelines.cli import CONFIG_DIR
+from fldd.config import CONFIG_DIR
 from pipelines.tracking import ensure_experiment, tracking_uri
 from tune.spec import SweepSpec
 from pipelines.vocabulary import BUDGET_TAG, KIND_TAG, PARENT_TAG, SWEEP_TAG, TRIAL_TAG

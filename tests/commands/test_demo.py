@@ -13,9 +13,9 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
+from commands.demo import DEMO_APP, DEMO_SWEEP, DemoOptions, demo_spec, run_demo
+from fldd.config import CONFIG_DIR
 from pipelines import registry
-from pipelines.demo import DEMO_APP, DEMO_SWEEP, DemoOptions, demo_spec, run_demo
-from pipelines.cli import CONFIG_DIR
 from pipelines.tracking import tracking_uri
 from pipelines.vocabulary import SWEEP_TAG
 
@@ -114,19 +114,19 @@ def test_demo_spec_names_the_sweep_by_the_digest_its_resume_checks(small_demo, t
 @pytest.mark.parametrize("raised, code", [("SweepInterrupted", 130), ("KeyboardInterrupt", 130),
                                           ("SweepError", 1), ("RegistryError", 1), ("DemoError", 1)])
 def test_fldd_demo_turns_interrupts_and_stage_failures_into_exit_codes(raised, code, monkeypatch, capsys):
-    import pipelines.demo
+    import commands.demo
     from pipelines import registry
-    from pipelines.cli import main
+    from commands.cli import main
     from tune import sweep
 
     errors = {"SweepInterrupted": sweep.SweepInterrupted("interrupted"), "KeyboardInterrupt": KeyboardInterrupt(),
               "SweepError": sweep.SweepError("a trial failed"), "RegistryError": registry.RegistryError("no such run"),
-              "DemoError": pipelines.demo.DemoError("port in use")}
+              "DemoError": commands.demo.DemoError("port in use")}
 
     def fail(options):
         raise errors[raised]
 
-    monkeypatch.setattr(pipelines.demo, "run_demo", fail)
+    monkeypatch.setattr(commands.demo, "run_demo", fail)
     assert main(["demo"]) == code
     err = capsys.readouterr().err
     assert ("interrupted" in err and "Rerun the same command" in err) if code == 130 else "fldd demo: error:" in err

@@ -6,6 +6,9 @@ Every stage is the product's own code path (tune.sweep.run_sweep, pipelines.regi
 serving.run.start_endpoint); this module only strings them together and reports. Running it twice
 reuses what exists: the sweep is named by a digest of its spec (a rerun resumes it, finished trials
 are kept), a promotion of the version that already holds an alias changes nothing.
+
+The CLI imports this module to build its parser (DEMO_MODEL): Ray, MLflow, tune, serving and the
+pipelines modules that load them are imported inside the functions (`# lazy: start-up time`).
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ from typing import Any
 import torch
 import yaml
 
+from fldd.config import CONFIG_DIR
+from fldd.data import load_test_split, resolve_data_shape
 from pipelines.vocabulary import CHAMPION, FINAL_KL_METRIC
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEMO_SWEEP = CONFIG_DIR / "sweep-demo.yaml"
 DEMO_MODEL = "fldd-demo-toy2d"
 DEMO_APP = "fldd-demo"  # its own Serve application name: never replaces a `fldd serve` app on a shared cluster
@@ -76,7 +80,7 @@ class DemoOutcome:
 def demo_spec(options: DemoOptions):
     """The demo's sweep spec, with the step and budget overrides applied, and its name: the sweep
     file's name plus a digest of the spec, so a changed demo never resumes an old sweep."""
-    from tune.spec import SweepSpec
+    from tune.spec import SweepSpec  # lazy: start-up time
 
     data = yaml.safe_load(Path(options.sweep_config).read_text())
     if options.steps is not None:
@@ -131,15 +135,15 @@ def _best_by_parameterization(rows: list, budget: int) -> dict[str, Any]:
 def run_demo(options: DemoOptions) -> DemoOutcome:
     """Sweep, promote, serve, query; returns what each stage produced. Serve (and the Ray cluster,
     when this call started it) is stopped on return unless options.keep_serving."""
-    import ray
-    from mlflow import MlflowClient
+    import ray  # lazy: start-up time
+    from mlflow import MlflowClient  # lazy: start-up time
 
-    from pipelines import registry
-    from pipelines.reports import save_samples_by_budget
-    from pipelines.tracking import project_home, tracking_uri
-    from serving.run import start_endpoint
-    from tune.results import format_table
-    from tune.sweep import run_sweep
+    from pipelines import registry  # lazy: start-up time
+    from pipelines.reports import save_samples_by_budget  # lazy: start-up time
+    from pipelines.tracking import project_home, tracking_uri  # lazy: start-up time
+    from serving.run import start_endpoint  # lazy: start-up time
+    from tune.results import format_table  # lazy: start-up time
+    from tune.sweep import run_sweep  # lazy: start-up time
 
     spec = demo_spec(options)
     started_ray = not (ray.is_initialized() or options.address or os.environ.get("RAY_ADDRESS"))
@@ -228,8 +232,6 @@ def run_demo(options: DemoOptions) -> DemoOutcome:
         outcome.seconds["requests"] = time.perf_counter() - clock
         out_dir = project_home() / "demo"
         out_dir.mkdir(parents=True, exist_ok=True)
-        from fldd.data import load_test_split, resolve_data_shape
-
         outcome.picture = save_samples_by_budget(samples, resolve_data_shape(spec.base)[0].vocab_size,
                                                  out_dir / f"{spec.name}-samples.png", data=load_test_split(spec.base))
         print(format_summary(outcome, options.model_name), flush=True)
@@ -251,7 +253,7 @@ def run_demo(options: DemoOptions) -> DemoOutcome:
 
 
 def format_summary(outcome: DemoOutcome, model_name: str) -> str:
-    from pipelines.tracking import tracking_uri
+    from pipelines.tracking import tracking_uri  # lazy: start-up time
 
     lines = ["", "=" * 100, "Summary (validation split, seed 0; NELBO in bits/token, lower is better; "
              "the gate decides on the test split)", "",

@@ -3,6 +3,10 @@
 Embedded defaults: a local Ray cluster started on demand (RAY_ADDRESS / --address joins an
 existing one), MLflow in SQLite under the project home `$FLDD_HOME` (default ./.fldd;
 MLFLOW_TRACKING_URI overrides), checkpoints under $FLDD_HOME/ray_results (--storage overrides).
+
+What imports Ray, MLflow or matplotlib (pipelines' training, tracking, registry and reports, tune,
+serving) is imported inside the command that needs it (`# lazy: start-up time`): `fldd --help`
+and a mistyped command answer without loading them.
 """
 
 from __future__ import annotations
@@ -16,24 +20,17 @@ from pathlib import Path
 
 import torch
 
+from commands import demo
 from fldd.codec import CodecError
-from fldd.config import PARAMETERIZATIONS, ConfigError, FLDDConfig
+from fldd.config import CONFIG_DIR, PARAMETERIZATIONS, ConfigError, FLDDConfig, resolve_config
 from fldd.data import DataError, load_test_split, load_valid_split, resolve_data_shape
 from fldd.model import CheckpointError, FLDDModel
+from fldd.prepare import format_inspect, inspect_data, prepare_csv, prepare_text
 from fldd.sampler import sample
-from pipelines.demo import DEMO_MODEL
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
-def resolve_config(path: str | None) -> FLDDConfig:
-    """A YAML path, or the name of a preset in configs/ (e.g. `toy2d`)."""
-    if path is None:
-        return FLDDConfig.from_yaml(CONFIG_DIR / "toy2d.yaml")
-    candidate = Path(path)
-    if not candidate.exists() and (CONFIG_DIR / f"{path}.yaml").exists():
-        candidate = CONFIG_DIR / f"{path}.yaml"
-    return FLDDConfig.from_yaml(candidate)
+from fldd.service import model_codec
+from fldd.train import NonFiniteLossError
+from pipelines.logs import quiet_logs
+from pipelines.vocabulary import EVAL_PREFIX
 
 
 def build_config(args: argparse.Namespace) -> FLDDConfig:
@@ -61,14 +58,14 @@ def load_model(args: argparse.Namespace) -> tuple[FLDDModel, str | None]:
     """(model, MLflow run id or None) from --checkpoint PATH, --run RUN_ID or --model URI."""
     if args.checkpoint:
         return FLDDModel.load(args.checkpoint), None
-    from pipelines.tracking import download_model_file, tracking_uri
+    from pipelines.tracking import download_model_file, tracking_uri  # lazy: start-up time
 
     path, run_id = download_model_file(tracking_uri(), args.model or args.run)
     return FLDDModel.load(path), run_id
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from pipelines.train import LaunchOptions, launch
+    from pipelines.train import LaunchOptions, launch  # lazy: start-up time
 
     cfg = build_config(args)
     opts = LaunchOptions(workers=args.workers, gpu=args.gpu, address=args.address, storage=args.storage,
@@ -80,7 +77,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from pipelines.reports import evaluate_model
+    from pipelines.reports import evaluate_model  # lazy: start-up time
 
     model, run_id = load_model(args)
     held_out = load_valid_split(model.config) if args.split == "valid" else load_test_split(model.config)
@@ -89,8 +86,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     metrics = {f"{args.split}_{k.removeprefix('valid_')}": v for k, v in measured.items()}
     metrics["split"] = args.split
     if run_id is not None:
-        from pipelines.tracking import Tracker, tracking_uri
-        from pipelines.vocabulary import EVAL_PREFIX
+        from pipelines.tracking import Tracker, tracking_uri  # lazy: start-up time
 
         logged = {f"{EVAL_PREFIX}{k}": v for k, v in metrics.items() if k != "split"}
         Tracker(tracking_uri(), run_id).log_metrics(model.config.train.steps, logged)
@@ -102,8 +98,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def decode_samples(model: FLDDModel, tokens: torch.Tensor, fmt: str = "auto") -> tuple[str, list]:
     """(format, samples): token id lists, strings (text) or {column: category} objects (rows), with
     the model's codec; `auto` decodes whenever the model has one."""
-    from fldd.service import model_codec
-
     codec = model_codec(model.config, model.codec)
     if fmt == "auto":
         fmt = "tokens" if codec is None else "text" if codec.is_text else "rows"
@@ -132,7 +126,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     tokens = sample(model, args.num_samples, generator=torch.Generator().manual_seed(args.seed))
     out = args.out or ""
     if out.endswith(".png"):
-        from pipelines.reports import save_tokens_picture
+        from pipelines.reports import save_tokens_picture  # lazy: start-up time
 
         save_tokens_picture(tokens, model.config.vocab_size, Path(out), title=f"T={model.num_steps}")
         print(f"wrote a picture of {args.num_samples} samples to {out}")
@@ -160,8 +154,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
-    from fldd.prepare import prepare_csv, prepare_text
-
     common = {"valid_fraction": args.valid_fraction, "test_fraction": args.test_fraction, "seed": args.seed,
               "force": args.force}
     if args.csv:
@@ -188,8 +180,6 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 def cmd_data_inspect(args: argparse.Namespace) -> int:
     """Exit 0: a sound table; 1: problems found (listed); 2: unreadable."""
-    from fldd.prepare import format_inspect, inspect_data
-
     report = inspect_data(args.path, column=args.column, top=args.top)
     print(json.dumps(report, indent=2, ensure_ascii=False) if args.json else format_inspect(report))
     return 1 if report["problems"] else 0
@@ -197,23 +187,22 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The whole product on one machine: sweep -> promotion -> Serve -> HTTP requests -> summary."""
-    from pipelines.demo import DemoError, DemoOptions, run_demo
-    from pipelines.registry import RegistryError
-    from tune.sweep import SweepError, SweepInterrupted
+    from pipelines.registry import RegistryError  # lazy: start-up time
+    from tune.sweep import SweepError, SweepInterrupted  # lazy: start-up time
 
-    options = DemoOptions(steps=args.train_steps, budgets=args.budgets, port=args.port,
-                          keep_serving=args.keep_serving, address=args.address, verbose=args.verbose,
-                          model_name=args.model_name)
+    options = demo.DemoOptions(steps=args.train_steps, budgets=args.budgets, port=args.port,
+                               keep_serving=args.keep_serving, address=args.address, verbose=args.verbose,
+                               model_name=args.model_name)
     if args.config:
         options.sweep_config = Path(args.config)
     start = time.perf_counter()
     try:
-        run_demo(options)
+        demo.run_demo(options)
     except (KeyboardInterrupt, SweepInterrupted):  # Tune turns the first Ctrl-C into SweepInterrupted
         print("\nfldd demo: interrupted; Serve and the demo's Ray cluster are stopped. Rerun the same command "
               "to resume: finished trials are kept.", file=sys.stderr)
         return 130
-    except (DemoError, SweepError, RegistryError) as error:
+    except (demo.DemoError, SweepError, RegistryError) as error:
         print(f"fldd demo: error: {error}", file=sys.stderr)
         return 1
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s.")
@@ -226,9 +215,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """A Ray Tune sweep: one experiment per step budget, trials through the one training launcher."""
-    from tune.results import format_table
-    from tune.spec import SweepSpec
-    from tune.sweep import SweepInterrupted, run_sweep
+    from tune.results import format_table  # lazy: start-up time
+    from tune.spec import SweepSpec  # lazy: start-up time
+    from tune.sweep import SweepInterrupted, run_sweep  # lazy: start-up time
 
     spec = SweepSpec.from_yaml(args.config, CONFIG_DIR)
     try:
@@ -247,7 +236,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_promote(args: argparse.Namespace) -> int:
     """Exit 0: every decision promoted (or already in place); 1: a refusal or an impossible
     rollback (one line each on stderr); 2: bad input."""
-    from pipelines import registry
+    from pipelines import registry  # lazy: start-up time
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per decision, no bars
 
@@ -283,7 +272,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from pipelines import registry
+    from pipelines import registry  # lazy: start-up time
 
     try:
         rows = registry.list_models(args.name)
@@ -296,7 +285,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """The generation endpoint (Ray Serve + FastAPI) over the registry's champions, until Ctrl-C / SIGTERM."""
-    from serving.run import DEFAULT_CONFIG, serve_until_stopped
+    from serving.run import DEFAULT_CONFIG, serve_until_stopped  # lazy: start-up time
 
     try:
         return serve_until_stopped(args.config or DEFAULT_CONFIG, models=args.model_name, port=args.port,
@@ -383,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="sweep YAML of the demo (default: configs/sweep-demo.yaml)")
     p.add_argument("--train-steps", type=int, help="optimizer steps per trial (default: the sweep file's)")
     p.add_argument("--budgets", type=int, nargs="+", metavar="T", help="step budgets (default: the sweep file's)")
-    p.add_argument("--model-name", default=DEMO_MODEL, help="registered model to promote into and serve")
+    p.add_argument("--model-name", default=demo.DEMO_MODEL, help="registered model to promote into and serve")
     p.add_argument("--port", type=int, default=8000, help="HTTP port of the endpoint on 127.0.0.1")
     p.add_argument("--keep-serving", action="store_true", help="keep the endpoint up after the summary until Ctrl-C")
     p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a new local cluster)")
@@ -569,8 +558,6 @@ def add_data_parser(sub: argparse._SubParsersAction) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from pipelines.logs import quiet_logs
-
     quiet_logs(args.verbose)
     if not args.verbose:
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # no Train/Tune status tables on the driver
@@ -578,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     # MLflow resolves some URIs (LoggedModels, registry sources) through its process-wide store
     # whatever client is used: point that at the project's store too, never at ./mlflow.db
-    from pipelines.tracking import tracking_uri
+    from pipelines.tracking import tracking_uri  # lazy: start-up time
 
     os.environ.setdefault("MLFLOW_TRACKING_URI", tracking_uri())
     try:
@@ -588,11 +575,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fldd {command}: error: {error}", file=sys.stderr)
         return 2
     except Exception as error:  # training failures: one clear line, details above in the log
-        from mlflow.exceptions import MlflowException
+        from mlflow.exceptions import MlflowException  # lazy: start-up time
 
-        from fldd.train import NonFiniteLossError
-        from pipelines.train import TrainingError
-        from tune.sweep import SweepError
+        from pipelines.train import TrainingError  # lazy: start-up time
+        from tune.sweep import SweepError  # lazy: start-up time
 
         if isinstance(error, (TrainingError, NonFiniteLossError, MlflowException, SweepError)):
             print(f"fldd {args.command}: error: {error}", file=sys.stderr)
