@@ -35,7 +35,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from pipelines.vocabulary import DECISION_TAG, EXPERIMENT, RUN_NAME_TAG, TAG_PREFIX
+from pipelines.vocabulary import (DECISION_REASON_TAG, DECISION_TAG, EXPERIMENT, HOLDER_TEST_NELBO_TAG,
+                                  HOLDER_VERSION_TAG, MARGIN_TAG, PAIRED_DIFFERENCE_TAG, PAIRED_STDERR_TAG,
+                                  RUN_NAME_TAG, TAG_PREFIX, TEST_EXAMPLES_TAG, TEST_NELBO_TAG, TEST_STDERR_TAG)
 
 ROOT = Path(__file__).resolve().parent.parent
 FLDD = str(Path(sys.executable).parent / "fldd")
@@ -109,21 +111,24 @@ class Runner:
             if finished.returncode not in (0, 1):  # 0 promoted, 1 refused, 2 bad input
                 raise RuntimeError(f"{' '.join(command)} exited {finished.returncode}: {finished.stderr[-2000:]}")
             versions = self.client().search_model_versions(query)
-        tags = {k.removeprefix(TAG_PREFIX): v for k, v in (versions[0].tags if versions else {}).items()}
+        tags = versions[0].tags if versions else {}
+        recorded = {"decision": tags.get(DECISION_TAG), "reason": tags.get(DECISION_REASON_TAG),
+                    **{tag.removeprefix(TAG_PREFIX): int(tags[tag]) if tag == TEST_EXAMPLES_TAG else float(tags[tag])
+                       for tag in NUMBER_TAGS if tag in tags},
+                    "holder_version": tags.get(HOLDER_VERSION_TAG)}
         output = finished.stdout.strip()
-        recorded = {"decision": tags.get("decision"), "reason": tags.get("decision_reason"),
-                    **{key: int(tags[key]) if key == "test_examples" else float(tags[key])
-                       for key in NUMBER_TAGS if key in tags},
-                    "holder_version": tags.get("holder_version")}
         if not versions:  # refused before registering (a collapsed forward, a failed check): no tags
+            if not output.startswith("REFUSED"):  # exit 1 from a crash is not a decision
+                raise RuntimeError(f"{' '.join(command)} exited {finished.returncode} without a decision: "
+                                   f"{finished.stderr[-2000:]}")
             recorded.update(decision=output.split(":", 1)[0].lower(),
                             reason=output.split("reason:", 1)[-1].split("\n", 1)[0].strip())
         return {"command": " ".join(["fldd"] + command[1:]), "exit_code": finished.returncode,
                 "version": versions[0].version if versions else None, **recorded, "output": output}
 
 
-NUMBER_TAGS = ("test_nelbo_bits", "test_nelbo_stderr", "holder_test_nelbo_bits", "paired_difference_bits",
-               "paired_difference_stderr", "margin_bits", "test_examples")
+NUMBER_TAGS = (TEST_NELBO_TAG, TEST_STDERR_TAG, HOLDER_TEST_NELBO_TAG, PAIRED_DIFFERENCE_TAG, PAIRED_STDERR_TAG,
+               MARGIN_TAG, TEST_EXAMPLES_TAG)  # the gate's numbers, recorded without the tag prefix
 
 
 def main(argv: list[str] | None = None) -> None:

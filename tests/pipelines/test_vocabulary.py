@@ -13,7 +13,7 @@ from pipelines import vocabulary
 from pipelines.vocabulary import CHAMPION, CHAMPION_PREFIX, budget_of_alias, champion_alias
 
 REPO = Path(__file__).resolve().parents[2]
-PACKAGES = ("pipelines", "tune", "serving", "benchmarks")
+PACKAGES = ("commands", "pipelines", "tune", "serving", "benchmarks")
 
 
 @pytest.mark.parametrize("T", [1, 2, 4, 8, 10, 16, 64, 1000])
