@@ -7,7 +7,8 @@ were made on validation; no test number feeds anything here) and, per budget T, 
   - the fixed forward's winner (`masked-x0` with its chosen learning rate), and
   - each learned forward's winner (`fldd`, `fldd-mask-carry` with their chosen recipes),
 then, for each learned method, registers the fixed run as the first version of a model of its own
-(`<dataset>-<method>-gate`, so it becomes champion-t<T>) and sends the learned run through
+(`<dataset>-<method>-gate-<digest of the two runs' names>`, so it becomes champion-t<T>; the learned
+run's decision must name that version as the holder it was gated against) and sends the learned run through
 `fldd promote --run`: the gate evaluates both on the test split, paired (same examples, same z_t
 draws), and promotes only if the learned forward wins by more than its margin (2 x the standard
 error of the paired difference). The decisions and their numbers are read back from the version
@@ -27,6 +28,7 @@ collapsed forward, is simply refused again).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -54,6 +56,12 @@ def overrides_of(choice: dict, selection_runs: list[dict]) -> dict:
             return {k: v for k, v in run["overrides"].items() if k != RECIPE}
     raise ValueError(f"no selection run of {choice['method']} T={choice['steps']} with "
                      f"{choice['knob']}={choice['value']!r}")
+
+
+def digest(*parts) -> str:
+    """8 hex digits naming what a run or model was made from, so a rerun with other choices, steps or
+    seed trains and registers afresh instead of finding the old ones by name."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:8]
 
 
 class Runner:
@@ -155,11 +163,14 @@ def main(argv: list[str] | None = None) -> None:
     home.mkdir(parents=True, exist_ok=True)
     runner = Runner(home, dataset, train_steps, args.checkpoint_every, args.seed)
 
-    def name(method: str, T: int) -> str:
-        return f"gate-{dataset}-{method}-T{T}-seed{args.seed}"
+    overrides = {(m, T): overrides_of(choices[(m, T)], selected["selection_runs"]) for T in budgets
+                 for m in [FIXED, *learned]}
 
-    jobs = [(method, T, overrides_of(choices[(method, T)], selected["selection_runs"]))
-            for T in budgets for method in [FIXED, *learned]]
+    def name(method: str, T: int) -> str:  # the digest: a changed choice is a new run, not the old one resumed
+        made_of = digest(overrides[(method, T)], train_steps, args.checkpoint_every)
+        return f"gate-{dataset}-{method}-T{T}-seed{args.seed}-{made_of}"
+
+    jobs = [(method, T, overrides[(method, T)]) for T in budgets for method in [FIXED, *learned]]
     print(f"{len(jobs)} trainings ({train_steps} steps each, seed {args.seed}) under {home}", flush=True)
     with ThreadPoolExecutor(args.processes) as pool:
         runs = dict(zip([(m, T) for m, T, _ in jobs],
@@ -168,16 +179,20 @@ def main(argv: list[str] | None = None) -> None:
     cells = []
     for T in budgets:
         for method in learned:
-            model = f"{dataset}-{method}-gate"
-            holder = runner.promote(runs[(FIXED, T)], model)  # the first version at T: champion-t<T>
+            # one model per pair of runs: its first version at T is the fixed run, so it holds champion-t<T>
+            model = f"{dataset}-{method}-gate-{digest(name(FIXED, T), name(method, T))}"
+            holder = runner.promote(runs[(FIXED, T)], model)
             decision = runner.promote(runs[(method, T)], model)
+            if decision.get("holder_version") not in (None, holder["version"]):
+                raise RuntimeError(f"{model}: the learned run was gated against version "
+                                   f"{decision['holder_version']}, not the fixed run's version {holder['version']}")
             cells.append({"steps": T, "model_name": model, "seed": args.seed,
                           "fixed": {"method": FIXED, "run_id": runs[(FIXED, T)], "choice": choices[(FIXED, T)]["value"],
-                                    "overrides": overrides_of(choices[(FIXED, T)], selected["selection_runs"]),
+                                    "overrides": overrides[(FIXED, T)],
                                     "registration": holder},
                           "learned": {"method": method, "run_id": runs[(method, T)],
                                       "choice": choices[(method, T)]["value"],
-                                      "overrides": overrides_of(choices[(method, T)], selected["selection_runs"])},
+                                      "overrides": overrides[(method, T)]},
                           "gate": decision})
             print(f"T={T} {method} vs {FIXED}: {decision.get('decision')} (paired difference "
                   f"{decision.get('paired_difference_bits')} +- {decision.get('paired_difference_stderr')}, "

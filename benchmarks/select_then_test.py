@@ -204,7 +204,17 @@ def choose(selection: list[dict], knob: str) -> dict:
     best = min(finite, key=finite.get)
     return {"knob": knob, "value": best, "valid_nelbo_mean_by_value": {str(k): v for k, v in sorted(means.items())},
             "valid_nelbo_by_value": {str(k): v for k, v in sorted(by_value.items())},
-            "at_grid_edge": knob != RECIPE and best in (min(means), max(means))}
+            "at_grid_edge": at_grid_edge(knob, best, list(means))}
+
+
+def at_grid_edge(knob: str, best, values: list) -> bool:
+    """Whether the chosen value is the lowest or highest of its grid, so the optimum may lie outside
+    it. A recipe's edge is its forward rate's among the rates tried with the same start."""
+    if knob != RECIPE:
+        return best in (min(values), max(values))
+    start = best.partition("/")[0]
+    rates = [float(v.partition("/")[2]) for v in values if v.partition("/")[0] == start]
+    return len(rates) > 1 and float(best.partition("/")[2]) in (min(rates), max(rates))
 
 
 def finite_json(value):
@@ -384,8 +394,9 @@ def main(argv: list[str] | None = None) -> None:
                      "selection": {"split": "valid", "metric": f"{SELECTION_METRIC} (mean over seeds)",
                                    "seeds": args.select_seeds},
                      "report": {"split": "test", "seeds": args.report_seeds},
-                     "untuned": "the learned forward's reverse lr stays at the preset's (1e-3); every other "
-                                "knob is the preset's for both arms"},
+                     "fixed_per_method": {m: METHOD_BASE.get(m, {}) for m in knobs},
+                     "untuned": f"every key not in grids, always or fixed_per_method is the preset's "
+                                f"(configs/{args.dataset}.yaml), the learned forwards' reverse lr included"},
         "choices": [{"method": m, "steps": T, **c} for (m, T), c in choices.items()],
         "selection_runs": [{k: v for k, v in e.items() if k != "key"} for e in selection],
         "report_runs": [{k: v for k, v in e.items() if k != "key"} for e in report],

@@ -297,8 +297,7 @@ def _entropy(p: Tensor) -> Tensor:
 
 def config_differences(expected: FLDDConfig, actual: FLDDConfig) -> list[str]:
     """Model-defining fields whose values differ, as 'field: expected X, found Y'."""
-    a, b = expected.to_flat_dict(), actual.to_flat_dict()
-    a["process.prior"], b["process.prior"] = expected.resolved_prior, actual.resolved_prior  # "auto" == what it means
+    a, b = expected.resolved_flat_dict(), actual.resolved_flat_dict()  # "auto" == what it means
     model_defining = [k for k in a if k.split(".")[0] in MODEL_DEFINING_KEYS]
     return [f"{k}: expected {a[k]!r}, found {b[k]!r}" for k in model_defining if a[k] != b[k]]
 

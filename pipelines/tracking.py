@@ -126,9 +126,11 @@ def start_run(cfg: FLDDConfig, run_name: str, tags: dict[str, Any], home: Path |
             client.delete_tag(run_id, ERROR_TAG)
         return tracker, True
     # what the optimizer uses, and what each "auto" stands for at this T
-    derived = {"train.forward_lr_at_T": cfg.forward_lr, "process.prior_resolved": cfg.resolved_prior,
-               "process.warm_start_resolved": cfg.resolved_warm_start,
-               "train.forward_freeze_fraction_resolved": cfg.resolved_freeze_fraction} if cfg.learns_forward else {}
+    resolved = cfg.resolved_flat_dict()  # None where a setting means nothing for this method
+    derived = {f"{key}_resolved": resolved[key] for key in
+               ("process.prior", "process.warm_start", "train.forward_freeze_fraction") if resolved[key] is not None}
+    if cfg.learns_forward:
+        derived["train.forward_lr_at_T"] = cfg.forward_lr
     tracker.log_params({**cfg.to_flat_dict(), **derived})
     return tracker, False
 

@@ -407,7 +407,7 @@ def _check_resume_config(cfg: FLDDConfig, storage: str, name: str, save: bool = 
     except OSError as error:  # no credentials, no such bucket, no permission
         raise ConfigError(f"storage={storage!r}: cannot read {saved_path}: {error}") from error
     if data is not None:
-        saved, current = FLDDConfig.from_dict(data).to_flat_dict(), cfg.to_flat_dict()
+        saved, current = FLDDConfig.from_dict(data).resolved_flat_dict(), cfg.resolved_flat_dict()
         differences = [f"{k}: run has {saved[k]!r}, now {current[k]!r}" for k in current
                        if current[k] != saved[k] and k not in RESUMABLE_CHANGES]
         if differences:

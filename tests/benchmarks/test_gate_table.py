@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from gate_table import main, overrides_of  # noqa: E402
+from gate_table import digest, main, overrides_of  # noqa: E402
 
 ALWAYS = {"train.forward_lr_ref_steps": 0}
 SELECTION = [
@@ -44,3 +44,12 @@ def test_choices_without_a_learned_method_or_a_budget_are_refused_before_trainin
         main(["--choices", str(tmp_path / "absent.json"), "--out", str(tmp_path / "g.json")])
     assert "no such file" in capsys.readouterr().err
     assert not (tmp_path / "g.json").exists() and not (tmp_path / "h").exists()
+
+
+def test_a_run_is_found_again_only_if_it_was_made_of_the_same_choice():
+    """Runs and models are named with a digest of what made them: other overrides, steps or runs
+    give another name (a fresh run), the same ones in any key order the same name (a resume)."""
+    lr = {**ALWAYS, "train.lr": 5e-4}
+    assert digest(lr, 3000, 500) == digest(dict(reversed(list(lr.items()))), 3000, 500)
+    assert len({digest(lr, 3000, 500), digest({**lr, "train.lr": 1e-3}, 3000, 500), digest(lr, 6000, 500),
+                digest(lr, 3000, 250)}) == 4

@@ -51,7 +51,12 @@ def test_a_recipe_value_sets_the_start_its_phase_and_the_forward_rate_and_select
     runs = [{"overrides": o, "seed": s, "values": {"nelbo_bits": v}}
             for o, s, v in [(random, 0, 4.53), (random, 1, 4.90), (warm, 0, 4.56), (warm, 1, 4.57)]]
     choice = choose(runs, "recipe")
-    assert choice["value"] == "masked-warm/3e-4" and not choice["at_grid_edge"]  # names have no edge
+    assert choice["value"] == "masked-warm/3e-4" and not choice["at_grid_edge"]  # its start's only rate
+    # with a second rate for that start, the higher one winning sits at the grid's edge
+    faster = cell_overrides("fldd", "recipe", "masked-warm/1e-3", always)
+    runs += [{"overrides": faster, "seed": s, "values": {"nelbo_bits": 4.50}} for s in (0, 1)]
+    choice = choose(runs, "recipe")
+    assert choice["value"] == "masked-warm/1e-3" and choice["at_grid_edge"]
 
 
 def test_the_cache_refuses_runs_of_another_protocol_and_skips_a_line_cut_short(tmp_path):

@@ -120,5 +120,8 @@ def test_auto_prior_follows_the_warm_start():
     assert base.with_overrides({"process.warm_start": "uniform"}).resolved_prior == "uniform"
     with pytest.raises(ConfigError, match="process.prior='uniform'"):
         base.with_overrides({"process.prior": "uniform"})
+    auto = base.with_overrides({"process.warm_start": "auto", "process.num_steps": 4})
+    with pytest.raises(ConfigError, match="warm_start=auto means 'masked' at T=4"):  # not a start the user wrote
+        auto.with_overrides({"process.prior": "uniform"})
     with pytest.raises(ConfigError, match="process.forward_floor"):
         base.with_overrides({"process.method": "masked", "process.forward_floor": 0.01})

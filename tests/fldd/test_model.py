@@ -167,3 +167,21 @@ def test_an_auto_prior_matches_the_prior_it_stands_for(tmp_path):
     explicit = auto.with_overrides({"process.prior": "uniform"})
     assert config_differences(auto, explicit) == []
     assert config_differences(auto, auto.with_overrides({"process.prior": "mask"})) != []
+
+
+def test_auto_start_and_phase_compare_as_what_they_resolve_to_and_only_where_they_mean_something():
+    """A run saved with warm_start/forward_freeze_fraction "auto" resumes or loads under the values
+    they stand for at its T; a real difference is still named; a fixed forward ignores the warm start."""
+    from fldd.model import config_differences
+
+    auto = tiny_config({"process.method": "fldd", "process.num_steps": 4, "process.warm_start": "auto",
+                        "train.forward_freeze_fraction": "auto"})
+    explicit = auto.with_overrides({"process.warm_start": "masked", "train.forward_freeze_fraction": 0.3})
+    assert config_differences(auto, explicit) == []
+    assert auto.resolved_flat_dict() == explicit.resolved_flat_dict()
+    assert any(d.startswith("process.warm_start") for d in
+               config_differences(auto, auto.with_overrides({"process.warm_start": "none"})))
+    other_phase = auto.with_overrides({"train.forward_freeze_fraction": 0.1}).resolved_flat_dict()
+    assert other_phase["train.forward_freeze_fraction"] == 0.1 != auto.resolved_flat_dict()["train.forward_freeze_fraction"]
+    fixed = auto.with_parameterization("masked-x0")
+    assert config_differences(fixed, fixed.with_overrides({"process.warm_start": "none"})) == []

@@ -40,6 +40,7 @@ def test_two_workers_lower_validation_nelbo(ray_cluster, home):
     run = MlflowClient(tracking_uri()).get_run(outcome.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["workers"] == "2"
     assert run.data.params["process.method"] == "masked" and run.data.params["train.batch_size"] == "512"
+    assert "process.warm_start_resolved" not in run.data.params  # a fixed forward has no start to resolve
     assert {"nelbo", "kl", "grad_norm", "final_valid_nelbo_bits", "final_kl"} <= set(run.data.metrics)
     artifacts = {a.path for a in MlflowClient(tracking_uri()).list_artifacts(outcome.run_id)}
     assert {"config.yaml", "metrics.json", "samples.png", "forward_schedule.png"} <= artifacts
@@ -63,6 +64,9 @@ def test_rerun_with_the_same_name_resumes(ray_cluster, home):
     assert not first.resumed and second.resumed
     params = MlflowClient(tracking_uri()).get_run(first.run_id).data.params
     assert float(params["train.forward_lr_at_T"]) == pytest.approx(toy_config().forward_lr)  # the rate in use
+    # what each "auto" of the preset stood for at T=2, logged beside the word itself
+    assert (params["process.warm_start"], params["process.warm_start_resolved"]) == ("auto", "none")
+    assert float(params["train.forward_freeze_fraction_resolved"]) == 0.0
     assert second.run_id == first.run_id and second.start_step == 40
     assert [s for s, _ in metric_history(first.run_id, "valid_nelbo_bits")] == [20, 40, 60, 80]
     assert len(runs_named("resume")) == 1
@@ -70,8 +74,9 @@ def test_rerun_with_the_same_name_resumes(ray_cluster, home):
         launch(toy_config(**{"process.num_steps": 4}), LaunchOptions(workers=0, name="resume", quiet=True))
     with pytest.raises(CheckpointError, match="train.lr: run has 0.001, now 0.0003"):
         launch(toy_config(**{"train.steps": 80, "train.lr": 3e-4}), LaunchOptions(workers=0, name="resume"))
-    # rerunning a finished run is a no-op that keeps it FINISHED
-    third = launch(toy_config(**{"train.steps": 80}), LaunchOptions(workers=0, name="resume", quiet=True))
+    # rerunning a finished run is a no-op that keeps it FINISHED; "auto" spelled out is the same run
+    third = launch(toy_config(**{"train.steps": 80, "process.warm_start": "none", "train.forward_freeze_fraction": 0.0}),
+                   LaunchOptions(workers=0, name="resume", quiet=True))
     assert third.start_step == 80 and third.run_id == first.run_id
     assert MlflowClient(tracking_uri()).get_run(first.run_id).info.status == "FINISHED"
 
