@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from commands import demo
+from commands.formatting import format_decision, format_models, format_table
 from fldd.codec import CodecError
 from fldd.config import CONFIG_DIR, PARAMETERIZATIONS, ConfigError, FLDDConfig, resolve_config
 from fldd.data import DataError, load_test_split, load_valid_split, resolve_data_shape
@@ -215,7 +216,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """A Ray Tune sweep: one experiment per step budget, trials through the one training launcher."""
-    from tune.results import format_table  # lazy: start-up time
     from tune.spec import SweepSpec  # lazy: start-up time
     from tune.sweep import SweepInterrupted, run_sweep  # lazy: start-up time
 
@@ -236,7 +236,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_promote(args: argparse.Namespace) -> int:
     """Exit 0: every decision promoted (or already in place); 1: a refusal or an impossible
     rollback (one line each on stderr); 2: bad input."""
-    from pipelines import registry  # lazy: start-up time
+    from pipelines import aliases, registry  # lazy: start-up time
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per decision, no bars
 
@@ -250,7 +250,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
                 return fail("error: --rollback takes only --model-name and --budget", 2)
             if not args.model_name:
                 return fail("error: --rollback needs --model-name", 2)
-            moved = registry.rollback(args.model_name, args.budget)
+            moved = aliases.rollback(args.model_name, args.budget)
             print(f"rolled back {args.model_name}: " + ", ".join(f"{a} -> version {v}" for a, v in moved.items()))
             return 0
         if bool(args.sweep) == bool(args.run):
@@ -259,12 +259,12 @@ def cmd_promote(args: argparse.Namespace) -> int:
             return fail("error: --budget goes with --sweep (a run has its own T)", 2)
         decisions = registry.promote(sweep=args.sweep, budget=args.budget, run_id=args.run, model_name=args.model_name,
                                      margin=args.margin, passes=args.passes, seed=args.seed)
-    except registry.RollbackError as error:
+    except aliases.RollbackError as error:
         return fail(f"refused: {error}", 1)
     except registry.RegistryError as error:
         return fail(f"error: {error}", 2)
     for decision in decisions:
-        print(decision)
+        print(format_decision(decision))
     refused = [d for d in decisions if d.decision == registry.REFUSED]
     for decision in refused:
         print(f"fldd promote: refused (T={decision.budget}): {decision.reason}", file=sys.stderr)
@@ -272,14 +272,14 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from pipelines import registry  # lazy: start-up time
+    from pipelines import model_store  # lazy: start-up time
 
     try:
-        rows = registry.list_models(args.name)
-    except registry.RegistryError as error:
+        rows = model_store.list_models(args.name)
+    except model_store.RegistryError as error:
         print(f"fldd models: error: {error}", file=sys.stderr)
         return 2
-    print(registry.format_models(rows) if rows else "no registered models")
+    print(format_models(rows) if rows else "no registered models")
     return 0
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import yaml
 
+from commands.formatting import format_decision, format_table
 from fldd.config import CONFIG_DIR
 from fldd.data import load_test_split, resolve_data_shape
 from pipelines.vocabulary import CHAMPION, FINAL_KL_METRIC
@@ -61,7 +62,7 @@ class BudgetSummary:
     budget: int
     rows: dict[str, Any]  # parameterization -> tune.results.TrialRow (the best finished one)
     kl: dict[str, float]  # parameterization -> exact KL(data || model) in nats, toy2d only
-    decision: Any = None  # pipelines.registry.Decision
+    decision: Any = None  # pipelines.gate.Decision
     latency_ms: list[float] = field(default_factory=list)
     served_version: str | None = None
 
@@ -142,7 +143,6 @@ def run_demo(options: DemoOptions) -> DemoOutcome:
     from pipelines.reports import save_samples_by_budget  # lazy: start-up time
     from pipelines.tracking import project_home, tracking_uri  # lazy: start-up time
     from serving.run import start_endpoint  # lazy: start-up time
-    from tune.results import format_table  # lazy: start-up time
     from tune.sweep import run_sweep  # lazy: start-up time
 
     spec = demo_spec(options)
@@ -174,7 +174,7 @@ def run_demo(options: DemoOptions) -> DemoOutcome:
               "champion of each budget)", flush=True)
         decisions = registry.promote(sweep=spec.name, model_name=options.model_name)
         for decision in decisions:
-            print(decision, flush=True)
+            print(format_decision(decision), flush=True)
             for summary in outcome.budgets:
                 if summary.budget == decision.budget:
                     summary.decision = decision

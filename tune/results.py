@@ -1,5 +1,6 @@
 """A sweep's results: the per-trial CSV, the quality-vs-steps picture (every trial a point, the best
-per T joined: the Pareto front over steps and validation NELBO), and the table printed at the end."""
+per T joined: the Pareto front over steps and validation NELBO), and the sweep's parent-run summary.
+The table printed at the end is `commands/formatting.py:format_table`."""
 
 from __future__ import annotations
 
@@ -145,23 +146,3 @@ def log_results(outcome: SweepOutcome, parent: Tracker, home: Path) -> Path:
     parent.set_tags({BEST_RUN_TAG.format(T=T): row.run_id for T, row in outcome.best.items()})
     return directory
 
-
-def format_table(outcome: SweepOutcome) -> str:
-    """Per T: the best trial on validation, its metric, its MLflow run; and how many trials ran."""
-    lines = [f"{'T':>4}  {'best parameterization':<22} {'valid NELBO bits/token':>24}  {'trials (done/stopped/failed)':>28}"
-             f"  MLflow run"]
-    for T in sorted({r.budget for r in outcome.rows}):
-        rows = [r for r in outcome.rows if r.budget == T]
-        counts = "/".join(str(sum(r.status == s for r in rows)) for s in ("finished", "stopped", "error"))
-        best = outcome.best.get(T)
-        if best is None:
-            lines.append(f"{T:>4}  {'(no finished trial)':<22} {'':>24}  {counts:>28}")
-            continue
-        metric = f"{best.valid_nelbo_bits:.4f} +- {best.valid_nelbo_stderr:.4f}"
-        if best.config_trials > 1:  # ranked by the mean over its trials; the row is its best one
-            metric = f"{best.config_mean_valid_nelbo:.4f} (mean of {best.config_trials} trials)"
-        lines.append(f"{T:>4}  {best.parameterization:<22} {metric:>24}  {counts:>28}  {best.run_id}")
-    failed = [r for r in outcome.rows if r.status == "error"]
-    for row in failed:
-        lines.append(f"  failed: T={row.budget} trial {row.trial_id} ({row.parameterization}): {row.error}")
-    return "\n".join(lines)

@@ -4,7 +4,7 @@ import signal
 
 import pytest
 
-from pipelines.registry import uninterrupted
+from pipelines.aliases import uninterrupted
 
 
 def test_ctrl_c_inside_takes_effect_after_the_block():

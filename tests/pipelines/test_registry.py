@@ -20,7 +20,8 @@ from fldd.config import CONFIG_DIR, FLDDConfig
 from fldd.data import load_test_split
 from fldd.model import FLDDModel
 from fldd.objective import evaluate_nelbo
-from pipelines import registry
+from pipelines import aliases as alias_moves, model_store, registry
+from pipelines.vocabulary import DEFAULT_BUDGET_TAG, history_tag
 from pipelines.tracking import download_model_file, resolve_model, tracking_uri
 from pipelines.train import LaunchOptions, launch
 from tests.conftest import module_project_home
@@ -74,7 +75,7 @@ def version_tags(name: str, version: str) -> dict[str, str]:
 
 
 def history(name: str, alias: str) -> list[str]:
-    return json.loads(client().get_registered_model(name).tags[registry.history_tag(alias)])
+    return json.loads(client().get_registered_model(name).tags[history_tag(alias)])
 
 
 def versions_of(name: str) -> list:
@@ -134,7 +135,7 @@ def test_first_version_is_accepted_and_evaluated_on_test(runs):
     assert aliases("first") == {"champion-t2": "1", "champion": "1"}
     assert history("first", "champion-t2") == ["1"] and history("first", "champion") == ["1"]
     model_tags = client().get_registered_model("first").tags
-    assert model_tags[registry.DEFAULT_BUDGET_TAG] == "2"
+    assert model_tags[DEFAULT_BUDGET_TAG] == "2"
     assert [model_tags[f"fldd.{k}"] for k in ("dataset", "vocab_size", "seq_len")] == ["toy2d", "50", "2"]
     tags = version_tags("first", "1")
     assert (tags["fldd.num_steps_T"], tags["fldd.parameterization"], tags["fldd.dataset"]) == ("2", PARAMETERIZATION, "toy2d")
@@ -150,7 +151,7 @@ def test_first_version_is_accepted_and_evaluated_on_test(runs):
                               generator=torch.Generator().manual_seed(0))
     assert source_run == runs["weak"] and expected.num_examples == 500
     assert tags["fldd.test_examples"] == "500"
-    assert tags["fldd.test_split_sha1"] == registry.split_fingerprint(load_test_split(model.config))
+    assert tags["fldd.test_split_sha1"] == model_store.split_fingerprint(load_test_split(model.config))
     assert float(tags["fldd.test_nelbo_bits"]) == pytest.approx(expected.bits_per_token, abs=1e-12)
     assert float(tags["fldd.test_nelbo_bits"]) != pytest.approx(run.data.metrics["final_valid_nelbo_bits"], abs=1e-6)
     # promoting the holder again changes nothing
@@ -257,7 +258,7 @@ def test_better_candidates_move_both_aliases_and_rollbacks_go_back_step_by_step(
     assert strong["fldd.holder_version"] == "2"
     assert float(strong["fldd.paired_difference_bits"]) > float(strong["fldd.margin_bits"]) > 0
 
-    assert registry.rollback(name) == {"champion-t2": "2", "champion": "2"}
+    assert alias_moves.rollback(name) == {"champion-t2": "2", "champion": "2"}
     assert aliases(name) == {"champion-t2": "2", "champion": "2"}
     assert history(name, "champion-t2") == ["1", "2"]
     assert main(["promote", "--rollback", "--model-name", name, "--budget", "2"]) == 0
@@ -286,8 +287,8 @@ def test_other_budget_has_its_own_alias_and_the_champion_loads(runs, capsys, mon
     assert t4.promoted and t4.budget == 4 and t4.aliases_moved == ["champion-t4"]
     assert aliases(name) == {"champion-t2": "1", "champion": "1", "champion-t4": "2"}  # champion follows T=2
     assert version_tags(name, "2")["fldd.num_steps_T"] == "4"
-    with pytest.raises(registry.RollbackError, match="no previous holder"):
-        registry.rollback(name, budget=4)
+    with pytest.raises(alias_moves.RollbackError, match="no previous holder"):
+        alias_moves.rollback(name, budget=4)
 
     # how a user loads it: MLflow's own resolution through the process-wide tracking URI. That is
     # set for this block only (an earlier test may have left it pointing elsewhere), and
@@ -347,7 +348,7 @@ def test_sweep_promotes_the_best_eligible_trial_at_each_budget(runs, capsys):
     assert "no eligible trial among 1 at T=8: collapsed forward" in capsys.readouterr().err
     (refused,) = registry.promote(sweep="grid", budget=8)
     assert (refused.decision, refused.model_name, refused.version) == ("refused", "fldd-toy2d", None)
-    assert client().get_registered_model("swept").tags[registry.DEFAULT_BUDGET_TAG] == "2"
+    assert client().get_registered_model("swept").tags[DEFAULT_BUDGET_TAG] == "2"
     assert main(["promote", "--run", parent]) == 2  # the sweep's parent run holds no model
     assert f"run {parent} has no logged model" in capsys.readouterr().err
     assert main(["promote", "--sweep", "no-such-sweep"]) == 2
@@ -360,7 +361,7 @@ def test_ctrl_c_between_the_two_alias_moves_waits_until_both_moved(runs, monkeyp
     import signal
 
     moved = []
-    real_move = registry._move_alias
+    real_move = alias_moves.move_alias
 
     def move_then_interrupt(client, name, alias, version):  # Ctrl-C right after the first alias moved
         real_move(client, name, alias, version)
@@ -368,7 +369,7 @@ def test_ctrl_c_between_the_two_alias_moves_waits_until_both_moved(runs, monkeyp
         if len(moved) == 1:
             signal.raise_signal(signal.SIGINT)
 
-    monkeypatch.setattr(registry, "_move_alias", move_then_interrupt)
+    monkeypatch.setattr(alias_moves, "move_alias", move_then_interrupt)
     # a plain Ctrl-C handler for the test (the session's Ray may have installed its own)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     name = "ctrl-c-model"

@@ -23,7 +23,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from fldd.config import CONFIG_DIR, FLDDConfig
-from pipelines import registry
+from pipelines import aliases, registry
 from pipelines.tracking import tracking_uri
 from pipelines.train import LaunchOptions, launch
 from tests.conftest import module_project_home
@@ -327,7 +327,7 @@ def test_promotion_and_rollback_during_a_stream_of_requests(server):
         models = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
         assert models[TOY]["budgets"] == {"2": "3", "4": "2"}
         promoted_at = len(seen)
-        assert registry.rollback(TOY, budget=2) == {"champion-t2": "1", "champion": "1"}
+        assert aliases.rollback(TOY, budget=2) == {"champion-t2": "1", "champion": "1"}
         wait_for(lambda: "1" in seen[promoted_at:], 60, "responses from the rolled-back version")
         rolled_back_at = len(seen)
         wait_for(lambda: len(seen) >= rolled_back_at + 10, 60, "requests after the rollback")

@@ -2,7 +2,8 @@
 
 import math
 
-from tune.results import SweepOutcome, TrialRow, best_per_budget, format_table
+from commands.formatting import format_table
+from tune.results import SweepOutcome, TrialRow, best_per_budget
 
 
 def row(trial: str, nelbo: float, *, lr: float, seed: int | None = None, budget: int = 2,
