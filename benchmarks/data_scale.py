@@ -105,12 +105,12 @@ def child(data_dir: str, steps: int, workers: int, home: str) -> dict:
     sampler.start()
     from mlflow.tracking import MlflowClient
 
-    from fldd.config import FLDDConfig
+    from fldd.config import CONFIG_DIR, FLDDConfig
     from pipelines.train import LaunchOptions, launch
     from pipelines.tracking import tracking_uri
     from pipelines.vocabulary import VALID_NELBO_METRIC
 
-    cfg = FLDDConfig.from_yaml(ROOT / "configs" / "toy2d.yaml").with_overrides({
+    cfg = FLDDConfig.from_yaml(CONFIG_DIR / "toy2d.yaml").with_overrides({
         "data.path": data_dir, "train.steps": steps, "train.log_every": 25, "train.checkpoint_every": steps,
         "train.eval_every": 0, "process.method": "masked", "process.reverse_parameterization": "x0"})
     start = time.perf_counter()

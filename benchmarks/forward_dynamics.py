@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from fldd.config import FLDDConfig
+from fldd.config import CONFIG_DIR, FLDDConfig
 from fldd.data import infinite_batches, load_splits, resolve_data_shape
 from fldd.model import FLDDModel
 from fldd.train import build_optimizer, clip_gradients
@@ -31,7 +31,7 @@ PILOT = {"process.method": "fldd", "process.warm_start": "none", "process.prior"
 
 def measure(preset: str, steps: int, seed: int, probe_rows: int = 256) -> dict:
     """The pilot recipe on a preset for `steps` optimizer steps; per-step records and their summary."""
-    cfg = resolve_data_shape(FLDDConfig.from_yaml(ROOT / "configs" / f"{preset}.yaml").with_overrides(
+    cfg = resolve_data_shape(FLDDConfig.from_yaml(CONFIG_DIR / f"{preset}.yaml").with_overrides(
         {**PILOT, "train.seed": seed, "data.num_train": 20000}))[0]
     train, valid = load_splits(cfg)
     torch.manual_seed(seed)

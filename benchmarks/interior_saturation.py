@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from fldd.config import FLDDConfig
+from fldd.config import CONFIG_DIR, FLDDConfig
 from fldd.data import infinite_batches, load_splits
 from fldd.model import FLDDModel
 from fldd.train import TrainSchedule, build_optimizer, train_loop
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    cfg = FLDDConfig.from_yaml(ROOT / "configs" / "toy2d.yaml").with_overrides(
+    cfg = FLDDConfig.from_yaml(CONFIG_DIR / "toy2d.yaml").with_overrides(
         {"process.num_steps": args.T, "train.steps": 3000, "train.seed": args.seed, "seq_len": 2, "vocab_size": 50,
          "data.num_train": 100000}).with_overrides(args.set)
     print(f"# T={args.T} seed={args.seed} start={cfg.resolved_warm_start} forward_lr={cfg.forward_lr} "

@@ -33,7 +33,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from fldd.config import ConfigError, FLDDConfig  # noqa: E402
+from fldd.config import CONFIG_DIR, ConfigError, FLDDConfig  # noqa: E402
 from fldd.data import load_splits, load_test_split  # noqa: E402
 from fldd.datasets import builtin, data_pmf, tokens_to_text  # noqa: E402
 from fldd.metrics import exact_distribution_metrics  # noqa: E402
@@ -69,7 +69,7 @@ def config_for(job: dict, train_steps: int | None, learned_overrides: list[str] 
                overrides: dict | None = None) -> FLDDConfig:
     """The job's config: the data set's preset and the method's parameterization; `learned_overrides`
     apply to the learned forwards only, `overrides` (a recipe chosen per cell) to any method."""
-    cfg = FLDDConfig.from_yaml(ROOT / "configs" / CONFIGS[job["dataset"]])
+    cfg = FLDDConfig.from_yaml(CONFIG_DIR / CONFIGS[job["dataset"]])
     spec = builtin(job["dataset"])
     cell = {"data.name": job["dataset"], "seq_len": spec.seq_len, "vocab_size": spec.vocab_size,
             "process.num_steps": job["steps"], "train.seed": job["seed"], "train.log_every": 10**6}

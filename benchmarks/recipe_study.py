@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from fldd.config import FLDDConfig
+from fldd.config import CONFIG_DIR, FLDDConfig
 from fldd.data import load_splits
 from fldd.datasets import data_pmf
 from fldd.metrics import exact_distribution_metrics
@@ -53,7 +53,7 @@ CURVE_KEYS = ("information_retained_max", "forward_entropy_min", "nelbo", "valid
 def run_one(job: tuple[str, int, int, dict]) -> dict:
     name, seed, steps, extra = job
     torch.set_num_threads(1)
-    cfg = FLDDConfig.from_yaml(ROOT / "configs" / "toy2d.yaml").with_overrides(
+    cfg = FLDDConfig.from_yaml(CONFIG_DIR / "toy2d.yaml").with_overrides(
         {**RECIPES[name], **extra, "train.steps": steps, "train.seed": seed, "train.log_every": max(steps // 100, 1),
          "train.eval_every": max(steps // 20, 1)})
     train, valid = load_splits(cfg)

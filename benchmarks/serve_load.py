@@ -96,11 +96,11 @@ def load(send, count: int, concurrency: int, time_limit: float) -> dict:
 
 def tiny_champion(name: str) -> None:
     """Train and promote a small toy2d T=4 model into the current FLDD_HOME."""
-    from fldd.config import FLDDConfig
+    from fldd.config import CONFIG_DIR, FLDDConfig
     from pipelines import registry
     from pipelines.train import LaunchOptions, launch
 
-    cfg = FLDDConfig.from_yaml(ROOT / "configs" / "toy2d.yaml").with_overrides(
+    cfg = FLDDConfig.from_yaml(CONFIG_DIR / "toy2d.yaml").with_overrides(
         {"process.num_steps": T, "train.steps": 200, "train.checkpoint_every": 200, "train.log_every": 200,
          "data.num_train": 4000, "data.num_valid": 500})
     run_id = launch(cfg, LaunchOptions(workers=0, quiet=True, name="serve-load")).run_id

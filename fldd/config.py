@@ -363,7 +363,7 @@ class FLDDConfig:
 
 
 # The repository's YAML presets (toy2d, digits, text, sweep-*, serve): `--config NAME` names one
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # package data; `configs/` in a checkout links here
 
 
 def resolve_config(path: str | None) -> FLDDConfig:

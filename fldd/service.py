@@ -8,16 +8,16 @@ requests. A `RequestError` names the request field that is wrong.
 from __future__ import annotations
 
 import base64
+import io
 import logging
 import math
 import secrets
-import struct
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import Tensor
 
 from fldd.codec import CodecError, TokenCodec
@@ -139,14 +139,9 @@ def png_base64(row: Tensor, vocab_size: int) -> str:
     """One sample as a square 8-bit grayscale PNG (one pixel per token, 0 -> black), base64."""
     side = math.isqrt(row.numel())
     levels = (row.to(torch.float64) * 255.0 / max(vocab_size - 1, 1)).round().to(torch.uint8).view(side, side)
-    raw = b"".join(b"\x00" + bytes(line.tolist()) for line in levels)  # filter type 0 per scanline
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)  # 8-bit grayscale, no interlace
-    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
-    return base64.b64encode(png).decode("ascii")
+    buffer = io.BytesIO()
+    Image.fromarray(levels.numpy()).save(buffer, format="PNG")  # uint8, 2-D: mode "L" (8-bit grayscale)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 class SamplerService:

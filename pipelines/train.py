@@ -1,12 +1,10 @@
-"""Ray Train: the worker function that wraps fldd's one training loop, and its launcher.
+"""Ray Train's launcher: one call, `launch`, takes a config to a finished MLflow run with a logged model.
 
 Scale is a launch option, not a second trainer: `workers=0` runs the loop in the driver (local
 mode), N CPU workers use DDP over gloo, `gpu=True` one GPU per worker with bf16 autocast for the
-networks (posterior, KL and sampling stay fp32/fp64).
-
-Global batch semantics: `train.batch_size` is the global reverse-network batch per optimizer step.
-It is split evenly across workers, then into `train.grad_accum_steps` micro-batches; with M z_t
-samples per data point, each micro-batch holds batch_size / (workers x accum x M) data points.
+networks (posterior, KL and sampling stay fp32/fp64). What every worker runs is
+`pipelines/worker.py`; checkpoints on disk are `pipelines/checkpoints.py`; where a run keeps its
+state and what a rerun may change, `pipelines/run_storage.py`.
 """
 
 from __future__ import annotations
@@ -22,41 +20,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyarrow.fs
 import ray
 import ray.data
 import ray.train
 import torch
-import yaml
 from mlflow.exceptions import MlflowException
-from ray.experimental import tqdm_ray
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer, get_device, prepare_model
-from tqdm.auto import tqdm
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
 
 from fldd.config import ConfigError, FLDDConfig
-from fldd.codec import TokenCodec
-from fldd.data import (DataDescription, DataError, TableFiles, arrow_tokens, check_file_task, load_splits,
-                       read_split, resolve_data_shape, token_table)
-from fldd.model import CheckpointError, FLDDModel, config_differences
-from fldd.objective import evaluate_nelbo
-from fldd.train import CHECKPOINT_EVAL_SEED, NonFiniteLossError, TrainSchedule, build_optimizer, train_loop
+from fldd.data import (DataDescription, DataError, TableFiles, check_file_task, load_splits, read_split,
+                       resolve_data_shape, token_table)
+from fldd.model import CheckpointError, FLDDModel
 from pipelines import reports
+from pipelines.checkpoints import MODEL_FILE, best_checkpoint, checkpoints_on_disk
 from pipelines.cluster import init_ray
+from pipelines.run_storage import RESUMABLE_CHANGES, check_resume_config, storage_path
 from pipelines.tracking import (Tracker, dataset_name, download_model_file, git_commit, log_sampler_model, project_home,
                                 start_run, tracking_uri)
 from pipelines.vocabulary import (COLLAPSED_METRIC, COLLAPSED_TAG, DATASET_TAG, DEVICE_TAG, ERROR_TAG, FINAL_PREFIX,
                                   GIT_COMMIT_TAG, METHOD_TAG, MODEL_URI_TAG, NUM_STEPS_TAG, PARAMETERIZATION_TAG,
                                   RAY_GCS_TAG, RAY_VERSION_TAG, RUN_NAME, SATURATED_METRIC, SATURATED_TAG, STORAGE_TAG,
-                                  TORCH_VERSION_TAG, VALID_NELBO_METRIC, VALID_STDERR_METRIC, WORKERS_TAG)
+                                  TORCH_VERSION_TAG, VALID_NELBO_METRIC, WORKERS_TAG)
+from pipelines.worker import train_worker
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "state.pt"  # full training state inside each Ray checkpoint
-MODEL_FILE = "model.pt"  # the inference model (FLDDModel.save format)
-RUN_CONFIG_FILE = "fldd_config.yaml"  # written beside the Ray run, checked on resume
-VALID_ROWS_PER_CHECKPOINT = 2000  # validation NELBO at checkpoints: rows x 2 passes (final: all rows x 10)
-SHUFFLE_BUFFER_ROWS = 16384  # a worker's local shuffle buffer, at least (rows; 16384 x 64 int64 = 8 MB)
 READ_TASK_CPUS = 0  # Ray Data read tasks and file checks: Train workers may hold every CPU (no deadlock)
 
 
@@ -105,256 +94,6 @@ def default_run_name(cfg: FLDDConfig) -> str:
                            seed=cfg.train.seed, digest=config_digest(cfg))
 
 
-# ---------------------------------------------------------------------------------------------
-# The worker
-# ---------------------------------------------------------------------------------------------
-
-def train_worker(loop_config: dict) -> dict:
-    """Runs on every Ray Train worker (or in the driver in local mode)."""
-    cfg = FLDDConfig.from_dict(loop_config["config"])
-    # one line of progress per log interval is ours; Ray Data's per-epoch progress reports are noise here
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = get_device()
-    on_gpu = device.type == "cuda"
-    if not on_gpu:
-        torch.set_num_threads(max(1, int(loop_config.get("threads_per_worker", 1))))
-
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    model = FLDDModel(cfg, TokenCodec.from_dict(loop_config["codec"]) if loop_config.get("codec") else None).to(device)
-    optimizer = build_optimizer(model, cfg.train)
-    start_step = 0
-    boundaries = None  # phase boundaries of a resumed run: where they were when it started
-    run_dir = Path(loop_config["run_storage_dir"]) if loop_config["run_storage_dir"] else None
-    local_checkpoints = run_dir / "local_checkpoints" if loop_config["local_mode"] else None
-    # Ray's own checkpoint, or a newer one on disk (local mode persists its own; a run may switch
-    # between local mode and workers under the same name)
-    checkpoint = _newest_checkpoint(ray.train.get_checkpoint(), run_dir)
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            state = torch.load(Path(directory) / STATE_FILE, map_location=device, weights_only=True)
-        saved = FLDDConfig.from_dict(state["config"])
-        differences = config_differences(cfg, saved)
-        if differences:
-            raise CheckpointError("the run's checkpoint does not match this config: " + "; ".join(differences))
-        model.load_state(state["model"], source="checkpoint")
-        optimizer.load_state_dict(state["optimizer"])
-        start_step = int(state["step"])
-        # checkpoints from before the boundaries were stored: the schedule of the run that wrote them
-        boundaries = state.get("schedule") or TrainSchedule(
-            saved.train, cfg.learns_forward, freeze_fraction=saved.resolved_freeze_fraction).boundaries()
-        if rank == 0:
-            torch.set_rng_state(state["rng"].cpu())  # map_location moved it; RNG states live on the CPU
-            if on_gpu and "cuda_rng" in state:
-                torch.cuda.set_rng_state(state["cuda_rng"].cpu())
-        else:
-            torch.manual_seed(cfg.train.seed + 7919 * rank + start_step)
-        if rank == 0:
-            print(f"resuming from step {start_step}", flush=True)
-    else:
-        if loop_config.get("init_state") is not None:  # train.init_from: start as the trained source model
-            model.load_state_dict(loop_config["init_state"])
-        torch.manual_seed(cfg.train.seed + 7919 * rank)  # different z_t and t draws per rank
-
-    schedule = TrainSchedule(cfg.train, cfg.learns_forward, boundaries, freeze_fraction=cfg.resolved_freeze_fraction)
-    freezes_forward = cfg.learns_forward and cfg.resolved_freeze_fraction > 0
-    ddp_model = prepare_model(model, move_to_device=False,
-                              parallel_strategy_kwargs={"find_unused_parameters": freezes_forward})
-
-    tracker = Tracker(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
-    column, D = loop_config["column"], cfg.seq_len
-    valid = torch.cat([arrow_tokens(b[column], D) for b in ray.train.get_dataset_shard("valid").iter_batches(
-        batch_size=8192, batch_format="pyarrow")]) if rank == 0 else None
-    progress = TrainingProgress(cfg.train.steps, start_step, in_driver=loop_config["local_mode"]) \
-        if rank == 0 and not loop_config.get("quiet") else None
-
-    accumulation = cfg.train.grad_accum_steps
-    batches = _shard_batches(ray.train.get_dataset_shard("train"), cfg.rows_per_micro_batch(world), column, D)
-    batches = _maybe_inject_failure(batches, loop_config, rank, world, start_step, accumulation)
-
-    def on_metrics(step: int, metrics: dict) -> None:
-        if rank != 0:
-            return
-        if progress is not None:
-            progress.show(metrics)
-        tracker.log_metrics(step, {k: v for k, v in metrics.items() if k != "phase"})
-
-    def on_checkpoint(step: int) -> None:
-        metrics: dict[str, Any] = {"step": step}
-        if rank != 0:
-            ray.train.report(metrics, checkpoint=None)
-            return
-        # the same rows and random numbers at every checkpoint (common random numbers): picking the
-        # best checkpoint compares models, not independent noise draws
-        estimate = evaluate_nelbo(model, valid[:VALID_ROWS_PER_CHECKPOINT], num_passes=2,
-                                  generator=torch.Generator(device=device).manual_seed(CHECKPOINT_EVAL_SEED))
-        model.train()
-        metrics[VALID_NELBO_METRIC] = estimate.bits_per_token
-        tracker.log_metrics(step, {VALID_NELBO_METRIC: estimate.bits_per_token,
-                                   VALID_STDERR_METRIC: estimate.stderr_bits_per_token})
-        # local mode persists nothing itself: keep checkpoints under the run's storage directory
-        directory = (local_checkpoints / f"checkpoint_{step:08d}" if local_checkpoints is not None
-                     else Path(tempfile.mkdtemp(prefix="fldd-ckpt-")))
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {"config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "step": step, "schedule": schedule.boundaries(), "rng": torch.get_rng_state(),
-                 **({"cuda_rng": torch.cuda.get_rng_state(device)} if on_gpu else {})}
-        torch.save(state, directory / STATE_FILE)
-        model.save(directory / MODEL_FILE)
-        (directory / "metrics.json").write_text(json.dumps(metrics))
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(directory)))
-        if local_checkpoints is None:
-            shutil.rmtree(directory, ignore_errors=True)  # Ray copied it to storage
-        else:
-            _prune_local_checkpoints(local_checkpoints, int(loop_config["keep_checkpoints"]))
-
-    try:
-        if start_step == 0 and loop_config.get("init_state") is not None:
-            # the starting model is a candidate too: the best checkpoint can never be worse than it
-            on_checkpoint(0)
-        train_loop(ddp_model, batches, optimizer, num_steps=cfg.train.steps, start_step=start_step,
-                   schedule=schedule, grad_clip=cfg.train.grad_clip, grad_clip_mode=cfg.train.grad_clip_mode,
-                   log_every=cfg.train.log_every, on_metrics=on_metrics,
-                   checkpoint_every=cfg.train.checkpoint_every, on_checkpoint=on_checkpoint,
-                   information_batch=(lambda: valid[:1024]) if rank == 0 else None,
-                   accumulation_steps=accumulation, autocast_dtype=torch.bfloat16 if on_gpu else None,
-                   device=device, on_step=progress.step if progress is not None else None)
-    except NonFiniteLossError as error:
-        # every rank raised at the same step (collective check); a retry would hit it again
-        return {"error": str(error)}
-    finally:
-        if progress is not None:
-            progress.close()
-    if start_step >= cfg.train.steps and rank == 0:
-        print(f"run already complete at step {start_step}", flush=True)
-    return {"steps": cfg.train.steps, "start_step": start_step, "world_size": world}
-
-
-class TrainingProgress:
-    """A bar over the run's optimizer steps with the latest metrics in its description: tqdm in the
-    driver (local mode), Ray's tqdm_ray on a worker (drawn by the driver, not as log lines)."""
-
-    SHOWN = ("nelbo", "information_retained_max", "steps_per_second")
-
-    def __init__(self, total: int, start: int, in_driver: bool):
-        if in_driver:
-            self.bar = tqdm(total=total, initial=start, unit="step", desc="training", dynamic_ncols=True,
-                            mininterval=1.0)
-        else:
-            self.bar = tqdm_ray.tqdm(total=total, desc="training", unit="step")
-            self.bar.update(start)
-        self.done = start
-
-    def step(self, done: int) -> None:
-        self.bar.update(done - self.done)
-        self.done = done
-
-    def show(self, metrics: dict[str, Any]) -> None:
-        shown = " ".join(f"{key}={metrics[key]:.4g}" for key in self.SHOWN if key in metrics)
-        phase = metrics.get("phase")
-        self.bar.set_description(f"training ({phase}) {shown}" if phase else f"training {shown}")
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-def _checkpoint_step(directory: Path) -> int:
-    try:
-        return int(json.loads((directory / "metrics.json").read_text())["step"])
-    except (OSError, ValueError, KeyError):
-        return -1
-
-
-def checkpoints_on_disk(run_dir: Path | None) -> list[Path]:
-    """Checkpoint directories of a run in local storage: Ray's and local mode's, oldest first."""
-    if run_dir is None or not run_dir.is_dir():
-        return []
-    found = [p for pattern in ("checkpoint_*", "local_checkpoints/checkpoint_*") for p in run_dir.glob(pattern)
-             if (p / STATE_FILE).is_file() and (p / MODEL_FILE).is_file()]
-    return sorted(found, key=_checkpoint_step)
-
-
-def _newest_checkpoint(from_ray: Checkpoint | None, run_dir: Path | None) -> Checkpoint | None:
-    on_disk = checkpoints_on_disk(run_dir)
-    if not on_disk:
-        return from_ray
-    newest = on_disk[-1]
-    if from_ray is not None:
-        with from_ray.as_directory() as directory:
-            if _checkpoint_step(Path(directory)) >= _checkpoint_step(newest):
-                return from_ray
-    return Checkpoint.from_directory(str(newest))
-
-
-def _checkpoint_score(directory: Path) -> float:
-    try:
-        return float(json.loads((directory / "metrics.json").read_text())[VALID_NELBO_METRIC])
-    except (OSError, ValueError, KeyError):
-        return float("inf")
-
-
-def best_checkpoint(result: ray.train.Result, storage: str, name: str) -> Checkpoint | None:
-    """The run's checkpoint with the lowest validation NELBO, in local mode and with workers alike.
-
-    In local storage that is the best of every checkpoint on disk (Ray's and local mode's, which
-    Ray does not track; a run may switch modes under one name), the newest among equals. Remote
-    storage: Ray's best of this run."""
-    if "://" not in storage:
-        on_disk = checkpoints_on_disk(Path(storage) / name)
-        if on_disk:
-            return Checkpoint.from_directory(str(min(reversed(on_disk), key=_checkpoint_score)))
-    return result.get_best_checkpoint(VALID_NELBO_METRIC, "min") if result.best_checkpoints else result.checkpoint
-
-
-def _prune_local_checkpoints(directory: Path, keep: int) -> None:
-    """Keep the latest checkpoint, the best by validation NELBO, and the most recent up to `keep`."""
-    found = sorted(p for p in directory.glob("checkpoint_*") if (p / "metrics.json").is_file())
-    best = min(found, key=lambda p: json.loads((p / "metrics.json").read_text()).get(VALID_NELBO_METRIC,
-                                                                                      float("inf")))
-    kept = {found[-1], best, *found[-max(keep, 1):]}
-    for path in found:
-        if path not in kept:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _shard_batches(shard, rows: int, column: str, seq_len: int):
-    """Endless micro-batches of token rows from this worker's Ray Data shard (one pass per epoch).
-
-    Rows are mixed twice: the files' order is shuffled every epoch (streamed tables) or the rows once
-    in the driver (tables in memory), and a local buffer of SHUFFLE_BUFFER_ROWS reshuffles within."""
-    while True:
-        seen = 0
-        for batch in shard.iter_batches(batch_size=rows, batch_format="pyarrow", drop_last=True,
-                                        local_shuffle_buffer_size=max(8 * rows, SHUFFLE_BUFFER_ROWS),
-                                        prefetch_batches=4):
-            seen += 1
-            yield arrow_tokens(batch[column], seq_len)
-        if seen == 0:
-            raise RuntimeError(f"this worker's data shard has fewer than {rows} rows")
-
-
-def _maybe_inject_failure(batches, loop_config: dict, rank: int, world: int, start_step: int, accumulation: int):
-    """Test hook: the last worker's process dies (os._exit) once, when it starts step N."""
-    fail_at, marker = loop_config.get("inject_failure_at_step"), loop_config.get("failure_marker")
-    if fail_at is None or rank != world - 1 or world < 2:
-        yield from batches
-        return
-    for index, batch in enumerate(batches):
-        if start_step + index // accumulation == fail_at and not Path(marker).exists():
-            Path(marker).write_text(f"worker {rank} killed at step {fail_at}\n")
-            # Ray's controller collects reports (and so registers checkpoints) on a ~2 s poll:
-            # die well after the last one, like a real crash some time after a checkpoint
-            time.sleep(5.0)
-            os._exit(1)
-        yield batch
-
-
-# ---------------------------------------------------------------------------------------------
-# The launcher (driver)
-# ---------------------------------------------------------------------------------------------
-
 def validate_launch(cfg: FLDDConfig, opts: LaunchOptions) -> None:
     """Checks that fail fast in the driver, naming the field, before any worker starts."""
     if opts.workers < 0:
@@ -369,58 +108,6 @@ def validate_launch(cfg: FLDDConfig, opts: LaunchOptions) -> None:
     if opts.workers == 0 and opts.storage and "://" in opts.storage:
         raise ConfigError(f"storage={opts.storage!r}: local mode (workers=0) keeps checkpoints on a local path; "
                           "use a directory, or workers >= 1 for remote storage")
-
-
-def _storage_path(opts: LaunchOptions, home: Path) -> str:
-    if opts.storage and "://" in opts.storage:
-        return opts.storage
-    return str(Path(opts.storage or home / "ray_results").resolve())
-
-
-# settings a resumed run may change: how long it trains and how often it logs and checkpoints
-RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every")
-
-
-def _storage_file_system(storage: str):
-    """(pyarrow FileSystem, path inside it) of a storage location: a local path, file://, s3://, gs://..."""
-    if "://" not in storage:
-        return pyarrow.fs.LocalFileSystem(), str(Path(storage).resolve())
-    try:
-        return pyarrow.fs.FileSystem.from_uri(storage)
-    except (pyarrow.ArrowInvalid, pyarrow.ArrowNotImplementedError, OSError) as error:
-        raise ConfigError(f"storage={storage!r}: not a path or file system URI pyarrow can open: {error}") from error
-
-
-def _check_resume_config(cfg: FLDDConfig, storage: str, name: str, save: bool = True) -> None:
-    """A rerun with the same name continues the same run: only RESUMABLE_CHANGES may differ.
-    Anything else (model, data, optimizer settings) is refused here, naming the field, before any
-    worker starts or the MLflow run is touched. The config is kept beside the run
-    (<storage>/<name>/fldd_config.yaml) through the storage's file system: local and remote alike."""
-    fs, root = _storage_file_system(storage)
-    run_dir = f"{root.rstrip('/')}/{name}"
-    saved_path = f"{run_dir}/{RUN_CONFIG_FILE}"
-    try:
-        data = None
-        if fs.get_file_info(saved_path).type == pyarrow.fs.FileType.File:
-            with fs.open_input_stream(saved_path) as stream:
-                data = yaml.safe_load(stream.read().decode()) or {}
-    except OSError as error:  # no credentials, no such bucket, no permission
-        raise ConfigError(f"storage={storage!r}: cannot read {saved_path}: {error}") from error
-    if data is not None:
-        saved, current = FLDDConfig.from_dict(data).resolved_flat_dict(), cfg.resolved_flat_dict()
-        differences = [f"{k}: run has {saved[k]!r}, now {current[k]!r}" for k in current
-                       if current[k] != saved[k] and k not in RESUMABLE_CHANGES]
-        if differences:
-            raise CheckpointError(f"run {name!r} exists in {storage} with different settings: "
-                                  + "; ".join(differences) + ". Use another --name for a new run.")
-    if not save:
-        return
-    try:
-        fs.create_dir(run_dir, recursive=True)  # object stores have no directories: a no-op there
-        with fs.open_output_stream(saved_path) as stream:
-            stream.write(cfg.to_yaml().encode())
-    except OSError as error:
-        raise ConfigError(f"storage={storage!r}: cannot write {saved_path}: {error}") from error
 
 
 @dataclass
@@ -478,18 +165,18 @@ def prepare_run(cfg: FLDDConfig, opts: LaunchOptions) -> PreparedRun:
     if train_rows // world < rows_per_micro:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size}: each of {world} worker(s) needs "
                           f"{rows_per_micro} rows per micro-batch, the training split has {train_rows}")
-    storage = _storage_path(opts, home)
+    storage = storage_path(opts.storage, home)
     # before anything is written: a source that does not fit is bad input, named here. Only for a
     # run that has not started: a resume continues from its checkpoint (the source may have moved on)
     fresh = "://" in storage or not checkpoints_on_disk(Path(storage) / name)
     init_state = load_init_model(cfg, tracking_uri(home)).state_dict() if cfg.train.init_from and fresh else None
-    _check_resume_config(cfg, storage, name, save=False)
+    check_resume_config(cfg, storage, name, save=False)
 
     init_ray(opts.address)
     if described.streams:  # every file checked on the cluster, before the MLflow run or any training
         validate_on_cluster(cfg, described)
         valid_data = read_split(described.splits["valid"], cfg.data.column, cfg.seq_len, cfg.vocab_size)
-    _check_resume_config(cfg, storage, name)  # saved only now: a run refused above leaves nothing behind
+    check_resume_config(cfg, storage, name)  # saved only now: a run refused above leaves nothing behind
     if opts.workers > 0 and len(ray.nodes()) > 1 and ("://" not in storage or "MLFLOW_TRACKING_URI" not in os.environ):
         log.warning("this Ray cluster has %d nodes: --storage must be shared by all of them (now %s) and "
                     "MLFLOW_TRACKING_URI should name a tracking server (README: running on a cluster)",
@@ -526,7 +213,6 @@ def validate_on_cluster(cfg: FLDDConfig, described: DataDescription) -> None:
             for ref in pending:
                 ray.cancel(ref)
             raise DataError(problem)
-
 
 
 def build_trainer(run: PreparedRun, failure_marker: Path) -> TorchTrainer:

@@ -14,11 +14,12 @@ import ray
 import yaml
 from ray import serve
 
+from fldd.config import CONFIG_DIR
 from pipelines.cluster import init_ray
 from pipelines.logs import requiet
 from serving.app import build_app
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "serve.yaml"
+DEFAULT_CONFIG = CONFIG_DIR / "serve.yaml"
 
 
 def read_serve_config(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:

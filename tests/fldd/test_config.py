@@ -2,7 +2,7 @@ import pytest
 
 from pathlib import Path
 
-from fldd.config import PARAMETERIZATIONS, ConfigError, FLDDConfig
+from fldd.config import CONFIG_DIR, PARAMETERIZATIONS, ConfigError, FLDDConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -104,7 +104,7 @@ def test_auto_start_is_random_at_two_steps_and_masked_above_with_the_phase_that_
     for bad, message in (("often", "must be in \\[0, 1\\) or 'auto'"), (True, "expected a number")):
         with pytest.raises(ConfigError, match=message):
             auto.with_overrides({"train.forward_freeze_fraction": bad})
-    assert FLDDConfig.from_yaml(ROOT / "configs" / "toy2d.yaml").with_overrides(
+    assert FLDDConfig.from_yaml(CONFIG_DIR / "toy2d.yaml").with_overrides(
         {"process.num_steps": 8, "seq_len": 2, "vocab_size": 50}).resolved_warm_start == "masked"
 
 

@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient
 
 from fldd.model import CheckpointError
 from pipelines.cluster import _probe
-from pipelines.train import RUN_CONFIG_FILE, _check_resume_config
+from pipelines.run_storage import RUN_CONFIG_FILE, check_resume_config
 from pipelines.vocabulary import RUN_NAME_TAG
 from tests.pipelines.conftest import toy_config
 
@@ -212,22 +212,22 @@ def test_a_client_that_cannot_join_fails_at_once_saying_why(token_cluster, tmp_p
 
 def test_resume_config_on_uri_storage_refuses_other_settings(tmp_path):
     storage = (tmp_path / "bucket").as_uri()  # file:///...
-    _check_resume_config(toy_config(), storage, "remote-run")
+    check_resume_config(toy_config(), storage, "remote-run")
     assert (tmp_path / "bucket" / "remote-run" / RUN_CONFIG_FILE).is_file()  # written through the URI
     with pytest.raises(CheckpointError, match=r"run 'remote-run' exists in file://.* with different settings: "
                                               r"train\.lr: run has 0\.001, now 0\.0003"):
-        _check_resume_config(toy_config(**{"train.lr": 3e-4}), storage, "remote-run")
+        check_resume_config(toy_config(**{"train.lr": 3e-4}), storage, "remote-run")
     with pytest.raises(CheckpointError, match=r"process\.num_steps: run has 2, now 4"):
-        _check_resume_config(toy_config(**{"process.num_steps": 4}), storage, "remote-run")
-    _check_resume_config(toy_config(**{"train.lr": 3e-4}), storage, "another-run")  # a new name is a new run
+        check_resume_config(toy_config(**{"process.num_steps": 4}), storage, "remote-run")
+    check_resume_config(toy_config(**{"train.lr": 3e-4}), storage, "another-run")  # a new name is a new run
 
 
 def test_resume_config_on_uri_storage_accepts_resumable_changes(tmp_path):
     storage = (tmp_path / "bucket").as_uri()
-    _check_resume_config(toy_config(), storage, "extend")
+    check_resume_config(toy_config(), storage, "extend")
     longer = toy_config(**{"train.steps": 120, "train.log_every": 40, "train.checkpoint_every": 40})
-    _check_resume_config(longer, storage, "extend")
+    check_resume_config(longer, storage, "extend")
     saved = (tmp_path / "bucket" / "extend" / RUN_CONFIG_FILE).read_text()
     assert "steps: 120" in saved  # the saved config follows the run
     with pytest.raises(CheckpointError, match="train.lr"):  # still checked against the updated file
-        _check_resume_config(toy_config(**{"train.steps": 120, "train.lr": 3e-4}), storage, "extend")
+        check_resume_config(toy_config(**{"train.steps": 120, "train.lr": 3e-4}), storage, "extend")

@@ -10,7 +10,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 import fldd.objective
-import pipelines.train
+import pipelines.worker
 from fldd.config import ConfigError
 from fldd.data import DataError, write_token_table
 from fldd.model import CheckpointError
@@ -108,13 +108,13 @@ def test_resuming_with_more_steps_keeps_the_reverse_only_phase(ray_cluster, home
 
 
 def test_local_mode_selects_the_best_checkpoint_not_the_newest(ray_cluster, home, monkeypatch):
-    real = pipelines.train.evaluate_nelbo
+    real = pipelines.worker.evaluate_nelbo
     scripted = iter([3.0, 1.0, 2.0])  # validation NELBO at steps 20, 40, 60: step 40 is the best
 
     def evaluate(model, data, **kwargs):
         return dataclasses.replace(real(model, data, **kwargs), bits_per_token=next(scripted))
 
-    monkeypatch.setattr(pipelines.train, "evaluate_nelbo", evaluate)
+    monkeypatch.setattr(pipelines.worker, "evaluate_nelbo", evaluate)
     outcome = launch(toy_config(**SMALL, **{"process.method": "masked"}),
                      LaunchOptions(workers=0, name="best", quiet=True))
     checkpoints = home / "ray_results" / "best" / "local_checkpoints"

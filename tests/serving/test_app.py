@@ -6,14 +6,13 @@ serves three registered models, all trained here for a few steps: toy2d (fldd fo
 T=4), text and binarized digits (masked forward, T=2)."""
 
 import base64
+import io
 import os
 import signal
-import struct
 import subprocess
 import sys
 import threading
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import pytest
 import requests
 import yaml
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from fldd.config import CONFIG_DIR, FLDDConfig
 from pipelines import aliases, registry
@@ -181,12 +181,11 @@ def test_text_format_and_prefix(server):
 def decode_png(data: str) -> tuple[int, int, list[list[int]]]:
     raw = base64.b64decode(data)
     assert raw[:8] == b"\x89PNG\r\n\x1a\n"
-    width, height, depth, colour = struct.unpack(">IIBB", raw[16:26])
-    assert (depth, colour) == (8, 0)
-    idat_length = struct.unpack(">I", raw[33:37])[0]
-    assert raw[37:41] == b"IDAT"
-    pixels = zlib.decompress(raw[41:41 + idat_length])
-    rows = [list(pixels[r * (width + 1) + 1:(r + 1) * (width + 1)]) for r in range(height)]
+    image = Image.open(io.BytesIO(raw))
+    assert (image.format, image.mode) == ("PNG", "L")  # 8-bit grayscale
+    width, height = image.size
+    pixels = list(image.getdata())
+    rows = [pixels[r * width:(r + 1) * width] for r in range(height)]
     return width, height, rows
 
 

@@ -2,10 +2,11 @@
 no shared model state touched per request."""
 
 import base64
-import zlib
+import io
 
 import pytest
 import torch
+from PIL import Image
 
 from fldd.codec import TokenCodec
 from fldd.config import FLDDConfig
@@ -108,8 +109,9 @@ def test_png_holds_the_tokens_as_pixels():
     row = torch.tensor([0, 1, 2, 3] * 4)
     raw = base64.b64decode(png_base64(row, vocab_size=4))
     assert raw[:8] == b"\x89PNG\r\n\x1a\n" and raw[12:16] == b"IHDR"
-    pixels = zlib.decompress(raw[41:41 + int.from_bytes(raw[33:37], "big")])
-    assert list(pixels) == [0, 0, 85, 170, 255] * 4  # a filter byte, then one row of 4 pixels
+    image = Image.open(io.BytesIO(raw))
+    assert (image.format, image.mode, image.size) == ("PNG", "L", (4, 4))
+    assert list(image.getdata()) == [0, 85, 170, 255] * 4  # token k of K=4 -> 255 k / 3, row by row
 
 
 def test_limits_from_config():

@@ -1,0 +1,24 @@
+"""A non-editable install carries what the code reads at run time: the presets and the assets."""
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from fldd.config import CONFIG_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_wheel_ships_every_preset_and_asset(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(ROOT),
+                    "-w", str(tmp_path)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("fldd-*.whl")
+    shipped = set(zipfile.ZipFile(wheel).namelist())
+    presets = sorted(CONFIG_DIR.glob("*.yaml"))
+    assert CONFIG_DIR.is_relative_to(ROOT / "fldd") and {"toy2d.yaml", "serve.yaml"} <= {p.name for p in presets}
+    missing = [p.name for p in presets if f"fldd/configs/{p.name}" not in shipped]
+    assert not missing, f"presets left out of the wheel: {missing}"
+    assets = [p.name for p in (ROOT / "fldd" / "assets").iterdir() if p.suffix in (".pt", ".gz")]
+    assert assets and all(f"fldd/assets/{name}" in shipped for name in assets)
+    assert (ROOT / "configs").resolve() == CONFIG_DIR  # the checkout's configs/ is the same files
