@@ -131,7 +131,8 @@ def child(data_dir: str, steps: int, workers: int, home: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000])
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--train-steps", "--steps", dest="train_steps", type=int, default=200,
+                        help="optimizer steps (--steps: the older spelling)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--data-dir", default=str(Path(tempfile.gettempdir()) / "fldd-data-scale"),
                         help="where the generated tables are kept (reused across runs)")
@@ -139,7 +140,7 @@ def main() -> None:
     parser.add_argument("--child", nargs=2, metavar=("DATA_DIR", "HOME"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(child(args.child[0], args.steps, args.workers, args.child[1])), flush=True)
+        print("RESULT " + json.dumps(child(args.child[0], args.train_steps, args.workers, args.child[1])), flush=True)
         return
 
     results = []
@@ -152,7 +153,8 @@ def main() -> None:
         print(f"{rows:>10,} rows: table ready in {time.perf_counter() - clock:.0f} s "
               f"({sum(f.stat().st_size for f in directory.rglob('*.parquet')) / 2**20:.0f} MB on disk)", flush=True)
         with tempfile.TemporaryDirectory(prefix="fldd-scale-home-") as home:
-            done = subprocess.run([sys.executable, __file__, "--child", str(directory), home, "--steps", str(args.steps),
+            done = subprocess.run([sys.executable, __file__, "--child", str(directory), home,
+                                   "--train-steps", str(args.train_steps),
                                    "--workers", str(args.workers)], capture_output=True, text=True, cwd=ROOT)
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         if done.returncode or not lines:
@@ -175,7 +177,7 @@ def main() -> None:
     from pipelines.tracking import git_commit
 
     payload = {"command": "python benchmarks/data_scale.py " + " ".join(sys.argv[1:]), "git_commit": git_commit(),
-               "seq_len": SEQ_LEN, "vocab_size": VOCAB, "steps": args.steps, "workers": args.workers,
+               "seq_len": SEQ_LEN, "vocab_size": VOCAB, "steps": args.train_steps, "workers": args.workers,
                "cpu_count": os.cpu_count(), "results": results, "summary": summary}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")

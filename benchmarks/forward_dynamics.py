@@ -70,7 +70,8 @@ def measure(preset: str, steps: int, seed: int, probe_rows: int = 256) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--train-steps", "--steps", dest="train_steps", type=int, default=100,
+                        help="optimizer steps (--steps: the older spelling)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--datasets", nargs="+", default=["toy2d", "digits", "text"])
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "forward_dynamics.json")
@@ -78,15 +79,15 @@ def main() -> None:
     torch.set_num_threads(1)
     results = []
     for preset in args.datasets:
-        r = measure(preset, args.steps, args.seed)
+        r = measure(preset, args.train_steps, args.seed)
         results.append(r)
         print(f"{preset}: RMS change of log u per step (steps 1-40) mean {r['rms_change_mean_1_40']:.3f}, max "
               f"{r['rms_change_max_1_40']:.3f}, x-independent share {r['x_independent_share_1_40']:.3f}; at step "
-              f"{args.steps}: entropy {r['entropy_min_bits_last']:.3g} bits, forward grad norm "
+              f"{args.train_steps}: entropy {r['entropy_min_bits_last']:.3g} bits, forward grad norm "
               f"{r['grad_norm_forward_last']:.3g}", flush=True)
     from pipelines.tracking import git_commit  # the commit the numbers were measured at
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"command": f"python benchmarks/forward_dynamics.py --steps {args.steps} --seed "
+    args.out.write_text(json.dumps({"command": f"python benchmarks/forward_dynamics.py --train-steps {args.train_steps} --seed "
                                     f"{args.seed} --datasets {' '.join(args.datasets)}", "commit": git_commit(),
                                     "results": results}, indent=1) + "\n")
     print(f"wrote {args.out}")

@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--T", type=int, default=4, help="sampling steps")
-    parser.add_argument("--steps", type=int, default=300, help="optimizer steps to watch")
+    parser.add_argument("--train-steps", "--steps", dest="train_steps", type=int, default=300,
+                        help="optimizer steps to watch (--steps: the older spelling)")
     parser.add_argument("--every", type=int, default=25, help="log every this many steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
 
     show(0, {})
     schedule = TrainSchedule(cfg.train, cfg.learns_forward, freeze_fraction=cfg.resolved_freeze_fraction)
-    train_loop(model, batches, optimizer, num_steps=args.steps, schedule=schedule, grad_clip=cfg.train.grad_clip,
+    train_loop(model, batches, optimizer, num_steps=args.train_steps, schedule=schedule, grad_clip=cfg.train.grad_clip,
                grad_clip_mode=cfg.train.grad_clip_mode, log_every=args.every, on_metrics=show)
 
 

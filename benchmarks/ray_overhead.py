@@ -50,11 +50,12 @@ def waited_rate(stamps: list[tuple[int, float]]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="toy2d")
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--train-steps", "--steps", dest="train_steps", type=int, default=600,
+                        help="optimizer steps (--steps: the older spelling)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     cfg = resolve_config(args.config).with_overrides(
-        {"train.steps": args.steps, "train.log_every": 50, "train.checkpoint_every": args.steps})
+        {"train.steps": args.train_steps, "train.log_every": 50, "train.checkpoint_every": args.train_steps})
     os.environ["FLDD_HOME"] = tempfile.mkdtemp(prefix="fldd-bench-")
 
     torch.set_num_threads(1)  # a Ray worker gets one CPU and one thread; compare like with like
@@ -88,7 +89,7 @@ def main() -> None:
     print(f"\nlocal mode / bare loop: {local / bare_rate:.2f}x; 1 worker / bare loop: {one / bare_rate:.2f}x; "
           f"2 workers / 1 worker: {two / one:.2f}x (global batch {cfg.train.batch_size}, 2 cores)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"command": f"python benchmarks/ray_overhead.py --steps {args.steps} "
+    args.out.write_text(json.dumps({"command": f"python benchmarks/ray_overhead.py --train-steps {args.train_steps} "
                                                f"--config {args.config}", "rows": rows}, indent=2) + "\n")
     print(f"wrote {args.out}")
 

@@ -73,7 +73,8 @@ def _split(item: str) -> tuple[str, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--train-steps", "--steps", dest="train_steps", type=int, default=3000,
+                        help="optimizer steps (--steps: the older spelling)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--recipes", nargs="+", choices=list(SHORT_NAMES), default=list(SHORT_NAMES))
@@ -83,7 +84,7 @@ def main() -> None:
     args = parser.parse_args()
     chosen = [SHORT_NAMES[short] for short in args.recipes]
     extra = dict(_split(item) for item in args.set)
-    jobs = [(name, seed, args.steps, extra) for name in chosen for seed in args.seeds]
+    jobs = [(name, seed, args.train_steps, extra) for name in chosen for seed in args.seeds]
     records = []
     with ProcessPoolExecutor(args.processes) as pool:
         for i, record in enumerate(pool.map(run_one, jobs), 1):
@@ -99,7 +100,7 @@ def main() -> None:
         print(f"| {name} | {kls} | {statistics.mean(r['kl'] for r in rows):.4f} | {nelbo:.4f} | "
               f"{sum(r['collapsed'] for r in rows)}/{len(rows)} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    command = (f"python benchmarks/recipe_study.py --steps {args.steps} --seeds {' '.join(map(str, args.seeds))} "
+    command = (f"python benchmarks/recipe_study.py --train-steps {args.train_steps} --seeds {' '.join(map(str, args.seeds))} "
                f"--recipes {' '.join(args.recipes)} --out {args.out}" + "".join(f" --set {item}" for item in args.set))
     args.out.write_text(json.dumps({"command": command, "records": records}, indent=2) + "\n")
     print(f"\nwrote {args.out}")

@@ -41,7 +41,7 @@ def make_config(overrides: dict, args: argparse.Namespace) -> FLDDConfig:
     net = {"arch": "transformer", "width": 128, "depth": 4, "heads": 4}
     base = {f"{which}.{k}": v for which in ("reverse_network", "forward_network") for k, v in net.items()}
     return FLDDConfig(seq_len=64, vocab_size=27).with_overrides(
-        {**base, "process.num_steps": args.T, "train.batch_size": args.batch, "train.steps": args.steps,
+        {**base, "process.num_steps": args.T, "train.batch_size": args.batch, "train.steps": args.train_steps,
          "data.name": "random",
          # every timed step is a steady-state joint step: no reverse-only phase (the forward frozen,
          # FLDD's cost understated) and no relaxed warm-up
@@ -77,7 +77,8 @@ class Variant:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=64, help="reverse-network batch per step")
-    parser.add_argument("--steps", type=int, default=20, help="optimizer steps per timed block")
+    parser.add_argument("--train-steps", "--steps", dest="train_steps", type=int, default=20,
+                        help="optimizer steps per timed block (--steps: the older spelling)")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds; the median is reported")
     parser.add_argument("--T", type=int, default=8, help="sampling steps")
     parser.add_argument("--num-samples", type=int, default=256)
@@ -92,7 +93,7 @@ def main() -> None:
         variant.time_sampling(16, seed=0)
     for repeat in range(args.repeats):
         for variant in variants.values():
-            variant.time_training(args.steps)
+            variant.time_training(args.train_steps)
             variant.time_sampling(args.num_samples, seed=repeat)
         print(f"round {repeat + 1}/{args.repeats} done", flush=True)
     rows = []

@@ -59,7 +59,8 @@ def summarize(outcome, concurrency: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=1500, help="optimizer steps per full trial")
+    parser.add_argument("--train-steps", "--steps", dest="train_steps", type=int, default=1500,
+                        help="optimizer steps per full trial (--steps: the older spelling)")
     parser.add_argument("--budgets", type=int, nargs="+", default=[2, 4], help="step budgets T (one experiment each)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "sweep_efficiency.json"))
     args = parser.parse_args()
@@ -70,12 +71,12 @@ def main() -> None:
     from tune.spec import SweepSpec
     from tune.sweep import run_sweep
 
-    results = {"steps_per_trial": args.steps, "space": space(args.steps, args.budgets), "date": time.strftime("%Y-%m-%d")}
+    results = {"steps_per_trial": args.train_steps, "space": space(args.train_steps, args.budgets), "date": time.strftime("%Y-%m-%d")}
     for label, scheduler in (("grid", {"type": "fifo"}),
                              ("asha", {"type": "asha", "grace_period": 2, "reduction_factor": 2})):
-        spec = SweepSpec.from_dict({**space(args.steps, args.budgets), "scheduler": scheduler}, CONFIG_DIR)
+        spec = SweepSpec.from_dict({**space(args.train_steps, args.budgets), "scheduler": scheduler}, CONFIG_DIR)
         # a fresh name per invocation: a rerun must measure a new sweep, not restore a finished one
-        outcome = run_sweep(spec, name=f"efficiency-{label}-{args.steps}-{time.strftime('%Y%m%d-%H%M%S')}")
+        outcome = run_sweep(spec, name=f"efficiency-{label}-{args.train_steps}-{time.strftime('%Y%m%d-%H%M%S')}")
         results[label] = summarize(outcome, spec.resources.max_concurrent_trials)
     grid_steps, asha_steps = results["grid"]["optimizer_steps"], results["asha"]["optimizer_steps"]
     results["asha_step_fraction"] = asha_steps / grid_steps

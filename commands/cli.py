@@ -191,7 +191,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from pipelines.registry import RegistryError  # lazy: start-up time
     from tune.sweep import SweepError, SweepInterrupted  # lazy: start-up time
 
-    options = demo.DemoOptions(steps=args.train_steps, budgets=args.budgets, port=args.port,
+    options = demo.DemoOptions(train_steps=args.train_steps, budgets=args.budgets, port=args.port,
                                keep_serving=args.keep_serving, address=args.address, verbose=args.verbose,
                                model_name=args.model_name)
     if args.config:

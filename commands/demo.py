@@ -47,7 +47,7 @@ class DemoError(RuntimeError):
 class DemoOptions:
     sweep_config: Path = DEMO_SWEEP
     model_name: str = DEMO_MODEL
-    steps: int | None = None  # train.steps of every trial (default: the sweep file's)
+    train_steps: int | None = None  # optimizer steps (train.steps) of every trial (default: the sweep file's)
     budgets: list[int] | None = None  # step budgets T (default: the sweep file's)
     port: int = 8000
     picture_samples: int = 1000  # samples per budget drawn over HTTP for the picture
@@ -84,9 +84,9 @@ def demo_spec(options: DemoOptions):
     from tune.spec import SweepSpec  # lazy: start-up time
 
     data = yaml.safe_load(Path(options.sweep_config).read_text())
-    if options.steps is not None:
-        data.setdefault("set", {})["train.steps"] = options.steps
-        every = max(1, options.steps // 4)
+    if options.train_steps is not None:
+        data.setdefault("set", {})["train.steps"] = options.train_steps
+        every = max(1, options.train_steps // 4)
         data["set"].update({"train.checkpoint_every": every, "train.log_every": every})
     if options.budgets:
         data["budgets"] = list(options.budgets)

@@ -159,7 +159,7 @@ def train_worker(loop_config: dict) -> dict:
             progress.close()
     if start_step >= cfg.train.steps and rank == 0:
         print(f"run already complete at step {start_step}", flush=True)
-    return {"steps": cfg.train.steps, "start_step": start_step, "world_size": world}
+    return {"train_steps": cfg.train.steps, "start_step": start_step, "world_size": world}
 
 
 class TrainingProgress:

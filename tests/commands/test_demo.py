@@ -97,7 +97,7 @@ def test_demo_spec_names_the_sweep_by_the_digest_its_resume_checks(small_demo, t
     same = demo_spec(small_demo)
     assert demo_spec(small_demo).name == same.name and same.name.startswith("demo-")
     assert same.name == f"demo-{same.digest()[:8]}"
-    small_demo.steps = 40
+    small_demo.train_steps = 40
     changed = demo_spec(small_demo)
     assert changed.name != same.name and changed.base.train.steps == 40 and changed.budgets == [2, 3]
     # a change outside the sweep file (its base config; a new default) is a new sweep, not a refused resume
