@@ -86,29 +86,30 @@ def paired_differences(rows: list[dict], home: Path, against: str = "masked-x0 (
                        candidate: str = "fldd-mask-carry from it (N+M)") -> list[dict]:
     """Per seed: test NELBO of `against` minus `candidate`, paired over the same test examples and the
     same z_t draws (evaluation seed 0, 10 passes), with the standard error of the paired mean."""
-    import math
-
     import torch
 
     from fldd.data import load_test_split
     from fldd.model import FLDDModel
     from fldd.objective import evaluate_nelbo
+    from pipelines.gate import Scores, paired_difference
     from pipelines.tracking import download_model_file, tracking_uri
 
-    def per_example(run_id: str) -> torch.Tensor:
+    def scores(run_id: str) -> Scores:
         model = FLDDModel.load(download_model_file(tracking_uri(home), f"runs:/{run_id}/model")[0]).eval()
         test = load_test_split(model.config)
-        return evaluate_nelbo(model, test, num_passes=10, generator=torch.Generator().manual_seed(0)).per_example_bits
+        estimate = evaluate_nelbo(model, test, num_passes=10, generator=torch.Generator().manual_seed(0))
+        return Scores(estimate.bits_per_token, estimate.per_example_bits)
 
     out = []
     for seed in sorted({r["seed"] for r in rows}):
         by_model = {r["model"]: r["run_id"] for r in rows if r["seed"] == seed}
-        diff = per_example(by_model[against]) - per_example(by_model[candidate])  # > 0: the candidate is better
-        out.append({"seed": seed, "against": against, "candidate": candidate, "mean_bits": diff.mean().item(),
-                    "stderr_bits": (diff.std(unbiased=True) / math.sqrt(diff.numel())).item(),
-                    "examples": diff.numel()})
-        print(f"  seed {seed}: {against} - {candidate} = {out[-1]['mean_bits']:+.4f} +- {out[-1]['stderr_bits']:.4f} "
-              f"bits/token (paired, {diff.numel()} test examples)", flush=True)
+        held, tried = scores(by_model[against]), scores(by_model[candidate])
+        mean, stderr = paired_difference(held, tried)  # the registry gate's statistic; > 0: the candidate is better
+        examples = held.per_example_bits.numel()
+        out.append({"seed": seed, "against": against, "candidate": candidate, "mean_bits": mean,
+                    "stderr_bits": stderr, "examples": examples})
+        print(f"  seed {seed}: {against} - {candidate} = {mean:+.4f} +- {stderr:.4f} "
+              f"bits/token (paired, {examples} test examples)", flush=True)
     return out
 
 

@@ -54,6 +54,7 @@ from quality_vs_steps import PRIMARY, ROOT, config_for, run_job  # noqa: E402
 from fldd.config import ConfigError  # noqa: E402
 from fldd.train import NonFiniteLossError  # noqa: E402
 from pipelines.tracking import git_commit  # noqa: E402  (HEAD, "-dirty" for uncommitted code)
+from tune.results import lowest_mean  # noqa: E402
 
 # How the general learned forward starts and when it begins to learn: a "recipe" grid value is
 # "<start>/<forward lr>" and sets all three keys, so that selection chooses the start per T
@@ -198,10 +199,9 @@ def choose(selection: list[dict], knob: str) -> dict:
         score = entry["values"][SELECTION_METRIC]
         by_value.setdefault(entry["overrides"][knob], []).append(score if math.isfinite(score) else math.inf)
     means = {value: statistics.mean(scores) for value, scores in by_value.items()}
-    finite = {value: mean for value, mean in means.items() if math.isfinite(mean)}
-    if not finite:
+    best = lowest_mean(by_value)  # the sweeps' rule: lowest mean over seeds, a diverged seed rules out
+    if best is None:
         raise RuntimeError(f"every value of {knob} diverged on some seed: {by_value}")
-    best = min(finite, key=finite.get)
     return {"knob": knob, "value": best, "valid_nelbo_mean_by_value": {str(k): v for k, v in sorted(means.items())},
             "valid_nelbo_by_value": {str(k): v for k, v in sorted(by_value.items())},
             "at_grid_edge": at_grid_edge(knob, best, list(means))}

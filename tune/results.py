@@ -10,7 +10,8 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, TypeVar
 
 import matplotlib
 
@@ -50,6 +51,7 @@ class SweepOutcome:
 
 
 SEED_KEY = "train.seed"
+K = TypeVar("K")
 
 
 def config_groups(rows: list[TrialRow]) -> dict[tuple[int, str], list[TrialRow]]:
@@ -68,23 +70,36 @@ def config_mean(group: list[TrialRow]) -> float:
     return sum(r.valid_nelbo_bits for r in group) / len(group)
 
 
+def lowest_mean(scores: Mapping[K, list[float]]) -> K | None:
+    """The key whose scores have the lowest mean, among keys whose every score is finite: a seed that
+    failed, diverged or collapsed rules its config out, and one lucky seed does not choose a recipe.
+    Ties go to the first key; None when no key qualifies. The one selection rule of sweeps and of
+    benchmarks/select_then_test.py."""
+    means = {key: sum(values) / len(values) for key, values in scores.items()
+             if values and all(math.isfinite(v) for v in values)}
+    return min(means, key=means.get) if means else None
+
+
 def best_per_budget(rows: list[TrialRow]) -> dict[int, TrialRow]:
     """Per budget, the config with the lowest final validation NELBO.
 
     Trials whose values differ only in `train.seed` (or not at all: `samples` > 1 on a grid) are one
-    config, ranked by the mean over its trials, and only if every one of them finished (not stopped, failed or collapsed): one lucky
-    seed does not choose a recipe. The row returned is that config's best seed (the run a
+    config, ranked by the mean over its trials, and only if every one of them finished (not stopped,
+    failed or collapsed): `lowest_mean`. The row returned is that config's best seed (the run a
     promotion registers), carrying the mean it was chosen by. A space without `train.seed` has
     one trial per config, so this is the best finished trial."""
+    by_budget: dict[int, dict[str, list[TrialRow]]] = {}
+    for (budget, config), group in config_groups(rows).items():
+        by_budget.setdefault(budget, {})[config] = group
     best: dict[int, TrialRow] = {}
-    for (budget, _), group in config_groups(rows).items():
-        mean = config_mean(group)
-        if math.isnan(mean):
+    for budget, groups in by_budget.items():
+        chosen = lowest_mean({config: [r.valid_nelbo_bits if r.status == "finished" else math.nan for r in group]
+                              for config, group in groups.items()})
+        if chosen is None:
             continue
-        if budget in best and best[budget].config_mean_valid_nelbo <= mean:
-            continue
-        best[budget] = dataclasses.replace(min(group, key=lambda r: r.valid_nelbo_bits), config_mean_valid_nelbo=mean,
-                                           config_trials=len(group))
+        group = groups[chosen]
+        best[budget] = dataclasses.replace(min(group, key=lambda r: r.valid_nelbo_bits),
+                                           config_mean_valid_nelbo=config_mean(group), config_trials=len(group))
     return best
 
 

@@ -64,3 +64,11 @@ def test_trials_csv_gives_every_row_its_configs_mean(tmp_path):
     # the same values at another budget are another config; a config of one trial is its own mean
     assert (float(written["c0"]["config_mean_valid_nelbo"]), written["c0"]["config_trials"]) == (4.80, "1")
     assert float(written["d"]["config_mean_valid_nelbo"]) == 4.75
+
+
+def test_lowest_mean_is_one_rule_a_diverged_seed_rules_its_config_out_and_ties_go_first():
+    from tune.results import lowest_mean
+
+    assert lowest_mean({"a": [4.6, 4.4], "b": [4.5, 4.45], "c": [4.0, math.inf]}) == "b"  # c's seed diverged
+    assert lowest_mean({"a": [4.5, 4.5], "b": [4.4, 4.6]}) == "a"  # equal means: the first
+    assert lowest_mean({"a": [math.nan], "b": []}) is None
