@@ -132,7 +132,7 @@ class Runner:
             recorded.update(decision=output.split(":", 1)[0].lower(),
                             reason=output.split("reason:", 1)[-1].split("\n", 1)[0].strip())
         return {"command": " ".join(["fldd"] + command[1:]), "exit_code": finished.returncode,
-                "version": versions[0].version if versions else None, **recorded, "output": output}
+                "version": str(versions[0].version) if versions else None, **recorded, "output": output}
 
 
 NUMBER_TAGS = (TEST_NELBO_TAG, TEST_STDERR_TAG, HOLDER_TEST_NELBO_TAG, PAIRED_DIFFERENCE_TAG, PAIRED_STDERR_TAG,
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
             model = f"{dataset}-{method}-gate-{digest(name(FIXED, T), name(method, T))}"
             holder = runner.promote(runs[(FIXED, T)], model)
             decision = runner.promote(runs[(method, T)], model)
-            if decision.get("holder_version") not in (None, holder["version"]):
+            if decision.get("holder_version") not in (None, str(holder["version"])):  # a tag: a string
                 raise RuntimeError(f"{model}: the learned run was gated against version "
                                    f"{decision['holder_version']}, not the fixed run's version {holder['version']}")
             cells.append({"steps": T, "model_name": model, "seed": args.seed,

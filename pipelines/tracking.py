@@ -22,7 +22,6 @@ import numpy as np
 from mlflow.entities import LoggedModel, Metric, Param, RunTag
 from mlflow.models import Model, ModelSignature
 from mlflow.tracking import MlflowClient
-from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
 from fldd.config import FLDDConfig
@@ -172,7 +171,7 @@ def log_sampler_model(tracker: Tracker, model_path: Path, cfg: FLDDConfig) -> st
     # experiment (the Default one), where runs:/<run_id>/model does not look.
     logged = client.create_logged_model(run.info.experiment_id, name=MODEL_NAME, source_run_id=run_id,
                                         params=run.data.params)
-    with _global_tracking_uri(tracker.uri), warnings.catch_warnings():
+    with global_tracking_uri(tracker.uri), warnings.catch_warnings():
         # the sampler takes no input data, only params: MLflow's input-example/type-hint advice does not apply
         warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
         # Model.log rather than mlflow.pyfunc.log_model, which only links the *active* run: a run
@@ -187,15 +186,17 @@ def log_sampler_model(tracker: Tracker, model_path: Path, cfg: FLDDConfig) -> st
 
 
 @contextmanager
-def _global_tracking_uri(uri: str) -> Iterator[None]:
-    """MLflow's process-wide tracking URI set to `uri` for a block (Model.log reads no other), then
-    restored, MLFLOW_TRACKING_URI included: set_tracking_uri writes (or unsets) it too. MLflow's
-    private helper: the public API cannot put back a URI that was never set."""
+def global_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's process-wide tracking URI set to `uri` for a block (Model.log and models:/ loading
+    read no other), then put back as it was: unset again if it was unset (set_tracking_uri(None)),
+    MLFLOW_TRACKING_URI included, which set_tracking_uri writes too."""
     environment = os.environ.get("MLFLOW_TRACKING_URI")
+    previous = mlflow.get_tracking_uri() if mlflow.tracking.is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(uri)
     try:
-        with _use_tracking_uri(uri):
-            yield
+        yield
     finally:
+        mlflow.set_tracking_uri(previous)
         if environment is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:

@@ -13,7 +13,6 @@ import pytest
 import torch
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
-from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
 from commands.cli import main
 from fldd.config import CONFIG_DIR, FLDDConfig
@@ -22,7 +21,7 @@ from fldd.model import FLDDModel
 from fldd.objective import evaluate_nelbo
 from pipelines import aliases as alias_moves, model_store, registry
 from pipelines.vocabulary import DEFAULT_BUDGET_TAG, history_tag
-from pipelines.tracking import download_model_file, resolve_model, tracking_uri
+from pipelines.tracking import download_model_file, global_tracking_uri, resolve_model, tracking_uri
 from pipelines.train import LaunchOptions, launch
 from tests.conftest import module_project_home
 from tests.pipelines.conftest import toy_config
@@ -294,7 +293,7 @@ def test_other_budget_has_its_own_alias_and_the_champion_loads(runs, capsys, mon
     # set for this block only (an earlier test may have left it pointing elsewhere), and
     # set_tracking_uri also writes MLFLOW_TRACKING_URI, which monkeypatch restores afterwards.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri())
-    with _use_tracking_uri(tracking_uri()):
+    with global_tracking_uri(tracking_uri()):
         for alias, T in (("champion-t2", 2), ("champion-t4", 4)):
             sampler = mlflow.pyfunc.load_model(f"models:/{name}@{alias}")
             samples = sampler.predict(None, params={"num_samples": 5, "seed": 1})

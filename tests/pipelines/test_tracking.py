@@ -80,3 +80,24 @@ def test_a_resumed_run_resolves_to_its_newest_model(home, tmp_path):
     weights = torch.load(path, weights_only=True)["state_dict"]
     assert all(torch.equal(weights[k], v) for k, v in newer.state_dict().items())
     assert tracker.client.get_run(tracker.run_id).data.tags[MODEL_ID_TAG] in resolve_model(tracker.uri, model_uri)[0]
+
+
+def test_the_process_wide_tracking_uri_is_put_back_as_it_was_unset_included(monkeypatch):
+    """Logging a model sets MLflow's process-wide URI for one block; afterwards a process that had
+    none has none again (no MLFLOW_TRACKING_URI leaks to its subprocesses), one that had one keeps it."""
+    import mlflow
+
+    from pipelines.tracking import global_tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    mlflow.set_tracking_uri(None)
+    with global_tracking_uri("sqlite:////tmp/fldd-block.db"):
+        assert mlflow.get_tracking_uri() == "sqlite:////tmp/fldd-block.db"
+    assert not mlflow.tracking.is_tracking_uri_set() and "MLFLOW_TRACKING_URI" not in os.environ
+    mlflow.set_tracking_uri("sqlite:////tmp/fldd-before.db")
+    try:
+        with global_tracking_uri("sqlite:////tmp/fldd-block.db"):
+            pass
+        assert mlflow.get_tracking_uri() == os.environ["MLFLOW_TRACKING_URI"] == "sqlite:////tmp/fldd-before.db"
+    finally:
+        mlflow.set_tracking_uri(None)
