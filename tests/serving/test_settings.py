@@ -47,3 +47,22 @@ def test_former_two_deployment_sections_say_merge_into_deployment(old):
 def test_bad_deployment_options_name_the_key(args, key):
     with pytest.raises(SettingsError, match=re.escape(key)):
         ServeSettings.from_dict({**BASE, **args})
+
+
+@pytest.mark.parametrize("args, message", [
+    ({"poll_interval_s": True}, "poll_interval_s=True: must be a number > 0"),  # a bool is not a number
+    ({"poll_interval_s": float("nan")}, "poll_interval_s=nan: must be a number > 0"),
+    ({"max_body_bytes": "65536"}, "max_body_bytes='65536': must be an integer >= 256"),  # no coercion
+    ({"batching": {"max_batch_size": 0}}, "batching.max_batch_size=0: must be an integer >= 1"),
+    ({"batching": {"wait": 1}}, "batching: unknown keys ['wait']"),
+    ({"batching": {"batch_wait_timeout_s": 11}}, "batching.batch_wait_timeout_s=11: must be a number in [0, 10]"),
+    ({"models": []}, "models=[]: give one or more registered model names"),
+    ({"models": ["a", "a"]}, "models=['a', 'a']: repeated names"),
+    ({"models": None}, "models=None: give one or more"),
+    ({"limits": [1]}, "limits=[1]: a mapping of request limits"),
+    ({"limits": {"max_num_samples": 0}}, "limits.max_num_samples=0: must be an integer >= 1"),
+])
+def test_every_bad_value_is_named_with_what_it_must_be(args, message):
+    with pytest.raises(SettingsError, match=re.escape(message)):
+        ServeSettings.from_dict({**BASE, **args})
+    assert ServeSettings.from_dict({**BASE, "models": "m"}).models == ("m",)  # one name is a list of one
