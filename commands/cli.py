@@ -21,12 +21,13 @@ from pathlib import Path
 import torch
 
 from commands import demo
-from commands.formatting import format_decision, format_models, format_table
+from commands.formatting import format_decision, format_inspect, format_models, format_table
 from fldd.codec import CodecError
 from fldd.config import CONFIG_DIR, PARAMETERIZATIONS, ConfigError, FLDDConfig, resolve_config
 from fldd.data import DataError, load_test_split, load_valid_split, resolve_data_shape
 from fldd.model import CheckpointError, FLDDModel
-from fldd.prepare import format_inspect, inspect_data, prepare_csv, prepare_text
+from fldd.inspection import inspect_data
+from fldd.prepare import prepare_csv, prepare_text
 from fldd.sampler import sample
 from fldd.service import model_codec
 from fldd.train import NonFiniteLossError

@@ -3,8 +3,12 @@ Formatting lives here, on top, so that the layers below return data and never te
 
 from __future__ import annotations
 
+import json
 import math
-from typing import TYPE_CHECKING
+import os
+from typing import TYPE_CHECKING, Any
+
+from fldd.inspection import category_label
 
 if TYPE_CHECKING:  # types only: `fldd --help` must not load MLflow or matplotlib
     from pipelines.gate import Decision
@@ -62,3 +66,69 @@ def format_table(outcome: SweepOutcome) -> str:
     for row in failed:
         lines.append(f"  failed: T={row.budget} trial {row.trial_id} ({row.parameterization}): {row.error}")
     return "\n".join(lines)
+
+
+def format_inspect(report: dict[str, Any]) -> str:
+    """The inspect report for people."""
+    lines = [report["path"]]
+    prepared = report.get("prepared")
+    if prepared:
+        lines[0] += (f"  (fldd data prepare: {len(prepared.get('sources', []))} {prepared.get('kind', '?')} file(s), "
+                     f"seed {prepared.get('seed')}, {prepared.get('tokens_dropped', 0):,} tokens dropped)")
+    width = max(len(t["split"]) for t in report["tables"])
+    for table in report["tables"]:
+        files = table["files"][0] if len(table["files"]) == 1 else \
+            f"{len(table['files'])} files in {common_folder(table['files'])}"
+        lines.append(f"  {table['split']:<{width}}  {table['rows']:>10,} rows  {table['row_groups']:>4} row group(s)"
+                     f"  {files}")
+    codec = report["codec"]
+    if codec is None:
+        what = "none (token ids only)"
+    elif codec["kind"] == "chars":
+        alphabet = codec["alphabet"]
+        what = f"chars, {len(alphabet)} symbols: " + (repr(alphabet) if len(alphabet) <= 120
+                                                         else repr(alphabet[:120]) + " ...")
+    elif codec["kind"] == "bytes":
+        what = "bytes (UTF-8 text)"
+    else:
+        what = f"columns {codec['columns']}"
+    lines.append(f"  sequence length {report['seq_len']}; vocabulary size {report['vocab_size']} "
+                 f"(from {report['vocab_from']})")
+    lines.append(f"  codec: {what}")
+    lines.append(f"  {report['tokens']:,} tokens, {report['distinct_tokens']} distinct; "
+                 f"top {len(report['histogram'])}:")
+    for entry in report["histogram"]:
+        symbol_ = entry["symbol"]
+        shown = "" if symbol_ is None else f"  {symbol_}" if codec["kind"] == "columns" else f"  {symbol_!r}"
+        lines.append(f"    {entry['token']:>6}  {entry['count']:>12,}  {100 * entry['share']:5.1f}%{shown}")
+    for entry in report.get("columns", []):
+        top = ", ".join(f"{category_label(t['category']) if t['category'] is not None else '<invalid>'} "
+                        f"{100 * t['share']:.0f}%" for t in entry["top"])
+        lines.append(f"    column {entry['column']!r}: {entry['used']} of {entry['categories']} categories used; "
+                     f"top: {top}")
+    if report["duplicates"]:
+        parts = [f"{split} {d['copies_of_train_rows']:,} of {d['rows']:,} rows"
+                 for split, d in report["duplicates"].items()]
+        lines.append(f"  exact copies of a train row: {'; '.join(parts)}")
+    elif not any(t["split"] == "train" for t in report["tables"]):
+        lines.append("  exact copies of a train row: not checked (no train split)")
+    lines.append("  examples:")
+    for entry in report["examples"]:
+        shown = entry.get("decoded", entry["tokens"]) if report["codec"] else entry["tokens"]
+        if isinstance(shown, dict):
+            shown = json.dumps(shown, ensure_ascii=False)
+        elif isinstance(shown, str):
+            shown = repr(shown)
+        else:
+            shown = " ".join(map(str, shown))
+        several = any(t["split"] == entry["split"] and len(t["files"]) > 1 for t in report["tables"])
+        where = f" {entry['file'].rsplit('/', 1)[-1]}" if several and entry.get("file") else ""
+        lines.append(f"    {entry['split']}{where} row {entry['row']}: {shown}")
+    for problem in report["problems"]:
+        lines.append(f"  problem: {problem}")
+    return "\n".join(lines)
+
+
+def common_folder(names: list[str]) -> str:
+    common = os.path.commonprefix(names)
+    return common[:common.rfind("/") + 1] or "."

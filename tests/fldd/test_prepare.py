@@ -12,9 +12,14 @@ import pytest
 
 from commands.cli import main
 import fldd.prepare as prepare
+import fldd.split_writer as split_writer
+from commands.formatting import format_inspect
 from fldd.codec import CODEC_KEY, CodecError, TokenCodec, codec_from_metadata
 from fldd.data import read_token_table
-from fldd.prepare import SPLITS, inspect_data, plan_splits, prepare_csv, prepare_text
+from fldd.datasets import SPLITS
+from fldd.inspection import inspect_data
+from fldd.prepare import prepare_csv, prepare_text
+from fldd.split_writer import plan_splits
 from fldd.token_table import VOCAB_KEY, DataError
 
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "naïve", "café", "—", "42"]
@@ -240,7 +245,7 @@ def test_inspect_prepared_directory(tmp_path):
     assert report["duplicates"] == {s: {"copies_of_train_rows": rows[s], "rows": rows[s]} for s in ("valid", "test")}
     assert [e["decoded"] for e in report["examples"]] == ["abcd"] * 3
     assert report["prepared"]["tokens_dropped"] == 0 and report["problems"] == []
-    text = prepare.format_inspect(report)
+    text = format_inspect(report)
     assert "vocabulary size 4 (from fldd.vocab_size metadata)" in text
     assert f"valid {rows['valid']} of {rows['valid']} rows" in text
 
@@ -268,7 +273,7 @@ def test_inspect_table_without_metadata(tmp_path):
     assert report["codec"] is None and report["duplicates"] == {} and report["histogram"][0] == \
         {"token": 0, "count": 3, "share": 3 / 9, "symbol": None}
     assert [e["tokens"] for e in report["examples"]] == [[0, 5, 2], [1, 1, 1], [4, 0, 0]]
-    assert "largest token + 1" in prepare.format_inspect(report)
+    assert "largest token + 1" in format_inspect(report)
 
 
 def test_inspect_reports_problems(tmp_path):
@@ -283,18 +288,18 @@ def test_inspect_reports_problems(tmp_path):
 
 
 def test_train_parts_rule():
-    assert [prepare.train_parts(n) for n in (0, 1, 99_999, 100_000, 149_999, 150_000)] == [1, 1, 1, 2, 2, 3]
-    assert prepare.train_parts(64 * 50_000) == 64 and prepare.train_parts(10**9) == 64
+    assert [split_writer.train_parts(n) for n in (0, 1, 99_999, 100_000, 149_999, 150_000)] == [1, 1, 1, 2, 2, 3]
+    assert split_writer.train_parts(64 * 50_000) == 64 and split_writer.train_parts(10**9) == 64
 
 
 def test_train_split_is_written_as_random_parts(tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare, "PART_ROWS", 200)
+    monkeypatch.setattr(split_writer, "PART_ROWS", 200)
     rows = [[str(i), str(i % 3), "", ""] for i in range(2000)]  # the id says where a row is in the corpus
     write_csv(tmp_path / "t.csv", rows)
     result = prepare_csv([str(tmp_path / "t.csv")], ["id", "size"], tmp_path / "out", seed=4)
     train, plan = result.rows["train"], plan_splits(2000, 0.05, 0.05, 4)
     parts = sorted((tmp_path / "out" / "train").iterdir())
-    assert len(parts) == plan.num_parts == prepare.train_parts(train) == train // 200 > 4
+    assert len(parts) == plan.num_parts == split_writer.train_parts(train) == train // 200 > 4
     assert [p.name for p in parts] == [f"part-{i:05d}.parquet" for i in range(len(parts))]
     assert result.files["train"] == [{"file": f"train/{p.name}", "rows": pq.read_metadata(p).num_rows}
                                      for p in parts]
@@ -326,10 +331,10 @@ def test_force_replaces_an_older_layout_and_only_its_own_parts(tmp_path, monkeyp
     prepare_text([str(paths[0])], out, seq_len=4, force=True)
     assert not (out / "train.parquet").exists() and (out / "mine.txt").read_text() == "keep"
     assert read_token_table(out)[0].shape[1] == 4
-    monkeypatch.setattr(prepare, "PART_ROWS", 100)
+    monkeypatch.setattr(split_writer, "PART_ROWS", 100)
     many = prepare_text([str(paths[0])], out, seq_len=4, force=True)
     assert len(list((out / "train").iterdir())) == len(many.files["train"]) > 3
-    monkeypatch.setattr(prepare, "PART_ROWS", 50_000)
+    monkeypatch.setattr(split_writer, "PART_ROWS", 50_000)
     few = prepare_text([str(paths[0])], out, seq_len=4, force=True)  # the old, extra parts are removed
     assert sorted(p.name for p in (out / "train").iterdir()) == ["part-00000.parquet"] == \
         [f["file"].split("/")[1] for f in few.files["train"]]
@@ -345,11 +350,11 @@ def test_input_that_changes_between_the_passes_is_refused(tmp_path):
     codec, plan = TokenCodec("chars", "ab"), plan_splits(100, 0.05, 0.05, seed=0)
     for rows in (99, 101):  # the first pass counted 100 rows
         out = tmp_path / str(rows)
-        prepare.claim_output(out)
-        writer = prepare._SplitWriter(out, 3, codec, plan)
+        split_writer.claim_output(out)
+        writer = split_writer.SplitWriter(out, 3, codec, plan)
         with pytest.raises(DataError, match="the input changed while it was being prepared"):
-            prepare._write_all(writer, (writer.add_rows(np.zeros((rows, 3), dtype=np.int64)) for _ in range(1)))
-            prepare._finish(writer, prepare.Prepared(str(out), "text", [], 3, 2, codec.to_dict(), {}, 0, 0.05,
+            split_writer.write_all(writer, (writer.add_rows(np.zeros((rows, 3), dtype=np.int64)) for _ in range(1)))
+            split_writer.finish(writer, split_writer.Prepared(str(out), "text", [], 3, 2, codec.to_dict(), {}, 0, 0.05,
                                                      0.05, plan.block_rows, 300, 0, "corpus"))
         assert sorted(p.name for p in out.iterdir()) == []
 
@@ -377,7 +382,7 @@ def test_inspect_counts_rows_per_file(tmp_path):
     train = report["tables"][0]
     assert train["rows"] == 6 and train["file_rows"] == [{"file": str(tmp_path / "o" / "train" / n), "rows": 3}
                                                          for n in ("a.parquet", "b.parquet")]
-    text = prepare.format_inspect(report)
+    text = format_inspect(report)
     assert f"2 files in {tmp_path / 'o' / 'train'}/" in text and "train a.parquet row 0: 0 1" in text
 
 
