@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> None:
             model = f"{dataset}-{method}-gate-{digest(name(FIXED, T), name(method, T))}"
             holder = runner.promote(runs[(FIXED, T)], model)
             decision = runner.promote(runs[(method, T)], model)
-            if decision.get("holder_version") not in (None, str(holder["version"])):  # a tag: a string
+            # the tag is a string; "none" where the learned run was the first version (the fixed one refused)
+            if decision.get("holder_version") not in (None, "none", str(holder["version"])):
                 raise RuntimeError(f"{model}: the learned run was gated against version "
                                    f"{decision['holder_version']}, not the fixed run's version {holder['version']}")
             cells.append({"steps": T, "model_name": model, "seed": args.seed,

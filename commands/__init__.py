@@ -1,3 +1,3 @@
 """commands: the top layer, the one that wires jobs together: the `fldd` command line (cli.py) and
-the end-to-end demo (demo.py). The only code that imports both `tune` and `serving`; nothing below
+the end-to-end demo (demo.py), and what they print (formatting.py). The only code that imports both `tune` and `serving`; nothing below
 imports it (tests/test_layers.py: commands > tune | serving > pipelines > fldd)."""

@@ -3,6 +3,7 @@ token frequencies per position, duplicated rows within and across splits, and th
 Formatted for the terminal by `commands/formatting.py:format_inspect`. pyarrow and numpy only.
 """
 
+from __future__ import annotations
 
 import json
 from collections import Counter

@@ -20,6 +20,7 @@ The splits and the files they are written to: `fldd/split_writer.py`. The report
 (`fldd data inspect`): `fldd/inspection.py`.
 """
 
+from __future__ import annotations
 
 import csv
 import glob

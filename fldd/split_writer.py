@@ -17,6 +17,7 @@ random row order. Memory stays bounded: one row group per output file is buffere
 tokens across the train parts).
 """
 
+from __future__ import annotations
 
 import json
 import math

@@ -53,7 +53,7 @@ def paired_difference(holder: Scores, candidate: Scores) -> tuple[float, float]:
     if holder.per_example_bits.shape != candidate.per_example_bits.shape:
         raise ValueError(f"scores on different test rows: {tuple(holder.per_example_bits.shape)} vs "
                          f"{tuple(candidate.per_example_bits.shape)}")
-    diff = (holder.per_example_bits - candidate.per_example_bits).double()
+    diff = holder.per_example_bits.double() - candidate.per_example_bits.double()
     n = diff.numel()
     stderr = (diff.std(unbiased=True) / math.sqrt(n)).item() if n > 1 else math.nan
     return diff.mean().item(), stderr
@@ -130,17 +130,18 @@ class Decision:
         """The version tags that record this decision."""
         tags = {DECISION_TAG: self.decision, DECISION_REASON_TAG: self.reason[:4900],
                 DECIDED_AT_TAG: time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                TEST_NELBO_TAG: _number(self.candidate_test_bits),
-                TEST_STDERR_TAG: _number(self.candidate_test_stderr),
+                TEST_NELBO_TAG: number_tag(self.candidate_test_bits),
+                TEST_STDERR_TAG: number_tag(self.candidate_test_stderr),
                 TEST_EXAMPLES_TAG: str(self.test_examples), TEST_SPLIT_TAG: self.test_split,
                 HOLDER_VERSION_TAG: self.holder_version or "none"}
         if self.holder_version is not None:
-            tags.update({HOLDER_TEST_NELBO_TAG: _number(self.holder_test_bits),
-                         PAIRED_DIFFERENCE_TAG: _number(self.difference_bits),
-                         PAIRED_STDERR_TAG: _number(self.difference_stderr),
-                         MARGIN_TAG: _number(self.margin_bits), MARGIN_RULE_TAG: self.margin_rule})
+            tags.update({HOLDER_TEST_NELBO_TAG: number_tag(self.holder_test_bits),
+                         PAIRED_DIFFERENCE_TAG: number_tag(self.difference_bits),
+                         PAIRED_STDERR_TAG: number_tag(self.difference_stderr),
+                         MARGIN_TAG: number_tag(self.margin_bits), MARGIN_RULE_TAG: self.margin_rule})
         return tags
 
 
-def _number(value: float) -> str:
+def number_tag(value: float) -> str:
+    """A float as a tag value that reads back exactly (repr; nan and inf included)."""
     return repr(float(value))

@@ -44,10 +44,6 @@ class ModelRow:
     run_id: str
 
 
-def number_tag(value: float) -> str:
-    return repr(float(value))
-
-
 def as_float(value: Any) -> float:
     try:
         return float(value)

@@ -30,9 +30,9 @@ from fldd.config import FLDDConfig
 from fldd.data import load_test_split
 from fldd.model import FLDDModel
 from pipelines.aliases import move_champion_aliases, uninterrupted
-from pipelines.gate import PROMOTED, REFUSED, UNCHANGED, Decision, Scores, judge
+from pipelines.gate import PROMOTED, REFUSED, UNCHANGED, Decision, Scores, judge, number_tag
 from pipelines.model_store import (RegistryError, alias_holder, all_versions, as_float, default_model_name, default_name_from_run,
-                                   get_registered_model, identity_of, number_tag, quoted, registry_client,
+                                   get_registered_model, identity_of, quoted, registry_client,
                                    split_fingerprint)
 from pipelines.reports import nelbo_with_progress
 from pipelines.tracking import download_model_file

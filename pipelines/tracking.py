@@ -188,10 +188,12 @@ def log_sampler_model(tracker: Tracker, model_path: Path, cfg: FLDDConfig) -> st
 @contextmanager
 def global_tracking_uri(uri: str) -> Iterator[None]:
     """MLflow's process-wide tracking URI set to `uri` for a block (Model.log and models:/ loading
-    read no other), then put back as it was: unset again if it was unset (set_tracking_uri(None)),
-    MLFLOW_TRACKING_URI included, which set_tracking_uri writes too."""
+    read no other), then put back: MLFLOW_TRACKING_URI as it was (set_tracking_uri writes it too),
+    and the process-wide value unset again unless one was set apart from the environment. (A value
+    equal to the environment's is left to the environment, so a later change of the variable counts.)"""
     environment = os.environ.get("MLFLOW_TRACKING_URI")
-    previous = mlflow.get_tracking_uri() if mlflow.tracking.is_tracking_uri_set() else None
+    current = mlflow.get_tracking_uri() if mlflow.tracking.is_tracking_uri_set() else None
+    previous = None if current == environment else current
     mlflow.set_tracking_uri(uri)
     try:
         yield

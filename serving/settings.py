@@ -78,13 +78,18 @@ class _Args(BaseModel):
 
 
 def _first_problem(error: ValidationError, args: dict[str, Any]) -> str:
-    """The first pydantic error as 'key=value: what it must be', the form every fldd error takes."""
-    problem = error.errors()[0]
-    path = [str(p) for p in problem["loc"] if not isinstance(p, int)]
-    if problem["type"] == "extra_forbidden":
-        where = ".".join(path[:-1])
+    """The first pydantic error as 'key=value: what it must be', the form every fldd error takes.
+    Unknown keys come first, all of them at the outermost level that has any, sorted."""
+    problems = error.errors()
+    extra = [[str(p) for p in e["loc"]] for e in problems if e["type"] == "extra_forbidden"]
+    if extra:
+        depth = min(len(path) for path in extra)
+        where = ".".join(next(path for path in extra if len(path) == depth)[:-1])
+        unknown = sorted(path[-1] for path in extra if len(path) == depth and ".".join(path[:-1]) == where)
         allowed = list(KEYS) if not where else list(_Batching.model_fields)
-        return f"{where + ': ' if where else ''}unknown keys {[path[-1]]}; expected some of {allowed}"
+        return f"{where + ': ' if where else ''}unknown keys {unknown}; expected some of {allowed}"
+    problem = problems[0]
+    path = [str(p) for p in problem["loc"] if not isinstance(p, int)]
     key = ".".join(path[:2]) if path[:1] == ["batching"] else path[0]
     value: Any = args
     for part in key.split("."):

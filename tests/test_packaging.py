@@ -1,5 +1,6 @@
 """A non-editable install carries what the code reads at run time: the presets and the assets."""
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -11,7 +12,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_wheel_ships_every_preset_and_asset(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(ROOT),
+    # built from a copy of the sources: a build/ left in the checkout must not supply stale files
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "fldd", "pipelines", "tune", "serving", "commands"):
+        copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
+        copy(ROOT / name, source / name, **({"ignore": shutil.ignore_patterns("__pycache__")}
+                                            if (ROOT / name).is_dir() else {}))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(source),
                     "-w", str(tmp_path)], check=True, capture_output=True)
     (wheel,) = tmp_path.glob("fldd-*.whl")
     shipped = set(zipfile.ZipFile(wheel).namelist())

@@ -66,3 +66,21 @@ def test_a_non_finite_score_on_either_side_refuses_and_says_which():
     broken_holder = Scores(math.inf, torch.tensor([math.inf, 4.2], dtype=torch.float64))
     verdict = judge(scores([4.0, 4.1]), broken_holder, holder_version="1")
     assert not verdict.promoted and "holder version 1" in verdict.reason and "roll it back" in verdict.reason
+
+
+def test_a_decision_prints_its_numbers_and_a_refusal_before_registering_prints_none():
+    from commands.formatting import format_decision
+    from pipelines.gate import Decision
+
+    decision = Decision(model_name="m", budget=4, run_id="r1", decision="promoted", reason="better",
+                        version="2", holder_version="1", valid_bits=4.55)
+    decision.apply(judge(scores([4.0, 4.1, 4.2]), scores([4.2, 4.3, 4.4]), holder_version="1"))
+    decision.candidate_test_bits, decision.candidate_test_stderr, decision.test_examples = 4.1, 0.05, 3
+    decision.aliases_moved = ["champion-t4"]
+    text = format_decision(decision)
+    assert text.startswith("PROMOTED: run r1 at T=4 -> m version 2")
+    assert "paired difference (holder - candidate): +0.2000 +- 0.0000" in text and "champion-t4" in text
+    assert decision.tags()["fldd.paired_difference_bits"] == repr(decision.difference_bits)
+    refused = Decision(model_name="m", budget=4, run_id="r2", decision="refused", reason="collapsed forward")
+    assert format_decision(refused).splitlines() == ["REFUSED: run r2 at T=4 -> m (not registered)",
+                                                     "  reason: collapsed forward"]

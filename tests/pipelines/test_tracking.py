@@ -94,6 +94,14 @@ def test_the_process_wide_tracking_uri_is_put_back_as_it_was_unset_included(monk
     with global_tracking_uri("sqlite:////tmp/fldd-block.db"):
         assert mlflow.get_tracking_uri() == "sqlite:////tmp/fldd-block.db"
     assert not mlflow.tracking.is_tracking_uri_set() and "MLFLOW_TRACKING_URI" not in os.environ
+    # only the environment names a store: afterwards MLflow reads the environment again, a later change included
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////tmp/fldd-env.db")
+    with global_tracking_uri("sqlite:////tmp/fldd-block.db"):
+        pass
+    assert os.environ["MLFLOW_TRACKING_URI"] == mlflow.get_tracking_uri() == "sqlite:////tmp/fldd-env.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////tmp/fldd-env-2.db")
+    assert mlflow.get_tracking_uri() == "sqlite:////tmp/fldd-env-2.db"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri("sqlite:////tmp/fldd-before.db")
     try:
         with global_tracking_uri("sqlite:////tmp/fldd-block.db"):

@@ -56,6 +56,7 @@ def test_bad_deployment_options_name_the_key(args, key):
     ({"batching": {"max_batch_size": 0}}, "batching.max_batch_size=0: must be an integer >= 1"),
     ({"batching": {"wait": 1}}, "batching: unknown keys ['wait']"),
     ({"batching": {"batch_wait_timeout_s": 11}}, "batching.batch_wait_timeout_s=11: must be a number in [0, 10]"),
+    ({"zeta": 1, "alpha": 2, "poll_interval_s": -1}, "unknown keys ['alpha', 'zeta']"),  # all, sorted, first
     ({"models": []}, "models=[]: give one or more registered model names"),
     ({"models": ["a", "a"]}, "models=['a', 'a']: repeated names"),
     ({"models": None}, "models=None: give one or more"),
