@@ -28,13 +28,16 @@ succeeds.
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
 import torch
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve import Application
@@ -55,7 +58,8 @@ Loader = Callable[[str, str, str, str], FLDDModel]  # (tracking_uri, name, versi
 
 def _error(status: int, field: str, message: str) -> HTTPException:
     """The shape FastAPI uses for its own 422s: `loc` names the field."""
-    return HTTPException(status, detail=[{"loc": ["body", *field.split(".")], "msg": message, "type": "value_error"}])
+    return HTTPException(status, detail=[{"loc": ["body", *field.split(".")], "msg": json_safe(message),
+                                          "type": "value_error"}])
 
 
 _max_body_bytes = 65536
@@ -111,10 +115,33 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
+def json_safe(value: Any) -> Any:
+    """`value` as JSON can carry it back: a non-finite float as a string ("nan", "inf", "-inf"), a
+    string with lone surrogates (valid JSON escapes, not UTF-8) with them backslash-escaped. A
+    response that echoes such input (pydantic's error `input`, a message quoting the prefix) could
+    not be encoded and became a 500."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {json_safe(key): json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
+async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+    """FastAPI's own 422 (`detail[].loc` names the field), safe for NaN, Infinity, 1e400 and lone
+    surrogates in the input, which FastAPI's default handler turns into a 500 when it echoes them."""
+    return JSONResponse({"detail": json_safe(jsonable_encoder(error.errors()))}, status_code=422)
+
+
 api = FastAPI(title="FLDD few-step generation",
               description="Samples from the champion models of the MLflow registry, one version per step budget.",
               version="1")
 api.add_middleware(BodyLimit)
+api.add_exception_handler(RequestValidationError, invalid_request)
 
 
 @serve.deployment

@@ -8,10 +8,12 @@ error is reported as `key=value: what it must be`, like every config error in fl
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError, field_validator
+from ray import serve
 
 from fldd.service import Limits
 
@@ -35,6 +37,12 @@ EXPECTED = {
 }
 
 Number = StrictInt | StrictFloat  # a bool is not a number here, nor a string of digits
+
+
+def deployment_options() -> tuple[str, ...]:
+    """The options `@serve.deployment` takes, read from its signature (so a Ray upgrade's new options
+    are accepted without a change here)."""
+    return tuple(name for name in inspect.signature(serve.deployment).parameters if not name.startswith("_"))
 
 
 class SettingsError(ValueError):
@@ -135,6 +143,10 @@ class ServeSettings:
             raise SettingsError(str(error)) from error
         batching = checked.batching or _Batching()
         deployment = {"max_ongoing_requests": DEFAULT_MAX_ONGOING_REQUESTS, **(checked.deployment or {})}
+        unknown = sorted(set(deployment) - set(deployment_options()))
+        if unknown:  # Ray would raise a bare TypeError at deploy time
+            raise SettingsError(f"deployment: unknown keys {unknown}; Ray Serve's deployment options are "
+                                f"{sorted(deployment_options())}")
         ongoing, size = deployment["max_ongoing_requests"], batching.max_batch_size
         if isinstance(ongoing, bool) or not isinstance(ongoing, int) or ongoing < size:
             raise SettingsError(f"deployment.max_ongoing_requests={ongoing!r}: must be an integer >= "

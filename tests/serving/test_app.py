@@ -8,6 +8,7 @@ T=4), text and binarized digits (masked forward, T=2)."""
 import base64
 import io
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -229,6 +230,12 @@ def test_same_seed_same_samples_alone_and_in_a_batch(server):
 
 
 DIGIT_PIXELS = list(range(64))
+
+
+def raw_json(text: str) -> dict:
+    """A request body sent as written: JSON that Python's json.dumps would not produce (NaN, 1e400)."""
+    return {"_raw": {"data": text, "headers": {"Content-Type": "application/json"}}}
+
 BAD = {  # id: (request body or raw kwargs, expected status, text the response must contain)
     "num_samples-zero": ({"num_samples": 0}, 422, "num_samples"),
     "num_samples-negative": ({"num_samples": -3}, 422, "num_samples"),
@@ -275,6 +282,20 @@ BAD = {  # id: (request body or raw kwargs, expected status, text the response m
     "unknown-route": ({"_raw": {"path": "/v1/generat", "json": {}}}, 404, "Not Found"),
     "wrong-method": ({"_raw": {"method": "GET"}}, 405, "Method Not Allowed"),
     "model-not-registered": ({"model": "no-such-model"}, 404, "no-such-model"),
+    # non-finite numbers and unencodable strings: a 422 naming the field, never a 500 (JSON cannot
+    # echo NaN, Infinity or a lone surrogate back; FastAPI's default handler failed on them)
+    "num_samples-nan": (raw_json('{"num_samples": NaN}'), 422, "num_samples"),
+    "num_samples-infinity": (raw_json('{"num_samples": Infinity}'), 422, "num_samples"),
+    "num_samples-1e400": (raw_json('{"num_samples": 1e400}'), 422, "num_samples"),
+    "steps-nan": (raw_json('{"steps": NaN}'), 422, "steps"),
+    "steps-infinity": (raw_json('{"steps": Infinity}'), 422, "steps"),
+    "steps-1e400": (raw_json('{"steps": 1e400}'), 422, "steps"),
+    "seed-nan": (raw_json('{"seed": NaN}'), 422, "seed"),
+    "seed-infinity": (raw_json('{"seed": Infinity}'), 422, "seed"),
+    "seed-1e400": (raw_json('{"seed": 1e400}'), 422, "seed"),
+    "seed-minus-infinity": (raw_json('{"seed": -Infinity}'), 422, "seed"),
+    "conditioning-nan-position": (raw_json('{"conditioning": {"positions": [NaN], "tokens": [1]}}'), 422, "positions"),
+    "prefix-lone-surrogate": (raw_json('{"model": "%s", "prefix": "\\ud800"}' % TEXT), 422, "prefix"),
 }
 
 
@@ -294,6 +315,59 @@ def test_bad_input_is_a_clear_4xx_and_the_server_keeps_serving(server, kind):
         locations = [".".join(str(p) for p in d["loc"]) for d in response.json()["detail"]]
         assert any(loc.startswith("body") for loc in locations), locations
     assert client.generate(num_samples=1, seed=0)["version"] == "1"
+
+
+def malformed_bodies(count: int, seed: int) -> list[bytes]:
+    """Seeded malformed and hostile JSON bodies: wrong types, deep nesting, huge and non-finite
+    numbers, unicode (lone surrogates included), duplicate keys, truncation, wrong top-level values."""
+    rng = random.Random(seed)
+    fields = ["num_samples", "steps", "seed", "model", "prefix", "format", "conditioning", "positions", "tokens",
+              "quality", "", "num_samples ", "\u00e9"]
+    atoms = ["NaN", "Infinity", "-Infinity", "1e400", "-1e400", "1e-400", "0", "-0.0", "2.0", "1", "-1",
+             "9" * 40, "true", "null", '"3"', '""', '"\\ud800"', '"\u00e9\u4e2d"', '"a\\u0000b"', "[]", "{}",
+             "[NaN]", '{"positions": [NaN], "tokens": [1]}', '{"positions": [0], "tokens": [1e400]}']
+
+    def value(depth: int) -> str:
+        if depth > 0 and rng.random() < 0.2:
+            return "[" + ", ".join(value(depth - 1) for _ in range(rng.randint(0, 3))) + "]"
+        if depth > 0 and rng.random() < 0.2:
+            return obj(depth - 1)
+        return rng.choice(atoms)
+
+    def obj(depth: int) -> str:
+        pairs = [f'"{rng.choice(fields)}": {value(depth)}' for _ in range(rng.randint(0, 4))]
+        if pairs and rng.random() < 0.3:
+            pairs.append(pairs[0])  # a duplicate key
+        return "{" + ", ".join(pairs) + "}"
+
+    bodies = []
+    for _ in range(count):
+        kind = rng.random()
+        if kind < 0.75:
+            text = obj(3)
+        elif kind < 0.85:
+            text = value(2)
+        elif kind < 0.95:
+            text = obj(3)[:rng.randint(0, 20)]  # cut short
+        else:
+            text = "[" * 200 + "]" * 200  # deep nesting
+        bodies.append(text.encode("utf-8", "surrogatepass"))
+    return bodies
+
+
+def test_malformed_bodies_never_get_a_5xx_and_the_replica_stays_up(server):
+    client, *_ = server
+    bodies = malformed_bodies(500, seed=2026)
+    statuses = {}
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda body: requests.post(client.url + "/v1/generate", data=body, timeout=60,
+                                                             headers={"Content-Type": "application/json"}), bodies))
+    for body, response in zip(bodies, responses):
+        statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+        assert response.status_code < 500, (body, response.status_code, response.text[:300])
+        response.json()  # every answer is JSON
+    assert sum(statuses.values()) == 500 and set(statuses) - {200, 404, 413, 422} == set(), statuses
+    assert client.generate(num_samples=1, seed=0)["version"] == "1"  # still serving
 
 
 def test_promotion_and_rollback_during_a_stream_of_requests(server):

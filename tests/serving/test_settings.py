@@ -43,6 +43,8 @@ def test_former_two_deployment_sections_say_merge_into_deployment(old):
     ({"deployment": {"max_ongoing_requests": "64"}}, "deployment.max_ongoing_requests"),
     ({"deployment": ["num_replicas", 2]}, "deployment="),
     ({"replicas": 2}, "unknown keys ['replicas']"),
+    ({"deployment": {"num_replica": 2, "max_ongoing_request": 8}},  # typos: named here, not a TypeError from Ray
+     "deployment: unknown keys ['max_ongoing_request', 'num_replica']"),
 ])
 def test_bad_deployment_options_name_the_key(args, key):
     with pytest.raises(SettingsError, match=re.escape(key)):
