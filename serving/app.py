@@ -323,10 +323,12 @@ class GenerationServer:
         if isinstance(result, Exception):
             raise result
         tokens, batch_requests = result
+        # rendering (text, PNG encoding) and tolist take milliseconds per large request: off the event
+        # loop, so other requests keep being accepted and batched meanwhile
+        samples, token_lists = await asyncio.to_thread(lambda: (service.render(tokens, body.format), tokens.tolist()))
         return GenerateResponse(model=name, version=version, alias=champion_alias(steps), steps=service.num_steps,
-                                seed=prepared.seed, format=body.format, samples=service.render(tokens, body.format),
-                                tokens=tokens.tolist(), batch_requests=batch_requests,
-                                elapsed_s=time.perf_counter() - start)
+                                seed=prepared.seed, format=body.format, samples=samples, tokens=token_lists,
+                                batch_requests=batch_requests, elapsed_s=time.perf_counter() - start)
 
 
 def build_application(args: dict[str, Any], loader: Loader = load_registered_model) -> Application:
