@@ -13,7 +13,13 @@ learning rate, written "random/1e-3"; the fixed forward (`masked-x0`) its learni
 learning rate stays at the preset's 1e-3, a point of the fixed arm's grid. A run that diverges scores +inf, and a
 collapsed run counts with its (poor) NELBO: a value that fails on one seed of three is not
 reliable. Every run is the project's one training loop (`fldd.train.fit`, in-process, as
-`quality_vs_steps.py`), equal network, batch and optimizer steps.
+`quality_vs_steps.py`), equal network, batch and optimizer steps. The choice is made by the rule
+the sweeps use (`tune.results.lowest_mean`).
+
+Why this is not a Ray Tune sweep: its unit is a (selection, report) pair of experiments with the
+report's grid fixed by the selection's outcome, kept as a resumable JSON-lines record that the docs
+cite run by run; a sweep (`fldd sweep`, Tune over Ray Train) does the selection half at cluster
+scale, with MLflow runs, and this script is what makes its test-split half reproducible on a laptop.
 
     python benchmarks/select_then_test.py                       # toy2d, T in {2, 4, 8, 16}: ~80 min on 2 cores
     python benchmarks/select_then_test.py --quick               # a 3-minute smoke run under .fldd/
