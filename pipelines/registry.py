@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
-import mlflow
 import torch
 from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
@@ -35,7 +33,7 @@ from pipelines.model_store import (RegistryError, alias_holder, all_versions, as
                                    get_registered_model, identity_of, quoted, registry_client,
                                    split_fingerprint)
 from pipelines.reports import nelbo_with_progress
-from pipelines.tracking import download_model_file
+from pipelines.tracking import download_model_file, download_weights
 from pipelines.vocabulary import (BUDGET_TAG, COLLAPSED_TAG, EVAL_PASSES_TAG, EVAL_SEED_TAG, EXPERIMENT,
                                   FINAL_VALID_NELBO_METRIC, FINAL_VALID_STDERR_METRIC, GIT_COMMIT_TAG, IDENTITY_KEYS,
                                   IDENTITY_TAGS, KIND_TAG, KIND_TRIAL, MODEL_NAME, MODEL_VERSIONS_TAG,
@@ -153,15 +151,6 @@ def _model_source(client: MlflowClient, run: Run) -> tuple[str, str | None]:
     return location, None
 
 
-def _download_weights(client: MlflowClient, location: str) -> Path:
-    """model.pt under a model's storage location (what _model_source returns)."""
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, tracking_uri=client.tracking_uri))
-    found = sorted(local.rglob("model.pt"))
-    if not found:
-        raise FileNotFoundError(f"{location} holds no model.pt")
-    return found[0]
-
-
 def _static_refusal(run: Run, cfg: FLDDConfig, model: FLDDModel) -> str | None:
     """Reasons to refuse before registering anything."""
     if run.info.status != "FINISHED":
@@ -250,7 +239,7 @@ def promote_run(run: Run, *, model_name: str | None = None, margin: float | None
     run_id = run.info.run_id
     source, _ = _model_source(client, run)
     try:
-        candidate = FLDDModel.load(_download_weights(client, source))
+        candidate = FLDDModel.load(download_weights(client.tracking_uri, source))
     except (FileNotFoundError, MlflowException, OSError) as error:
         raise RegistryError(f"run {run_id} has no loadable logged model at runs:/{run_id}/model: {error}") from error
     cfg = candidate.config

@@ -240,11 +240,18 @@ def _location(model: LoggedModel) -> tuple[str, str | None]:
     return model.artifact_location, model.source_run_id
 
 
-def download_model_file(uri: str, reference: str) -> tuple[Path, str | None]:
-    """model.pt of a logged sampler and its source run id."""
-    artifact_uri, run_id = resolve_model(uri, reference)
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, tracking_uri=uri))
+def download_weights(uri: str, artifact_uri: str, dst: str | Path | None = None) -> Path:
+    """model.pt under a logged model's storage location, downloaded (into `dst`, else MLflow's temporary
+    directory). The one download of model weights: the CLI, the registry gate and Serve replicas."""
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, tracking_uri=uri,
+                                                     dst_path=None if dst is None else str(dst)))
     found = sorted(local.rglob("model.pt"))
     if not found:
-        raise FileNotFoundError(f"{reference} holds no model.pt artifact")
-    return found[0], run_id
+        raise FileNotFoundError(f"{artifact_uri} holds no model.pt artifact")
+    return found[0]
+
+
+def download_model_file(uri: str, reference: str) -> tuple[Path, str | None]:
+    """model.pt of a logged sampler (any reference resolve_model reads) and its source run id."""
+    artifact_uri, run_id = resolve_model(uri, reference)
+    return download_weights(uri, artifact_uri), run_id

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import mlflow
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from fldd.model import FLDDModel
-from pipelines.tracking import resolve_model
+from pipelines.tracking import download_weights, resolve_model
 from pipelines.vocabulary import (CHAMPION, DATASET_TAG, DEFAULT_BUDGET_TAG, PARAMETERIZATION_TAG, TEST_NELBO_TAG,
                                   VALID_NELBO_TAG, VERSION_BUDGET_TAG, budget_of_alias)
 
@@ -104,9 +102,4 @@ def load_registered_model(tracking_uri: str, name: str, version: str, device: st
     """The model.pt of a registry version, loaded on `device`; the download is removed afterwards."""
     location, _ = resolve_model(tracking_uri, f"models:/{name}/{version}")
     with tempfile.TemporaryDirectory(prefix="fldd-serve-") as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=tmp,
-                                                         tracking_uri=tracking_uri))
-        found = sorted(local.rglob("model.pt"))
-        if not found:
-            raise FileNotFoundError(f"models:/{name}/{version} holds no model.pt artifact")
-        return FLDDModel.load(found[0], map_location=torch.device(device))
+        return FLDDModel.load(download_weights(tracking_uri, location, dst=tmp), map_location=torch.device(device))
