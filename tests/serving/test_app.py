@@ -185,7 +185,7 @@ def decode_png(data: str) -> tuple[int, int, list[list[int]]]:
     image = Image.open(io.BytesIO(raw))
     assert (image.format, image.mode) == ("PNG", "L")  # 8-bit grayscale
     width, height = image.size
-    pixels = list(image.getdata())
+    pixels = list(image.tobytes())  # mode L: one byte per pixel, row by row
     rows = [pixels[r * width:(r + 1) * width] for r in range(height)]
     return width, height, rows
 

@@ -111,7 +111,7 @@ def test_png_holds_the_tokens_as_pixels():
     assert raw[:8] == b"\x89PNG\r\n\x1a\n" and raw[12:16] == b"IHDR"
     image = Image.open(io.BytesIO(raw))
     assert (image.format, image.mode, image.size) == ("PNG", "L", (4, 4))
-    assert list(image.getdata()) == [0, 85, 170, 255] * 4  # token k of K=4 -> 255 k / 3, row by row
+    assert list(image.tobytes()) == [0, 85, 170, 255] * 4  # token k of K=4 -> 255 k / 3, row by row
 
 
 def test_limits_from_config():
