@@ -27,9 +27,11 @@ succeeds.
 
 
 import asyncio
+import statistics
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
@@ -46,12 +48,15 @@ from fldd.model import FLDDModel
 from fldd.service import GenerationRequest, PreparedRequest, RequestError, SamplerService
 from pipelines.tracking import tracking_uri
 from pipelines.vocabulary import champion_alias
-from serving.registry import (ModelSnapshot, load_registered_model, model_id, read_registry, split_model_id)
-from serving.schemas import (GenerateRequest, GenerateResponse, ModelEntry, ModelsResponse, VersionEntry)
+from serving.registry import (ModelSnapshot, RoutingError, load_registered_model, model_id, read_registry,
+                              route_by_quality, split_model_id)
+from serving.schemas import (GenerateRequest, GenerateResponse, ModelEntry, ModelsResponse, RecordedQuality,
+                             VersionEntry)
 from serving.settings import ServeSettings
 
 log = logging.getLogger("ray.serve")
 MAX_MODELS_PER_REPLICA = 8  # budgets x (current + previous holder during a swap), per replica
+LATENCY_WINDOW = 100  # requests per version whose median /v1/models reports
 FIRST_POLL_TIMEOUT_S = 120.0  # a replica waits this long for its first registry poll before serving
 Loader = Callable[[str, str, str, str], FLDDModel]  # (tracking_uri, name, version, device) -> model
 
@@ -161,6 +166,7 @@ class GenerationServer:
         self.snapshots: dict[str, ModelSnapshot] = {}
         self.warm: set[str] = set()  # model ids this replica has loaded and run once
         self.polled_at: float | None = None
+        self.latencies: dict[str, deque[float]] = {}  # model id -> recent request times in this replica (s)
         self.poll_error: str | None = None
         self._polled_once = asyncio.Event()
         self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
@@ -263,6 +269,10 @@ class GenerationServer:
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 
+    def _latency_ms_p50(self, key: str) -> float | None:
+        recent = self.latencies.get(key)
+        return 1000.0 * statistics.median(recent) if recent else None
+
     @api.get("/readyz", summary="every served model has a champion loaded (503 with the reasons otherwise)")
     async def readyz(self) -> JSONResponse:
         problems = self._problems()
@@ -275,7 +285,8 @@ class GenerationServer:
         entries = []
         for name in self.settings.models:
             snapshot = self.snapshots.get(name) or ModelSnapshot(name, registered=False)
-            versions = [VersionEntry(**{**asdict(v), "aliases": list(v.aliases)})
+            versions = [VersionEntry(**{**asdict(v), "aliases": list(v.aliases)},
+                                     latency_ms_p50=self._latency_ms_p50(model_id(name, v.version)))
                         for _, v in sorted(snapshot.versions.items(), key=lambda item: int(item[0]))]
             entries.append(ModelEntry(name=name, default_steps=snapshot.default_steps, budgets=snapshot.budgets,
                                       versions=versions, problem=snapshot.problem()))
@@ -294,7 +305,16 @@ class GenerationServer:
         snapshot = self.snapshots.get(name)
         if snapshot is None:
             raise HTTPException(503, detail=self.poll_error or "the registry has not been read yet")
-        steps = body.steps
+        steps, route = body.steps, None
+        if body.quality is not None:  # the fewest-steps champion whose recorded test metric meets it
+            bound, bound_kind = body.quality.bound
+            try:
+                route = route_by_quality(snapshot, body.quality.metric, bound, bound_kind)
+            except RoutingError as error:
+                raise _error(422, "quality", str(error)) from None
+            except ValueError as error:
+                raise _error(422, "quality.metric", str(error)) from None
+            steps = route.steps
         if steps is None:
             if snapshot.problem():
                 raise HTTPException(503, detail=snapshot.problem())
@@ -326,9 +346,13 @@ class GenerationServer:
         # rendering (text, PNG encoding) and tolist take milliseconds per large request: off the event
         # loop, so other requests keep being accepted and batched meanwhile
         samples, token_lists = await asyncio.to_thread(lambda: (service.render(tokens, body.format), tokens.tolist()))
+        quality = None if route is None else RecordedQuality(metric=route.metric, value=route.value, stderr=route.stderr,
+                                                             bound=bound, bound_kind=bound_kind)
+        elapsed = time.perf_counter() - start
+        self.latencies.setdefault(model_id(name, version), deque(maxlen=LATENCY_WINDOW)).append(elapsed)
         return GenerateResponse(model=name, version=version, alias=champion_alias(steps), steps=service.num_steps,
                                 seed=prepared.seed, format=body.format, samples=samples, tokens=token_lists,
-                                batch_requests=batch_requests, elapsed_s=time.perf_counter() - start)
+                                batch_requests=batch_requests, elapsed_s=elapsed, quality=quality)
 
 
 def build_application(args: dict[str, Any], loader: Loader = load_registered_model) -> Application:

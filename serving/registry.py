@@ -4,6 +4,7 @@ default model loader (a registry version -> FLDDModel)."""
 
 from __future__ import annotations
 
+import math
 import tempfile
 from dataclasses import dataclass, field
 
@@ -14,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from fldd.model import FLDDModel
 from pipelines.tracking import download_weights, resolve_model
 from pipelines.vocabulary import (CHAMPION, DATASET_TAG, DEFAULT_BUDGET_TAG, PARAMETERIZATION_TAG, TEST_NELBO_TAG,
-                                  VALID_NELBO_TAG, VERSION_BUDGET_TAG, budget_of_alias)
+                                  TEST_STDERR_TAG, VALID_NELBO_TAG, VERSION_BUDGET_TAG, budget_of_alias)
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,33 @@ class VersionInfo:
     test_nelbo_bits: float | None = None
     valid_nelbo_bits: float | None = None
     run_id: str | None = None
+    test_nelbo_stderr: float | None = None
+
+    def recorded(self, metric: str) -> tuple[float, float | None] | None:
+        """(value, standard error) of a test metric the gate recorded on this version (None: not recorded)."""
+        value, stderr = {"nelbo_bits": (self.test_nelbo_bits, self.test_nelbo_stderr)}.get(metric, (None, None))
+        if value is None or not math.isfinite(value):
+            return None
+        return value, stderr
+
+
+# the test metrics a request may route on, as the registry gate records them, and which way is better
+QUALITY_METRICS = {"nelbo_bits": "lower"}
+
+
+class RoutingError(ValueError):
+    """No served budget meets a quality target; the message names the best value available."""
+
+
+@dataclass(frozen=True)
+class Route:
+    """The champion a quality target chose: the fewest steps whose recorded metric meets it."""
+
+    steps: int
+    version: str
+    metric: str
+    value: float
+    stderr: float | None
 
 
 @dataclass(frozen=True)
@@ -47,6 +75,36 @@ class ModelSnapshot:
             return (f"model {self.name!r} has no {CHAMPION!r} alias yet: `fldd promote` a version"
                     + (f" (served budgets {sorted(self.budgets)}: give steps)" if self.budgets else ""))
         return None
+
+
+def route_by_quality(snapshot: ModelSnapshot, metric: str, bound: float, bound_kind: str) -> Route:
+    """The fewest-steps served champion of `snapshot` whose recorded test `metric` meets `bound`
+    (`bound_kind` "max": value <= bound, "min": value >= bound). RoutingError when none does,
+    naming the best value on offer; ValueError for a metric or bound kind that cannot be used."""
+    better = QUALITY_METRICS.get(metric)
+    if better is None:
+        raise ValueError(f"metric {metric!r}: not recorded by the gate; known: {sorted(QUALITY_METRICS)}")
+    if (better == "lower") != (bound_kind == "max"):
+        raise ValueError(f"metric {metric!r}: {better} is better, so give "
+                         f"{'max' if better == 'lower' else 'min'}, not {bound_kind}")
+    offered = []
+    for steps in sorted(snapshot.budgets):
+        version = snapshot.budgets[steps]
+        info = snapshot.versions.get(version)
+        recorded = info.recorded(metric) if info is not None else None
+        if recorded is None:
+            continue
+        value, stderr = recorded
+        offered.append(Route(steps, version, metric, value, stderr))
+        if (value <= bound) if bound_kind == "max" else (value >= bound):
+            return offered[-1]
+    if not offered:
+        raise RoutingError(f"no served budget of {snapshot.name!r} has a recorded test {metric}: promote one "
+                           "through the registry gate (fldd promote)")
+    best = min(offered, key=lambda r: r.value) if better == "lower" else max(offered, key=lambda r: r.value)
+    relation = "<=" if bound_kind == "max" else ">="
+    raise RoutingError(f"no served budget of {snapshot.name!r} has test {metric} {relation} {bound}; the best is "
+                       f"{best.value:.4f} (T={best.steps}, version {best.version})")
 
 
 def model_id(name: str, version: str) -> str:
@@ -91,7 +149,7 @@ def read_registry(tracking_uri: str, name: str) -> ModelSnapshot:
             aliases=tuple(sorted(a for a, held in aliases.items() if held == version)),
             parameterization=tags.get(PARAMETERIZATION_TAG), dataset=tags.get(DATASET_TAG),
             test_nelbo_bits=_float(tags.get(TEST_NELBO_TAG)), valid_nelbo_bits=_float(tags.get(VALID_NELBO_TAG)),
-            run_id=v.run_id)
+            run_id=v.run_id, test_nelbo_stderr=_float(tags.get(TEST_STDERR_TAG)))
     default = versions[aliases[CHAMPION]].steps if CHAMPION in aliases else None
     if default is not None and default not in budgets:  # a champion set by hand, without champion-t<T>
         budgets[default] = aliases[CHAMPION]

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, field_validator,
+                      model_validator)
 
 from fldd.service import FORMATS, MAX_SEED
 
@@ -43,6 +44,29 @@ class Conditioning(BaseModel):
         return self
 
 
+class QualityTarget(BaseModel):
+    """The quality a request needs instead of a step budget: the service answers with the fewest-steps
+    champion whose test metric, as the registry gate recorded it, meets the bound."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"metric": "nelbo_bits",
+                                                                               "max": 4.6}]})
+    metric: Literal["nelbo_bits"] = Field(description="a test metric the gate records (nelbo_bits: lower is better)")
+    max: Annotated[StrictFloat | StrictInt, Field(allow_inf_nan=False)] | None = Field(
+        None, description="the recorded value must be at most this (for a metric where lower is better)")
+    min: Annotated[StrictFloat | StrictInt, Field(allow_inf_nan=False)] | None = Field(
+        None, description="the recorded value must be at least this (for a metric where higher is better)")
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> QualityTarget:
+        if (self.max is None) == (self.min is None):
+            raise ValueError("give exactly one of max or min")
+        return self
+
+    @property
+    def bound(self) -> tuple[float, str]:
+        return (float(self.max), "max") if self.max is not None else (float(self.min), "min")
+
+
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"num_samples": 4, "seed": 0}]})
     model: StrictStr | None = Field(None, min_length=1, max_length=256,
@@ -53,6 +77,8 @@ class GenerateRequest(BaseModel):
         None, description="step budget T: selects the champion-t<T> version (default: the champion alias's T)")
     seed: Annotated[StrictInt, Field(ge=0, le=MAX_SEED)] | None = Field(
         None, description="same seed and same model version -> same samples (default: random, returned)")
+    quality: QualityTarget | None = Field(
+        None, description="instead of steps: the fewest-steps champion whose recorded test metric meets this")
     conditioning: Conditioning | None = None
     prefix: StrictStr | None = Field(None, min_length=1, max_length=4096,
                                      description="text models: a prefix to complete, in the model's alphabet "
@@ -60,6 +86,22 @@ class GenerateRequest(BaseModel):
     format: Literal[FORMATS] = Field("tokens", description="tokens | text (text models: a chars or bytes codec) | "
                                      "png (image data, base64) | rows (table models: one {column: category} "
                                      "object per sample)")
+
+    @model_validator(mode="after")
+    def _steps_or_quality(self) -> GenerateRequest:
+        if self.steps is not None and self.quality is not None:
+            raise ValueError("give steps or quality, not both: quality chooses the step budget")
+        return self
+
+
+class RecordedQuality(BaseModel):
+    """The test metric that made a quality-routed request choose its champion, as the gate recorded it."""
+
+    metric: str
+    value: float
+    stderr: float | None
+    bound: float
+    bound_kind: Literal["max", "min"]
 
 
 class GenerateResponse(BaseModel):
@@ -75,6 +117,8 @@ class GenerateResponse(BaseModel):
     tokens: list[list[int]] = Field(description="token ids per sample, whatever the format")
     batch_requests: int = Field(description="requests that shared this sampling pass")
     elapsed_s: float = Field(description="time taken inside the server, seconds")
+    quality: RecordedQuality | None = Field(None, description="for a quality-routed request: the recorded test "
+                                            "metric of the chosen champion (null for a request by steps)")
 
 
 class VersionEntry(BaseModel):
@@ -86,6 +130,9 @@ class VersionEntry(BaseModel):
     test_nelbo_bits: float | None
     valid_nelbo_bits: float | None
     run_id: str | None
+    test_nelbo_stderr: float | None = None
+    latency_ms_p50: float | None = Field(None, description="median time inside this replica of the last requests "
+                                         "served by this version (null before the first)")
 
 
 class ModelEntry(BaseModel):

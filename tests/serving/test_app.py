@@ -167,6 +167,33 @@ def test_tokens_per_budget(server):
     assert again["samples"] == t4["samples"]
 
 
+def test_a_quality_target_gets_the_fewest_steps_champion_that_meets_it_and_says_which(server):
+    client, *_ = server
+    menu = {v["steps"]: v for v in next(m for m in client.get("/v1/models").json()["models"]
+                                          if m["name"] == TOY)["versions"]}
+    recorded = {T: menu[T]["test_nelbo_bits"] for T in (2, 4)}
+    assert all(isinstance(value, float) for value in recorded.values()), recorded
+
+    def ask(bound: float) -> requests.Response:
+        return client.post({"num_samples": 2, "seed": 0, "quality": {"metric": "nelbo_bits", "max": bound}})
+
+    loose = ask(max(recorded.values()) + 1.0).json()  # both budgets qualify: the fewest steps
+    assert (loose["steps"], loose["version"], loose["alias"]) == (2, "1", "champion-t2")
+    assert loose["quality"] == {"metric": "nelbo_bits", "value": recorded[2], "stderr": menu[2]["test_nelbo_stderr"],
+                                "bound": max(recorded.values()) + 1.0, "bound_kind": "max"}
+    best = min(recorded, key=lambda T: (recorded[T], T))
+    assert ask(recorded[best]).json()["steps"] == best  # the bound is inclusive
+    refused = ask(min(recorded.values()) - 1.0)
+    assert refused.status_code == 422 and "the best is" in refused.text and f"T={best}" in refused.text
+    assert [d["loc"] for d in refused.json()["detail"]] == [["body", "quality"]]
+    both = client.post({"steps": 2, "quality": {"metric": "nelbo_bits", "max": 9.0}})
+    assert both.status_code == 422 and "not both" in both.text
+    assert client.generate(num_samples=1, steps=2)["quality"] is None  # a request by steps carries none
+    # the menu reports what this replica measured for the version that served
+    served = next(m for m in client.get("/v1/models").json()["models"] if m["name"] == TOY)["versions"][0]
+    assert served["version"] == "1" and served["latency_ms_p50"] > 0
+
+
 def test_text_format_and_prefix(server):
     client, *_ = server
     out = client.generate(model=TEXT, num_samples=3, seed=0, format="text", prefix="the ")
