@@ -426,10 +426,17 @@ def test_promotion_and_rollback_during_a_stream_of_requests(server):
         wait_for(lambda: "3" in seen, 60, "responses from the promoted version")
         models = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
         assert models[TOY]["budgets"] == {"2": "3", "4": "2"}
+        # quality routing follows the registry: the promoted version's recorded NELBO qualifies it at T=2
+        target = {"num_samples": 1, "quality": {"metric": "nelbo_bits", "max": decision.candidate_test_bits}}
+        routed = client.post(target).json()
+        assert (routed["steps"], routed["version"], routed["quality"]["value"]) == (
+            2, "3", pytest.approx(decision.candidate_test_bits))
         promoted_at = len(seen)
         assert aliases.rollback(TOY, budget=2) == {"champion-t2": "1", "champion": "1"}
         wait_for(lambda: "1" in seen[promoted_at:], 60, "responses from the rolled-back version")
         rolled_back_at = len(seen)
+        after = client.post(target)  # version 1 is worse than that bound (it lost the gate): T=4 or nobody
+        assert after.status_code == 422 or (after.json()["steps"], after.json()["version"]) == (4, "2"), after.text
         wait_for(lambda: len(seen) >= rolled_back_at + 10, 60, "requests after the rollback")
     finally:
         stop.set()
