@@ -449,6 +449,51 @@ def test_promotion_and_rollback_during_a_stream_of_requests(server):
     assert {m["name"]: m for m in client.get("/v1/models").json()["models"]}[TOY]["budgets"] == {"2": "1", "4": "2"}
 
 
+@pytest.mark.cluster
+def test_rays_own_serve_run_deploys_the_shipped_config(server, tmp_path):
+    """How a platform team deploys: `serve run` on configs/serve.yaml (its own Ray cluster here),
+    only the model, port and CPUs changed. It serves the same version the fldd-started app serves."""
+    client, home, _, _ = server
+    application = yaml.safe_load((CONFIG_DIR / "serve.yaml").read_text())
+    port = free_port()
+    application["http_options"]["port"] = port
+    app_args = application["applications"][0]["args"]
+    app_args.update(models=[TOY], tracking_uri=tracking_uri(), poll_interval_s=1,
+                    deployment={**app_args["deployment"], "ray_actor_options": {"num_cpus": 0},
+                                "autoscaling_config": {"min_replicas": 1, "max_replicas": 1}})
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump(application))
+    env = {**os.environ, "FLDD_HOME": str(home)}
+    env.pop("RAY_ADDRESS", None)  # a cluster of its own, not the tests' session cluster
+    serve_cli = Path(sys.executable).parent / "serve"
+    process = subprocess.Popen([str(serve_cli), "run", str(config)], env=env, cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(process.stdout.readline, "")), daemon=True)
+    reader.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def ready() -> bool:
+            assert process.poll() is None, "".join(lines[-40:])
+            try:
+                return requests.get(url + "/readyz", timeout=10).status_code == 200
+            except requests.ConnectionError:
+                return False
+
+        wait_for(ready, 180, "serve run to be ready")
+        response = requests.post(url + "/v1/generate", json={"num_samples": 2, "seed": 5}, timeout=60)
+        assert response.status_code == 200 and response.json()["model"] == TOY, response.text
+        assert response.json()["samples"] == client.generate(num_samples=2, seed=5)["samples"]
+    finally:
+        process.send_signal(signal.SIGINT)  # serve run's Ctrl-C: shuts the app and its cluster down
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    reader.join(timeout=10)
+
+
 def descendants(pid: int) -> set[int]:
     """Every live process below `pid` (from /proc)."""
     children: dict[int, list[int]] = {}
