@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fldd.codec import TokenCodec
@@ -16,7 +17,7 @@ from fldd.config import ConfigError, FLDDConfig
 from fldd.forward import LOG_ZERO, ForwardProcess, build_forward_process, safe_log
 from fldd.networks import TokenNetwork
 from fldd.objective import leave_one_out_baseline, training_loss
-from fldd.posterior import max_coupling_matrix
+from fldd.posterior import coupling_parts
 from fldd.tokens import check_tokens
 
 log = logging.getLogger(__name__)
@@ -140,14 +141,20 @@ class FLDDModel(nn.Module):
         depend on x^i alone, so the posterior is the per-position max coupling of u(c, s), u(c, t).
         With a point-mass prediction at the true x this is exactly q(z_s | z_t, x).
         """
-        T, K = self.num_steps, self.config.vocab_size
-        steps = torch.arange(1, T + 1, device=z_t.device)
-        every_token = torch.arange(K, device=z_t.device).expand(T, K)  # each c as a "position"
-        log_u = self.forward_process.log_marginals(every_token, torch.stack([steps, steps - 1], dim=1))  # (T,2,K,S)
-        table = max_coupling_matrix(log_u[:, 1], log_u[:, 0])  # (t, c, from k, to j): small, built per call
-        rows = table.permute(0, 2, 1, 3)[(t - 1)[:, None], z_t]  # (B, D, c, j)
-        probs = torch.einsum("bdc,bdcj->bdj", log_p_x.exp().to(rows.dtype), rows)
-        return safe_log(probs)
+        K = self.config.vocab_size
+        # only the steps this batch is at (a sampling step: one), each token c as a "position"
+        steps, which = torch.unique(t, return_inverse=True)
+        every_token = torch.arange(K, device=z_t.device).expand(len(steps), K)
+        log_u = self.forward_process.log_marginals(every_token, torch.stack([steps, steps - 1], dim=1))  # (U,2,K,S)
+        # the coupling's row for z_t = k is stay_k * onehot(k) + (1 - stay_k) * move (posterior.py),
+        # gathered per (example, position): building every (t, c, k, j) table instead cost O(T K S^2)
+        # per call and T calls per sample (13 ms per step at T=16, K=50; 60x the learned forward's)
+        stay, move = coupling_parts(log_u[:, 1], log_u[:, 0])  # (U, c, S) each
+        p_x = log_p_x.exp().to(stay.dtype)  # (B, D, c)
+        stay_here = stay.transpose(1, 2)[which[:, None], z_t]  # (B, D, c): stay_{z_t} given x = c
+        moved = torch.einsum("bdc,bcj->bdj", p_x * (1.0 - stay_here), move[which])
+        kept = (p_x * stay_here).sum(dim=-1, keepdim=True) * F.one_hot(z_t, self.num_states).to(stay.dtype)
+        return safe_log(kept + moved)
 
     # ---- training ------------------------------------------------------------------------
     def forward(self, x: Tensor, *, train_forward: bool = True, tau: float | None = None,

@@ -185,3 +185,28 @@ def test_auto_start_and_phase_compare_as_what_they_resolve_to_and_only_where_the
     assert other_phase["train.forward_freeze_fraction"] == 0.1 != auto.resolved_flat_dict()["train.forward_freeze_fraction"]
     fixed = auto.with_parameterization("masked-x0")
     assert config_differences(fixed, fixed.with_overrides({"process.warm_start": "none"})) == []
+
+
+@pytest.mark.parametrize("method", ["masked", "uniform"])
+def test_the_x0_reverse_is_the_predicted_mixture_of_max_coupling_rows(method):
+    """p(z_s | z_t) = sum_c p(x = c | z_t) q(z_s | z_t, x = c), checked against the full coupling
+    table of posterior.py at mixed steps t (the model gathers only the rows it needs)."""
+    from fldd.posterior import max_coupling_matrix
+
+    torch.manual_seed(0)
+    model = FLDDModel(tiny_config({"process.method": method, "process.reverse_parameterization": "x0",
+                                   "process.num_steps": 5})).double()
+    B, K, T = 9, model.config.vocab_size, model.num_steps
+    z_t = torch.randint(0, model.num_states, (B, model.config.seq_len))
+    t = torch.randint(1, T + 1, (B,))
+    log_p_x = torch.log_softmax(torch.randn(B, model.config.seq_len, K, dtype=torch.float64), dim=-1)
+    tokens = torch.arange(K)
+    expected = torch.zeros(B, model.config.seq_len, model.num_states, dtype=torch.float64)
+    for b in range(B):
+        log_u_t = model.forward_process.log_marginals(tokens[None], t[b].expand(1))[0]  # (K, S)
+        log_u_s = model.forward_process.log_marginals(tokens[None], (t[b] - 1).expand(1))[0]
+        table = max_coupling_matrix(log_u_s, log_u_t)  # (c, from k, to j)
+        for d in range(model.config.seq_len):
+            expected[b, d] = (log_p_x[b, d].exp()[:, None] * table[:, z_t[b, d]]).sum(dim=0)
+    got = model.x0_reverse_log_probs(log_p_x, z_t, t).exp()
+    torch.testing.assert_close(got, expected.to(got.dtype), atol=1e-9, rtol=1e-9)
