@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> None:
         T = cell["steps"]
         for forward, run_id, bits in ((FIXED, cell["fixed"]["run_id"], cell["gate"]["holder_test_nelbo_bits"]),
                                       (args.learned, cell["learned"]["run_id"], cell["gate"]["test_nelbo_bits"])):
-            (decision,) = registry.promote(run_id=run_id, model_name=names[forward], passes=1)
+            # 10 passes, as the gate: a quality-routed request against these models routes on those values
+            (decision,) = registry.promote(run_id=run_id, model_name=names[forward], passes=10)
             if decision.decision not in (registry.PROMOTED, registry.UNCHANGED):
                 raise SystemExit(f"{forward} T={T}: {decision.decision}: {decision.reason}")
             quality[(forward, T)] = bits

@@ -250,6 +250,8 @@ class GenerationServer:
             # one assignment: a request reads either the old snapshot or the new one, never a mix
             self.snapshots[name] = ModelSnapshot(name, snapshot.registered, budgets, snapshot.default_steps,
                                                  {v: versions[v] for v in set(budgets.values()) if v in versions})
+        served = {model_id(name, v) for name, snap in self.snapshots.items() for v in snap.budgets.values()}
+        self.latencies = {key: times for key, times in self.latencies.items() if key in served}  # retired: gone
         self.polled_at, self.poll_error = time.time(), None
 
     def _problems(self) -> list[str]:
@@ -307,6 +309,8 @@ class GenerationServer:
             raise HTTPException(503, detail=self.poll_error or "the registry has not been read yet")
         steps, route = body.steps, None
         if body.quality is not None:  # the fewest-steps champion whose recorded test metric meets it
+            if not snapshot.budgets:  # nothing served yet: the server's state, not the request's fault
+                raise HTTPException(503, detail=snapshot.problem() or f"model {name!r} has no champion loaded")
             bound, bound_kind = body.quality.bound
             try:
                 route = route_by_quality(snapshot, body.quality.metric, bound, bound_kind)

@@ -44,6 +44,9 @@ class Conditioning(BaseModel):
         return self
 
 
+LOWER_IS_BETTER = ("nelbo_bits",)  # serving.registry.QUALITY_METRICS: the metrics a target may name
+
+
 class QualityTarget(BaseModel):
     """The quality a request needs instead of a step budget: the service answers with the fewest-steps
     champion whose test metric, as the registry gate recorded it, meets the bound."""
@@ -60,6 +63,8 @@ class QualityTarget(BaseModel):
     def _one_bound(self) -> QualityTarget:
         if (self.max is None) == (self.min is None):
             raise ValueError("give exactly one of max or min")
+        if self.metric in LOWER_IS_BETTER and self.min is not None:
+            raise ValueError(f"{self.metric}: lower is better, so give max, not min")
         return self
 
     @property

@@ -101,7 +101,8 @@ def server(ray_cluster, tmp_path_factory):
         serve.run(build_app(ARGS), name="fldd-test", route_prefix="/")
         client = Client(f"http://127.0.0.1:{port}")
         wait_for(lambda: client.get("/v1/models").json()["polled_at"], 60, "the first registry poll")
-        before = {"readyz": client.get("/readyz"), "generate": client.post({"num_samples": 1})}
+        before = {"readyz": client.get("/readyz"), "generate": client.post({"num_samples": 1}),
+                  "quality": client.post({"quality": {"metric": "nelbo_bits", "max": 9.0}})}
 
         for run, model in (("weak", TOY), ("t4", TOY), ("text", TEXT), ("digits", DIGITS)):
             (decision,) = registry.promote(run_id=runs[run], model_name=model, passes=1)
@@ -121,6 +122,7 @@ def test_no_champion_yet_is_503_with_a_message(server):
     assert f"no registered model {TOY!r}" in before["readyz"].json()["detail"]
     assert before["generate"].status_code == 503, before["generate"].text
     assert f"no registered model {TOY!r}" in before["generate"].json()["detail"]
+    assert before["quality"].status_code == 503, before["quality"].text  # the server's state, not the request's
 
 
 def test_one_deployment_serves_http_and_samples(server):
@@ -435,8 +437,13 @@ def test_promotion_and_rollback_during_a_stream_of_requests(server):
         assert aliases.rollback(TOY, budget=2) == {"champion-t2": "1", "champion": "1"}
         wait_for(lambda: "1" in seen[promoted_at:], 60, "responses from the rolled-back version")
         rolled_back_at = len(seen)
-        after = client.post(target)  # version 1 is worse than that bound (it lost the gate): T=4 or nobody
-        assert after.status_code == 422 or (after.json()["steps"], after.json()["version"]) == (4, "2"), after.text
+        after = client.post(target)  # version 1 is worse than that bound (it lost the gate): T=4, or nobody
+        t4 = next(v for v in next(m for m in client.get("/v1/models").json()["models"]
+                                  if m["name"] == TOY)["versions"] if v["steps"] == 4)
+        if t4["test_nelbo_bits"] <= decision.candidate_test_bits:
+            assert (after.json()["steps"], after.json()["version"]) == (4, "2"), after.text
+        else:
+            assert after.status_code == 422 and "the best is" in after.text, after.text
         wait_for(lambda: len(seen) >= rolled_back_at + 10, 60, "requests after the rollback")
     finally:
         stop.set()

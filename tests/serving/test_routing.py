@@ -49,6 +49,7 @@ def test_a_bound_on_the_wrong_side_or_an_unknown_metric_is_refused():
     ({"quality": {"metric": "nelbo_bits", "max": float("nan")}}, "finite number"),
     ({"quality": {"metric": "nelbo_bits", "max": "4.6"}}, "valid number"),
     ({"quality": {"metric": "fid", "max": 1.0}}, "nelbo_bits"),
+    ({"quality": {"metric": "nelbo_bits", "min": 4.0}}, "lower is better, so give max"),
     ({"quality": {"metric": "nelbo_bits", "max": 4.6, "tolerance": 0.1}}, "Extra inputs"),
 ])
 def test_the_request_schema_refuses_a_malformed_quality(body, message):
