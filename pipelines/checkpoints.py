@@ -6,16 +6,47 @@ name, so both places are read."""
 from __future__ import annotations
 
 import json
+import os
+import pickle
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import ray.train
+import torch
 from ray.train import Checkpoint
+
+from fldd.model import CheckpointError
 
 from pipelines.vocabulary import VALID_NELBO_METRIC
 
 STATE_FILE = "state.pt"  # full training state inside each Ray checkpoint
 MODEL_FILE = "model.pt"  # the inference model (FLDDModel.save format)
+PARTIAL = ".partial"  # a checkpoint directory being written; renamed when complete, never read
+
+
+def write_checkpoint(directory: Path, write: Callable[[Path], None]) -> Path:
+    """Write a checkpoint into `directory` as a whole or not at all: `write` fills DIR.partial, which
+    is then renamed to DIR. A crash (or a full disk) mid-write leaves only a .partial directory,
+    which no resume reads. Returns `directory`."""
+    partial = directory.with_name(directory.name + PARTIAL)
+    shutil.rmtree(partial, ignore_errors=True)  # left by an earlier crash at this step
+    partial.mkdir(parents=True)
+    write(partial)
+    shutil.rmtree(directory, ignore_errors=True)  # the same step written again (a rerun)
+    os.replace(partial, directory)
+    return directory
+
+
+def load_state(directory: Path, device: torch.device | str = "cpu") -> dict:
+    """The training state of a checkpoint; CheckpointError naming the file when it cannot be read
+    (truncated or corrupt), instead of a deep torch or pickle error."""
+    path = Path(directory) / STATE_FILE
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as error:
+        raise CheckpointError(f"checkpoint file {path} cannot be read (truncated or corrupt: {error}); delete "
+                              f"{Path(directory)} to resume from the checkpoint before it") from error
 
 
 def checkpoint_step(directory: Path) -> int:
@@ -30,7 +61,7 @@ def checkpoints_on_disk(run_dir: Path | None) -> list[Path]:
     if run_dir is None or not run_dir.is_dir():
         return []
     found = [p for pattern in ("checkpoint_*", "local_checkpoints/checkpoint_*") for p in run_dir.glob(pattern)
-             if (p / STATE_FILE).is_file() and (p / MODEL_FILE).is_file()]
+             if not p.name.endswith(PARTIAL) and (p / STATE_FILE).is_file() and (p / MODEL_FILE).is_file()]
     return sorted(found, key=checkpoint_step)
 
 
@@ -68,7 +99,8 @@ def best_checkpoint(result: ray.train.Result, storage: str, name: str) -> Checkp
 
 def prune_local_checkpoints(directory: Path, keep: int) -> None:
     """Keep the latest checkpoint, the best by validation NELBO, and the most recent up to `keep`."""
-    found = sorted(p for p in directory.glob("checkpoint_*") if (p / "metrics.json").is_file())
+    found = sorted(p for p in directory.glob("checkpoint_*")
+                   if not p.name.endswith(PARTIAL) and (p / "metrics.json").is_file())
     best = min(found, key=lambda p: json.loads((p / "metrics.json").read_text()).get(VALID_NELBO_METRIC,
                                                                                       float("inf")))
     kept = {found[-1], best, *found[-max(keep, 1):]}

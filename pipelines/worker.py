@@ -31,7 +31,8 @@ from fldd.data import arrow_tokens
 from fldd.model import CheckpointError, FLDDModel, config_differences
 from fldd.objective import evaluate_nelbo
 from fldd.train import CHECKPOINT_EVAL_SEED, NonFiniteLossError, TrainSchedule, build_optimizer, train_loop
-from pipelines.checkpoints import MODEL_FILE, STATE_FILE, newest_checkpoint, prune_local_checkpoints
+from pipelines.checkpoints import (MODEL_FILE, STATE_FILE, load_state, newest_checkpoint, prune_local_checkpoints,
+                                  write_checkpoint)
 from pipelines.tracking import Tracker
 from pipelines.vocabulary import VALID_NELBO_METRIC, VALID_STDERR_METRIC
 
@@ -64,7 +65,7 @@ def train_worker(loop_config: dict) -> dict:
     checkpoint = newest_checkpoint(ray.train.get_checkpoint(), run_dir)
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            state = torch.load(Path(directory) / STATE_FILE, map_location=device, weights_only=True)
+            state = load_state(Path(directory), device)
         saved = FLDDConfig.from_dict(state["config"])
         differences = config_differences(cfg, saved)
         if differences:
@@ -124,16 +125,20 @@ def train_worker(loop_config: dict) -> dict:
         metrics[VALID_NELBO_METRIC] = estimate.bits_per_token
         tracker.log_metrics(step, {VALID_NELBO_METRIC: estimate.bits_per_token,
                                    VALID_STDERR_METRIC: estimate.stderr_bits_per_token})
-        # local mode persists nothing itself: keep checkpoints under the run's storage directory
-        directory = (local_checkpoints / f"checkpoint_{step:08d}" if local_checkpoints is not None
-                     else Path(tempfile.mkdtemp(prefix="fldd-ckpt-")))
-        directory.mkdir(parents=True, exist_ok=True)
         state = {"config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "step": step, "schedule": schedule.boundaries(), "rng": torch.get_rng_state(),
                  **({"cuda_rng": torch.cuda.get_rng_state(device)} if on_gpu else {})}
-        torch.save(state, directory / STATE_FILE)
-        model.save(directory / MODEL_FILE)
-        (directory / "metrics.json").write_text(json.dumps(metrics))
+
+        def write(into: Path) -> None:
+            torch.save(state, into / STATE_FILE)
+            model.save(into / MODEL_FILE)
+            (into / "metrics.json").write_text(json.dumps(metrics))
+
+        if local_checkpoints is not None:  # local mode persists nothing itself: under the run's storage
+            directory = write_checkpoint(local_checkpoints / f"checkpoint_{step:08d}", write)
+        else:  # Ray copies it into storage on report
+            directory = Path(tempfile.mkdtemp(prefix="fldd-ckpt-"))
+            write(directory)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(directory)))
         if local_checkpoints is None:
             shutil.rmtree(directory, ignore_errors=True)  # Ray copied it to storage

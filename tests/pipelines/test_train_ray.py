@@ -2,6 +2,7 @@
 the logged model, and input checks that fail before any worker starts."""
 
 import dataclasses
+import shutil
 
 import mlflow
 import numpy as np
@@ -188,3 +189,22 @@ def test_gpu_worker_trains_with_bf16(ray_cluster, home):
     outcome = launch(toy_config(**{"process.method": "masked", "train.steps": 40}),
                      LaunchOptions(workers=1, gpu=True, name="gpu", quiet=True))
     assert np.isfinite(outcome.metrics["valid_nelbo_bits"])
+
+
+def test_resume_skips_a_checkpoint_half_written_and_names_a_truncated_one(ray_cluster, home):
+    """Checkpoints are written to DIR.partial and renamed when complete: a crash mid-write leaves a
+    .partial directory that resume never reads. A complete checkpoint truncated afterwards (a bad
+    disk) is refused with its path, not loaded and not a deep pickle error."""
+    cfg = toy_config(**SMALL, **{"process.method": "masked", "train.checkpoint_every": 20})
+    launch(cfg.with_overrides({"train.steps": 40}), LaunchOptions(workers=0, name="torn", quiet=True))
+    checkpoints = home / "ray_results" / "torn" / "local_checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint_00000020", "checkpoint_00000040"]
+    half_written = checkpoints / "checkpoint_00000099.partial"  # a crash while step 99 was being written
+    shutil.copytree(checkpoints / "checkpoint_00000040", half_written)
+    (half_written / "state.pt").write_bytes((half_written / "state.pt").read_bytes()[:100])
+    resumed = launch(cfg.with_overrides({"train.steps": 60}), LaunchOptions(workers=0, name="torn", quiet=True))
+    assert resumed.start_step == 40  # not 99, and no error from the torn file
+    newest = checkpoints / "checkpoint_00000060" / "state.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    with pytest.raises(TrainingError, match=f"checkpoint file {newest} cannot be read"):
+        launch(cfg.with_overrides({"train.steps": 80}), LaunchOptions(workers=0, name="torn", quiet=True))
