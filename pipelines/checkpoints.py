@@ -17,7 +17,6 @@ import torch
 from ray.train import Checkpoint
 
 from fldd.model import CheckpointError
-
 from pipelines.vocabulary import VALID_NELBO_METRIC
 
 STATE_FILE = "state.pt"  # full training state inside each Ray checkpoint
@@ -101,8 +100,7 @@ def prune_local_checkpoints(directory: Path, keep: int) -> None:
     """Keep the latest checkpoint, the best by validation NELBO, and the most recent up to `keep`."""
     found = sorted(p for p in directory.glob("checkpoint_*")
                    if not p.name.endswith(PARTIAL) and (p / "metrics.json").is_file())
-    best = min(found, key=lambda p: json.loads((p / "metrics.json").read_text()).get(VALID_NELBO_METRIC,
-                                                                                      float("inf")))
+    best = min(found, key=checkpoint_score)
     kept = {found[-1], best, *found[-max(keep, 1):]}
     for path in found:
         if path not in kept:

@@ -10,6 +10,7 @@ from pydantic import (BaseModel, ConfigDict, Field, StrictFloat, StrictInt, Stri
                       model_validator)
 
 from fldd.service import FORMATS, MAX_SEED
+from serving.registry import QUALITY_METRICS
 
 # a static ceiling for the schema; the configured limits.max_num_samples is checked per request
 NUM_SAMPLES_CEILING = 100_000
@@ -44,7 +45,7 @@ class Conditioning(BaseModel):
         return self
 
 
-LOWER_IS_BETTER = ("nelbo_bits",)  # serving.registry.QUALITY_METRICS: the metrics a target may name
+LOWER_IS_BETTER = tuple(metric for metric, better in QUALITY_METRICS.items() if better == "lower")
 
 
 class QualityTarget(BaseModel):
