@@ -72,6 +72,8 @@ class DemoOutcome:
     sweep_name: str
     budgets: list[BudgetSummary]
     picture: Path | None = None
+    # (parameterization, T) -> where the picture's samples came from: "served vN, over HTTP" or "run ID"
+    picture_sources: dict[tuple[str, int], str] = field(default_factory=dict)
     conditional: dict[str, Any] | None = None
     url: str | None = None
     curl: str = ""  # an example request at a served budget
@@ -140,7 +142,7 @@ def run_demo(options: DemoOptions) -> DemoOutcome:
     from mlflow import MlflowClient  # lazy: start-up time
 
     from pipelines import registry  # lazy: start-up time
-    from pipelines.reports import save_samples_by_budget  # lazy: start-up time
+    from pipelines.reports import save_samples_by_forward  # lazy: start-up time
     from pipelines.tracking import project_home, tracking_uri  # lazy: start-up time
     from serving.run import start_endpoint  # lazy: start-up time
     from tune.sweep import run_sweep  # lazy: start-up time
@@ -232,8 +234,10 @@ def run_demo(options: DemoOptions) -> DemoOutcome:
         outcome.seconds["requests"] = time.perf_counter() - clock
         out_dir = project_home() / "demo"
         out_dir.mkdir(parents=True, exist_ok=True)
-        outcome.picture = save_samples_by_budget(samples, resolve_data_shape(spec.base)[0].vocab_size,
-                                                 out_dir / f"{spec.name}-samples.png", data=load_test_split(spec.base))
+        by_forward = samples_by_forward(outcome, samples, options, client)
+        outcome.picture = save_samples_by_forward(by_forward, resolve_data_shape(spec.base)[0].vocab_size,
+                                                  out_dir / f"{spec.name}-samples.png", data=load_test_split(spec.base),
+                                                  notes=outcome.picture_sources)
         print(format_summary(outcome, options.model_name), flush=True)
         if options.keep_serving:
             print("\nServing until Ctrl-C.", flush=True)
@@ -250,6 +254,33 @@ def run_demo(options: DemoOptions) -> DemoOutcome:
             if started_ray:
                 ray.shutdown()  # the demo's own cluster, Serve's controller and proxy with it
     return outcome
+
+
+def samples_by_forward(outcome: DemoOutcome, served_samples: dict[int, torch.Tensor], options: DemoOptions,
+                       client: Any) -> dict[str, dict[int, torch.Tensor]]:
+    """Samples of every parameterization's best trial at every budget, for the picture: the served
+    champion's as drawn over HTTP, the others drawn here from their runs' models by the same
+    sampler service (seed 0, as the HTTP request). Records where each came from in the outcome."""
+    from fldd.model import FLDDModel  # lazy: start-up time
+    from fldd.service import GenerationRequest, Limits, SamplerService  # lazy: start-up time
+    from pipelines.tracking import download_model_file, tracking_uri  # lazy: start-up time
+
+    by_forward: dict[str, dict[int, torch.Tensor]] = {}
+    for summary in outcome.budgets:
+        T = summary.budget
+        served_run = (client.get_model_version(options.model_name, summary.served_version).run_id
+                      if summary.served_version and T in served_samples else None)
+        for name, row in sorted(summary.rows.items()):
+            if row.run_id == served_run:
+                tokens, source = served_samples[T], f"served v{summary.served_version}, over HTTP"
+            else:
+                path, _ = download_model_file(tracking_uri(), row.run_id)
+                service = SamplerService(FLDDModel.load(path), Limits(max_num_samples=options.picture_samples))
+                tokens = service(GenerationRequest(num_samples=options.picture_samples, seed=0))[1]
+                source = f"run {row.run_id[:8]}, sampled here"
+            by_forward.setdefault(name, {})[T] = tokens
+            outcome.picture_sources[(name, T)] = source
+    return by_forward
 
 
 def format_summary(outcome: DemoOutcome, model_name: str) -> str:
@@ -276,12 +307,13 @@ def format_summary(outcome: DemoOutcome, model_name: str) -> str:
         lines += ["", f"conditional request (T={outcome.conditional['steps']}, x[0] clamped to {given['tokens'][0]}):"
                   f" {answer}"]
     if outcome.picture:
-        lines.append(f"\nsamples per budget, drawn over HTTP, beside the test split: {outcome.picture}")
+        lines.append(f"\nsamples of each forward at each budget, beside the test split: {outcome.picture}")
     times = ", ".join(f"{k} {v:.0f} s" for k, v in outcome.seconds.items())
     lines += [f"time: {times}", "",
               f"MLflow UI:  mlflow ui --backend-store-uri {tracking_uri()} --host 127.0.0.1",
               f"registry:   fldd models {model_name}"]
     if outcome.url:
         lines += [f"endpoint:   {outcome.url} (API docs at {outcome.url}/docs)",
+                  f"playground: {outcome.url}/  (pick a budget, generate, compare two side by side)",
                   f"  {outcome.curl}"]
     return "\n".join(lines)

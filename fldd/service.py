@@ -144,6 +144,20 @@ def png_base64(row: Tensor, vocab_size: int) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+@dataclass(frozen=True)
+class ModelCard:
+    """What a client needs to ask a model well and show its samples: the data's kind (text, rows,
+    image or tokens), the response formats it offers, the sequence shape, and which conditioning it
+    takes (clamped positions on masking forwards; a text prefix on text models among those)."""
+
+    data_kind: str
+    formats: tuple[str, ...]
+    seq_len: int
+    vocab_size: int
+    conditioning: bool
+    text_prefix: bool
+
+
 class SamplerService:
     """One loaded model behind request checks and limits.
 
@@ -165,6 +179,11 @@ class SamplerService:
     @property
     def num_steps(self) -> int:
         return self.model.num_steps
+
+    def card(self) -> ModelCard:
+        cfg, clamps = self.config, conditioning_supported(self.config)
+        return ModelCard(data_kind(cfg, self.codec), self.formats, cfg.seq_len, cfg.vocab_size, clamps,
+                         clamps and self.codec is not None and self.codec.is_text)
 
     def prepare(self, request: GenerationRequest) -> PreparedRequest:
         """Check a request against the limits and this model; RequestError names the field."""

@@ -135,17 +135,28 @@ def save_forward_schedule(model: FLDDModel, x: torch.Tensor, path: Path) -> Path
     return path
 
 
-def save_samples_by_budget(samples: dict[int, torch.Tensor], vocab_size: int, path: Path,
-                           data: torch.Tensor | None = None) -> Path:
-    """One panel per step budget (and one of the data, if given): for 2-position data a heat map over
-    the K x K grid, otherwise the first 32 samples as a token grid."""
-    panels = ([("test split", data)] if data is not None else []) + [(f"T={T}", s) for T, s in sorted(samples.items())]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
-    for ax, (title, tokens) in zip(axes[0], panels):
-        _draw_tokens(ax, tokens, vocab_size, rows=32)
-        ax.set_title(f"{title} ({len(tokens)})", fontsize=10)
-        ax.set_xticks([])
-        ax.set_yticks([])
+def save_samples_by_forward(samples: dict[str, dict[int, torch.Tensor]], vocab_size: int, path: Path,
+                            data: torch.Tensor | None = None, notes: dict[tuple[str, int], str] | None = None) -> Path:
+    """One row per forward process, one column per step budget, the data first in every row: the
+    comparison at equal T. For 2-position data each panel is a heat map over the K x K grid,
+    otherwise the first 32 samples as a token grid. `notes` adds a line to a panel's title (where
+    its samples came from)."""
+    budgets = sorted({T for by_budget in samples.values() for T in by_budget})
+    columns = ([None] if data is not None else []) + budgets
+    fig, axes = plt.subplots(len(samples), len(columns), figsize=(3.2 * len(columns), 3.5 * len(samples)),
+                             squeeze=False)
+    for row, (forward, by_budget) in enumerate(samples.items()):
+        for ax, T in zip(axes[row], columns):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            tokens = data if T is None else by_budget.get(T)
+            if tokens is None:
+                ax.axis("off")
+                continue
+            _draw_tokens(ax, tokens, vocab_size, rows=32)
+            title = f"test split ({len(tokens)})" if T is None else f"{forward}, T={T} ({len(tokens)})"
+            note = (notes or {}).get((forward, T)) if T is not None else None
+            ax.set_title(title + (f"\n{note}" if note else ""), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

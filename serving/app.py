@@ -34,29 +34,32 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from ray import serve
 from ray.serve import Application
 
 from fldd.model import FLDDModel
-from fldd.service import GenerationRequest, PreparedRequest, RequestError, SamplerService
+from fldd.service import GenerationRequest, ModelCard, PreparedRequest, RequestError, SamplerService
 from pipelines.tracking import tracking_uri
 from pipelines.vocabulary import champion_alias
-from serving.registry import (ModelSnapshot, RoutingError, load_registered_model, model_id, read_registry,
-                              route_by_quality, split_model_id)
-from serving.schemas import (GenerateRequest, GenerateResponse, ModelEntry, ModelsResponse, RecordedQuality,
+from serving.registry import (ModelSnapshot, RoutingError, VersionInfo, load_registered_model, model_id,
+                              read_registry, route_by_quality, split_model_id)
+from serving.schemas import (Card, GenerateRequest, GenerateResponse, ModelEntry, ModelsResponse, RecordedQuality,
                              VersionEntry)
 from serving.settings import ServeSettings
 
 log = logging.getLogger("ray.serve")
 MAX_MODELS_PER_REPLICA = 8  # budgets x (current + previous holder during a swap), per replica
 LATENCY_WINDOW = 100  # requests per version whose median /v1/models reports
+PLAYGROUND_DIR = Path(__file__).with_name("playground")  # the page at /: static files, no build step
 FIRST_POLL_TIMEOUT_S = 120.0  # a replica waits this long for its first registry poll before serving
 Loader = Callable[[str, str, str, str], FLDDModel]  # (tracking_uri, name, version, device) -> model
 
@@ -147,6 +150,8 @@ api = FastAPI(title="FLDD few-step generation",
               version="1")
 api.add_middleware(BodyLimit)
 api.add_exception_handler(RequestValidationError, invalid_request)
+# the playground's page, script and style sheet; the page itself calls only /v1/models and /v1/generate
+api.mount("/playground", StaticFiles(directory=PLAYGROUND_DIR), name="playground")
 
 
 @serve.deployment
@@ -167,6 +172,7 @@ class GenerationServer:
         self.warm: set[str] = set()  # model ids this replica has loaded and run once
         self.polled_at: float | None = None
         self.latencies: dict[str, deque[float]] = {}  # model id -> recent request times in this replica (s)
+        self.cards: dict[str, ModelCard] = {}  # model id -> what /v1/models tells clients about it
         self.poll_error: str | None = None
         self._polled_once = asyncio.Event()
         self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
@@ -235,7 +241,7 @@ class GenerationServer:
                 try:
                     # every poll: a cache hit keeps the live champions the most recently used (never
                     # the ones evicted), and one evicted anyway is loaded again here, not in a request
-                    await self.get_service(key)
+                    self.cards[key] = (await self.get_service(key)).card()
                     if key not in self.warm:
                         self.warm.add(key)
                         log.info(f"serving {key} for T={steps}")
@@ -252,6 +258,7 @@ class GenerationServer:
                                                  {v: versions[v] for v in set(budgets.values()) if v in versions})
         served = {model_id(name, v) for name, snap in self.snapshots.items() for v in snap.budgets.values()}
         self.latencies = {key: times for key, times in self.latencies.items() if key in served}  # retired: gone
+        self.cards = {key: card for key, card in self.cards.items() if key in served}
         self.polled_at, self.poll_error = time.time(), None
 
     def _problems(self) -> list[str]:
@@ -267,6 +274,10 @@ class GenerationServer:
                 found.append(problem)
         return found
 
+    @api.get("/", include_in_schema=False)
+    async def playground(self) -> FileResponse:
+        return FileResponse(PLAYGROUND_DIR / "index.html")
+
     @api.get("/healthz", summary="the process is up")
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
@@ -274,6 +285,12 @@ class GenerationServer:
     def _latency_ms_p50(self, key: str) -> float | None:
         recent = self.latencies.get(key)
         return 1000.0 * statistics.median(recent) if recent else None
+
+    def _version_entry(self, name: str, info: VersionInfo) -> VersionEntry:
+        key = model_id(name, info.version)
+        card = self.cards.get(key)
+        return VersionEntry(**{**asdict(info), "aliases": list(info.aliases)}, latency_ms_p50=self._latency_ms_p50(key),
+                            card=None if card is None else Card(**{**asdict(card), "formats": list(card.formats)}))
 
     @api.get("/readyz", summary="every served model has a champion loaded (503 with the reasons otherwise)")
     async def readyz(self) -> JSONResponse:
@@ -287,8 +304,7 @@ class GenerationServer:
         entries = []
         for name in self.settings.models:
             snapshot = self.snapshots.get(name) or ModelSnapshot(name, registered=False)
-            versions = [VersionEntry(**{**asdict(v), "aliases": list(v.aliases)},
-                                     latency_ms_p50=self._latency_ms_p50(model_id(name, v.version)))
+            versions = [self._version_entry(name, v)
                         for _, v in sorted(snapshot.versions.items(), key=lambda item: int(item[0]))]
             entries.append(ModelEntry(name=name, default_steps=snapshot.default_steps, budgets=snapshot.budgets,
                                       versions=versions, problem=snapshot.problem()))

@@ -127,6 +127,18 @@ class GenerateResponse(BaseModel):
                                             "metric of the chosen champion (null for a request by steps)")
 
 
+class Card(BaseModel):
+    """How to ask this version and show its samples (fldd.service.ModelCard)."""
+
+    data_kind: Literal["text", "rows", "image", "tokens"] = Field(
+        description="text (format text), rows (format rows), image (format png), tokens (ids only)")
+    formats: list[str] = Field(description="the response formats this version offers")
+    seq_len: int
+    vocab_size: int
+    conditioning: bool = Field(description="clamped positions are accepted (masking forwards only)")
+    text_prefix: bool = Field(description="a text prefix is accepted (a text model with a masking forward)")
+
+
 class VersionEntry(BaseModel):
     version: str
     aliases: list[str]
@@ -139,6 +151,8 @@ class VersionEntry(BaseModel):
     test_nelbo_stderr: float | None = None
     latency_ms_p50: float | None = Field(None, description="median time inside this replica of the last requests "
                                          "served by this version (null before the first)")
+    card: Card | None = Field(None, description="data kind, formats and conditioning (null until this replica "
+                              "has loaded the version)")
 
 
 class ModelEntry(BaseModel):

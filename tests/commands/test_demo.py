@@ -69,6 +69,13 @@ def test_demo_runs_sweep_promotion_serving_and_requests_and_a_rerun_reuses_them(
         assert first.conditional["steps"] == 2 and len(first.conditional["tokens"]) == 8
         assert all(row[0] == clamp for row in first.conditional["tokens"])
         assert Path(first.picture).stat().st_size > 1000 and first.picture.suffix == ".png"
+        # the picture compares: both forwards at both budgets, the served champion's samples from HTTP
+        assert set(first.picture_sources) == {(p, T) for p in ("fldd-mask-carry", "masked-x0") for T in (2, 3)}
+        for summary in first.budgets:
+            served = {p for (p, T), source in first.picture_sources.items() if T == summary.budget
+                      and source == f"served v{summary.served_version}, over HTTP"}
+            promoted = next(p for p, row in summary.rows.items() if row.run_id == summary.decision.run_id)
+            assert served == {promoted}, first.picture_sources
         # Serve's application is gone once the demo returns (it did not keep serving)
         assert DEMO_APP not in serve.status().applications
         with pytest.raises((urllib.error.URLError, ConnectionError)):
