@@ -315,8 +315,9 @@ async function start() {
   await loadModels();
   $("#compare").addEventListener("change", syncCompare);
   $("#reload").addEventListener("click", loadModels);
-  $("#generate").addEventListener("click", () => {
-    Promise.all(state.panels.filter((p) => !p.root.hidden).map(generate));
+  $("#generate").addEventListener("click", async () => {
+    await Promise.all(state.panels.filter((p) => !p.root.hidden).map(generate));
+    await loadModels();  // the menus then show the latencies these requests added
   });
   document.body.dataset.ready = "true";
 }
