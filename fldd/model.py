@@ -217,6 +217,25 @@ class FLDDModel(nn.Module):
         return bits, entropy
 
     @torch.no_grad()
+    def reveal_steps(self, x: Tensor) -> Tensor:
+        """(B, D): for each example and position, the expected sampling step (1 = the first of T)
+        at which x^i is revealed: T - sum_{t=1..T} P(z_t^i = x^i | x).
+
+        Exact for a masking forward, whose paths keep x^i up to the step it is masked and MASK after:
+        a position masked at forward step tau (so kept at tau - 1 of the steps 1..T) is revealed by
+        the reverse step from tau to tau - 1, the (T + 1 - tau)-th. For other forwards it reads as
+        "how late x^i is settled" (z_t^i may leave x^i and come back). A fixed forward gives the
+        same value for every x and position: the picture of what a learned one changes."""
+        check_tokens(x, self.config.vocab_size, self.config.seq_len)
+        T = self.num_steps
+        kept = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
+        for t_value in range(1, T + 1):
+            t = torch.full((x.shape[0],), t_value, dtype=torch.long, device=x.device)
+            u = self.forward_process.log_marginals(x, t).double().exp()  # (B, D, S)
+            kept += u.gather(-1, x.unsqueeze(-1)).squeeze(-1)
+        return T - kept
+
+    @torch.no_grad()
     def check_collapse(self, x: Tensor, threshold: float = 0.01, saturation_threshold: float = 0.01) -> CollapseReport:
         """Flag the model when every interior step 0 < t < T keeps < `threshold` of the information
         z_0 carries about x (collapsed: a T-step model that samples like a 1-step model while its

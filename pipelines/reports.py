@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from fldd.model import FLDDModel  # noqa: E402
 from fldd.objective import evaluate_nelbo  # noqa: E402
 from fldd.sample_metrics import CharNGram, digits_metrics, text_metrics  # noqa: E402
 from fldd.sampler import sample  # noqa: E402
+from fldd.service import model_codec  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from pipelines.vocabulary import (COLLAPSED_METRIC, SATURATED_METRIC, VALID_NELBO_METRIC,  # noqa: E402
@@ -161,3 +163,79 @@ def save_samples_by_forward(samples: dict[str, dict[int, torch.Tensor]], vocab_s
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+@torch.no_grad()
+def save_reveal_order(models: dict[str, FLDDModel], data: torch.Tensor, path: Path, examples: int = 8) -> dict:
+    """What a learned forward does that a fixed one does not, drawn per data type from
+    FLDDModel.reveal_steps (the expected sampling step at which each x^i is revealed; 1 = first):
+    - 2 positions (toy2d): over the K x K grid of x, when x[0] and when x[1] is revealed (cells
+      with no test example left blank);
+    - square images (digits): per pixel of `examples` test images;
+    - text (a chars codec): the mean step per character over the test split.
+    One row per model, one colour scale [1, T] per figure. Returns the numbers drawn (JSON-able)."""
+    first = next(iter(models.values()))
+    cfg = first.config
+    codec = model_codec(cfg, first.codec)  # the built-in text's alphabet for its models
+    T = max(model.num_steps for model in models.values())
+    side = math.isqrt(cfg.seq_len)
+    numbers: dict[str, Any] = {}
+    for label, model in models.items():  # how much the order depends on the example, and on the position
+        steps = model.reveal_steps(data).float()
+        numbers[label] = {"mean_step": float(steps.mean()),
+                          "spread_across_examples": float(steps.std(dim=0).mean()) if len(data) > 1 else 0.0,
+                          "spread_across_positions": float(steps.mean(dim=0).std()) if cfg.seq_len > 1 else 0.0}
+    if cfg.seq_len == 2:
+        K = cfg.vocab_size
+        grid = torch.cartesian_prod(torch.arange(K), torch.arange(K))  # row-major: x[0], then x[1]
+        seen = torch.zeros(K * K, dtype=torch.bool)
+        seen[data[:, 0] * K + data[:, 1]] = True
+        fig, axes = plt.subplots(len(models), 2, figsize=(7.5, 3.6 * len(models)), squeeze=False)
+        for row, (label, model) in enumerate(models.items()):
+            steps = model.reveal_steps(grid).float()
+            steps[~seen] = float("nan")
+            numbers[label].update(mean_x0=float(steps[seen, 0].mean()), mean_x1=float(steps[seen, 1].mean()))
+            for col in range(2):
+                image = axes[row][col].imshow(steps[:, col].view(K, K).numpy(), origin="lower", cmap="viridis",
+                                              vmin=1, vmax=T)
+                axes[row][col].set_title(f"{label}\nstep revealing x[{col}]", fontsize=9)
+                axes[row][col].set_xlabel("x[1]")
+                axes[row][col].set_ylabel("x[0]")
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="expected sampling step (1 = first)")
+    elif side * side == cfg.seq_len and codec is None:
+        shown = data[:examples]
+        fig, axes = plt.subplots(1 + len(models), len(shown), figsize=(1.3 * len(shown), 1.4 * (1 + len(models))),
+                                 squeeze=False)
+        for col, x in enumerate(shown):
+            axes[0][col].imshow(x.view(side, side).numpy(), cmap="gray_r")
+        axes[0][0].set_ylabel("test image", fontsize=8)
+        for row, (label, model) in enumerate(models.items(), start=1):
+            steps = model.reveal_steps(shown).float()
+            for col in range(len(shown)):
+                image = axes[row][col].imshow(steps[col].view(side, side).numpy(), cmap="viridis", vmin=1, vmax=T)
+            axes[row][0].set_ylabel(label, fontsize=8)
+        for ax in axes.ravel():
+            ax.set_xticks([])
+            ax.set_yticks([])
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="sampling step revealing the pixel")
+    elif codec is not None and codec.kind == "chars":
+        fig, axes = plt.subplots(len(models), 1, figsize=(9, 2.6 * len(models)), squeeze=False)
+        order = None
+        for row, (label, model) in enumerate(models.items()):
+            steps = model.reveal_steps(data).float()
+            by_char = {codec.alphabet[k]: float(steps[data == k].mean()) for k in range(codec.vocab_size)
+                       if bool((data == k).any())}
+            order = order or sorted(by_char, key=by_char.get)  # the first model's order, kept for the others
+            numbers[label].update(mean_step_by_char=by_char, first="".join(sorted(by_char, key=by_char.get)))
+            ax = axes[row][0]
+            ax.bar(range(len(order)), [by_char[c] for c in order], color="tab:blue")
+            ax.set_xticks(range(len(order)), [repr(c)[1:-1] if c != " " else "␣" for c in order])
+            ax.set_ylim(1, T)
+            ax.set_ylabel("mean step")
+            ax.set_title(f"{label}: mean sampling step revealing each character (test split)", fontsize=9)
+    else:
+        raise ValueError(f"no reveal-order picture for this data (seq_len={cfg.seq_len}, "
+                         f"codec={codec.kind if codec else None}): 2 positions, square images or a chars codec")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return numbers

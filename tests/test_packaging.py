@@ -1,4 +1,5 @@
-"""A non-editable install carries what the code reads at run time: the presets and the assets."""
+"""A non-editable install carries what the code reads at run time: the presets, the assets and the
+playground page."""
 
 import shutil
 import subprocess
@@ -11,7 +12,7 @@ from fldd.config import CONFIG_DIR
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_the_wheel_ships_every_preset_and_asset(tmp_path):
+def test_the_wheel_ships_every_preset_asset_and_page_file(tmp_path):
     # built from a copy of the sources: a build/ left in the checkout must not supply stale files
     source = tmp_path / "source"
     source.mkdir()
@@ -30,3 +31,5 @@ def test_the_wheel_ships_every_preset_and_asset(tmp_path):
     assets = [p.name for p in (ROOT / "fldd" / "assets").iterdir() if p.suffix in (".pt", ".gz")]
     assert assets and all(f"fldd/assets/{name}" in shipped for name in assets)
     assert (ROOT / "configs").resolve() == CONFIG_DIR  # the checkout's configs/ is the same files
+    page = [p.name for p in (ROOT / "serving" / "playground").iterdir()]
+    assert "index.html" in page and all(f"serving/playground/{name}" in shipped for name in page)

@@ -84,3 +84,36 @@ def test_forward_floor_keeps_every_interior_state_reachable():
     assert interior.min() >= 0.01 / 4 * (1 - 1e-9) and interior[..., 0].min() > 0.99
     torch.testing.assert_close(interior.sum(-1), torch.ones_like(interior.sum(-1)), atol=1e-12, rtol=0)
     assert torch.equal(u[:, 0], F.one_hot(x, 4).double())
+
+
+@pytest.mark.parametrize("T", [1, 4, 7])
+def test_the_fixed_masked_forward_reveals_every_token_at_the_mean_step(T):
+    """Linear schedule: a token is masked at a uniform step tau in 1..T, so revealed at T + 1 - tau,
+    (T + 1) / 2 on average, for every x and position."""
+    model = tiny_model({"process.method": "masked"}, T=T, K=4, D=3)
+    steps = model.reveal_steps(torch.randint(0, 4, (32, 3)))
+    torch.testing.assert_close(steps, torch.full_like(steps, (T + 1) / 2))
+
+
+def test_reveal_step_of_a_known_masking_path(monkeypatch):
+    """Paths that keep x^0 for steps 1..2 and mask it at 3 (revealed by the reverse step 3 -> 2, the
+    2nd of 4), and mask x^1 at step 1 (revealed last, the 4th)."""
+    model = tiny_model({"process.method": "fldd-mask"}, T=4, K=3, D=2)
+    kept = {0: (1.0, 1.0), 1: (1.0, 0.0), 2: (1.0, 0.0), 3: (0.0, 0.0), 4: (0.0, 0.0)}  # t -> P(z_t^i = x^i)
+
+    def marginals(x, t):
+        p = torch.tensor([kept[int(v)] for v in t], dtype=torch.float64)  # (B, D)
+        u = torch.zeros(*x.shape, model.num_states, dtype=torch.float64)
+        u.scatter_(-1, x.unsqueeze(-1), p.unsqueeze(-1))
+        u[..., model.mask_id] += 1 - p
+        return u.clamp_min(1e-300).log()
+
+    monkeypatch.setattr(model.forward_process, "log_marginals", marginals)
+    torch.testing.assert_close(model.reveal_steps(torch.tensor([[2, 1], [0, 0]])),
+                               torch.tensor([[2.0, 4.0], [2.0, 4.0]], dtype=torch.float64))
+
+
+def test_a_learned_masking_forward_reveals_within_the_budget():
+    model = tiny_model({"process.method": "fldd-mask"}, T=5, K=4, D=3)
+    steps = model.reveal_steps(torch.randint(0, 4, (64, 3)))
+    assert ((steps >= 1 - 1e-9) & (steps <= 5 + 1e-9)).all()
