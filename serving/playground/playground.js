@@ -157,12 +157,12 @@ function parseIntegers(text, what) {
   return numbers;
 }
 
-// The request body from the panel and the shared fields.
-function requestOf(panel) {
+// The request body from the panel, the shared number of samples and this click's seed.
+function requestOf(panel, seed) {
   const name = role(panel, "model").value;
   const model = modelNamed(name);
   if (!model) throw new Error("no model is served here yet");
-  const body = { model: name, num_samples: Number($("#num-samples").value), seed: Number($("#seed").value) };
+  const body = { model: name, num_samples: Number($("#num-samples").value), seed };
   if (role(panel, "by-quality").checked) {
     const bound = role(panel, "quality-max").value;
     if (bound === "") throw new Error("give the test NELBO bound (bits) for a quality target");
@@ -182,12 +182,12 @@ function requestOf(panel) {
   return body;
 }
 
-async function generate(panel) {
+async function generate(panel, seed) {
   const root = panel.root;
   root.dataset.state = "busy";
   role(panel, "error").hidden = true;
   try {
-    const body = requestOf(panel);
+    const body = requestOf(panel, seed);
     const sent = performance.now();
     const answer = await callApi("/v1/generate", body);
     const roundTrip = performance.now() - sent;
@@ -316,7 +316,10 @@ async function start() {
   $("#compare").addEventListener("change", syncCompare);
   $("#reload").addEventListener("click", loadModels);
   $("#generate").addEventListener("click", async () => {
-    await Promise.all(state.panels.filter((p) => !p.root.hidden).map(generate));
+    // one seed for every panel of a click: an empty field draws one here, so the panels still share it
+    const typed = $("#seed").value.trim();
+    const seed = typed === "" ? Math.floor(Math.random() * 2 ** 31) : Number(typed);
+    await Promise.all(state.panels.filter((p) => !p.root.hidden).map((p) => generate(p, seed)));
     await loadModels();  // the menus then show the latencies these requests added
   });
   document.body.dataset.ready = "true";

@@ -125,6 +125,11 @@ def test_two_budgets_side_by_side_on_the_same_seed(page):
         shown = playground.shown(key)
         assert (shown["version"], shown["answered-steps"]) == (answer["version"], str(T))
         assert "8 sample(s), seed 11" in playground.field(key, "samples").text
+    # no seed given: one drawn for the click, the same in both panels
+    playground.driver.execute_script("document.getElementById('seed').value = ''")
+    assert playground.generate("a", "b") == {"a": "done", "b": "done"}
+    seeds = {re.search(r"seed (\d+)", playground.field(key, "samples").text).group(1) for key in ("a", "b")}
+    assert len(seeds) == 1 and seeds != {"11"}, seeds
 
 
 def test_a_clamped_position_is_sent_for_a_masking_model(page):
