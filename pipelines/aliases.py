@@ -5,22 +5,34 @@ Per step budget T the alias `champion-t<T>` names the best version the gate has 
 `fldd.history.<alias>`, a JSON list of versions in the order they held it), so `rollback` can give
 the alias back to its previous holder, one step per call. Signals wait until an alias and its
 history have both moved (`uninterrupted`).
+
+Moves are serialized across processes and machines by `alias_lock` (the registry has no
+transactions): two promotions at once cannot both move an alias they were judged against, and the
+history's read-modify-write cannot lose an entry.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
+import random
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
 
 from mlflow.entities.model_registry import RegisteredModel
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipelines.model_store import RegistryError, alias_holder, get_registered_model, registry_client
-from pipelines.vocabulary import CHAMPION, DEFAULT_BUDGET_TAG, ROLLED_BACK_AT_TAG, champion_alias, history_tag
+from pipelines.vocabulary import (ALIAS_LOCK_SUFFIX, CHAMPION, DEFAULT_BUDGET_TAG, LOCK_OWNER_TAG, ROLLED_BACK_AT_TAG,
+                                  champion_alias, history_tag)
+
+LOCK_WAIT_S = 60.0  # how long a promotion waits for another one's alias move before giving up
+LOCK_STALE_S = 120.0  # a lock this old was left by a killed process (a move takes well under a second)
 
 
 class RollbackError(RuntimeError):
@@ -58,6 +70,42 @@ def uninterrupted() -> Iterator[None]:
             signal.raise_signal(received[0])  # delivered now, to the handler that was in place
 
 
+@contextlib.contextmanager
+def alias_lock(client: MlflowClient, name: str, wait_s: float = LOCK_WAIT_S,
+               stale_s: float = LOCK_STALE_S) -> Iterator[None]:
+    """Held by one process at a time for `name`, across machines sharing the tracking store: the
+    registered model NAME.fldd-alias-lock exists while it is held. Creating it is the one atomic
+    step the registry offers (model names are unique in its database). A lock older than `stale_s`
+    was left by a process killed while holding it, and is broken; RegistryError after `wait_s`."""
+    lock = name + ALIAS_LOCK_SUFFIX
+    owner = f"{socket.gethostname()}:{os.getpid()}"
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            client.create_registered_model(lock, tags={LOCK_OWNER_TAG: owner},
+                                           description=f"held while fldd moves the aliases of {name!r}")
+            break
+        except MlflowException as error:
+            if error.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+                raise
+        held = get_registered_model(client, lock)
+        age_s = None if held is None else time.time() - held.creation_timestamp / 1000
+        if age_s is not None and age_s > stale_s:
+            with contextlib.suppress(MlflowException):  # another waiter may have broken it first
+                client.delete_registered_model(lock)
+            continue
+        if time.monotonic() > deadline:
+            by = held.tags.get(LOCK_OWNER_TAG, "?") if held is not None else "?"
+            raise RegistryError(f"another promotion or rollback of {name!r} has held the lock {lock!r} for "
+                                f"{age_s or 0:.0f} s (owner {by}); if none is running, delete that registered model")
+        time.sleep(0.1 + 0.2 * random.random())  # jitter: waiters do not retry in step
+    try:
+        yield
+    finally:
+        with contextlib.suppress(MlflowException):
+            client.delete_registered_model(lock)
+
+
 def move_alias(client: MlflowClient, name: str, alias: str, version: str) -> None:
     registered = client.get_registered_model(name)
     history = alias_history(registered, alias)
@@ -93,6 +141,12 @@ def rollback(model_name: str, budget: int | None = None, client: MlflowClient | 
         if DEFAULT_BUDGET_TAG not in registered.tags:
             raise RegistryError(f"model {model_name!r} has no {DEFAULT_BUDGET_TAG} tag: give --budget")
         budget = int(registered.tags[DEFAULT_BUDGET_TAG])
+    with alias_lock(client, model_name):
+        return _rollback(client, model_name, budget)
+
+
+def _rollback(client: MlflowClient, model_name: str, budget: int) -> dict[str, str]:
+    registered = client.get_registered_model(model_name)  # read again, under the lock
     alias = champion_alias(budget)
     current = alias_holder(client, model_name, alias)
     if current is None:

@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from fldd.config import FLDDConfig
 from pipelines.tracking import dataset_name, tracking_uri
-from pipelines.vocabulary import (DATASET_TAG, DECISION_TAG, PARAMETERIZATION_TAG, REGISTERED_MODEL_NAME,
+from pipelines.vocabulary import (ALIAS_LOCK_SUFFIX, DATASET_TAG, DECISION_TAG, PARAMETERIZATION_TAG, REGISTERED_MODEL_NAME,
                                   TEST_NELBO_TAG, VALID_NELBO_TAG, VERSION_BUDGET_TAG)
 
 
@@ -121,7 +121,7 @@ def list_models(name: str | None = None, client: MlflowClient | None = None) -> 
         names, token = [], None
         while True:
             page = client.search_registered_models(max_results=1000, page_token=token)
-            names.extend(m.name for m in page)
+            names.extend(m.name for m in page if not m.name.endswith(ALIAS_LOCK_SUFFIX))  # a move in progress
             token = page.token
             if not token:
                 break

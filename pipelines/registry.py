@@ -27,7 +27,7 @@ from mlflow.tracking import MlflowClient
 from fldd.config import FLDDConfig
 from fldd.data import load_test_split
 from fldd.model import FLDDModel
-from pipelines.aliases import move_champion_aliases, uninterrupted
+from pipelines.aliases import alias_lock, move_champion_aliases, uninterrupted
 from pipelines.gate import PROMOTED, REFUSED, UNCHANGED, Decision, Scores, judge, number_tag
 from pipelines.model_store import (RegistryError, alias_holder, all_versions, as_float, default_model_name, default_name_from_run,
                                    get_registered_model, identity_of, quoted, registry_client,
@@ -293,11 +293,25 @@ def promote_run(run: Run, *, model_name: str | None = None, margin: float | None
                     holder_version=decision.holder_version, first_reason=f"first version at T={T} under {name!r}")
     decision.apply(verdict)
 
-    # the record first: an alias never points at a version whose decision is not written down
-    for key, value in {**decision.tags(), EVAL_SEED_TAG: str(seed), EVAL_PASSES_TAG: str(passes)}.items():
-        client.set_model_version_tag(name, version_number, key, value)
-    if decision.promoted:
+    def record() -> None:  # the record first: an alias never points at a version whose decision is not written down
+        for key, value in {**decision.tags(), EVAL_SEED_TAG: str(seed), EVAL_PASSES_TAG: str(passes)}.items():
+            client.set_model_version_tag(name, version_number, key, value)
+
+    if not decision.promoted:
+        record()
+        return decision
+    with alias_lock(client, name):  # one alias move at a time for this model, across processes
+        now = alias_holder(client, name, alias)
+        if (str(now.version) if now is not None else None) != decision.holder_version:
+            # another promotion (or rollback) moved the alias while this one was judged against its holder
+            decision.decision = REFUSED
+            decision.reason = (f"{alias} moved to version {now.version if now is not None else '(none)'} while this "
+                               f"candidate was judged against {decision.holder_version or 'no holder'}: run the "
+                               "promotion again to judge it against the new holder")
+            record()
+            return decision
         with uninterrupted():
+            record()
             decision.aliases_moved = move_champion_aliases(client, name, T, version_number)
     return decision
 

@@ -95,6 +95,9 @@ IDENTITY_KEYS = ("dataset", "vocab_size", "seq_len")
 IDENTITY_TAGS = {"dataset": DATASET_TAG, "vocab_size": "fldd.vocab_size", "seq_len": "fldd.seq_len"}
 DEFAULT_BUDGET_TAG = "fldd.default_budget"
 HISTORY_TAG_PREFIX = "fldd.history."
+# a registered model NAME + ALIAS_LOCK_SUFFIX exists while a promotion or rollback moves NAME's aliases
+ALIAS_LOCK_SUFFIX = ".fldd-alias-lock"
+LOCK_OWNER_TAG = "fldd.lock_owner"
 
 # --- model-version tags ------------------------------------------------------------------------------
 VERSION_BUDGET_TAG = "fldd.num_steps_T"

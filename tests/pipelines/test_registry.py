@@ -4,6 +4,8 @@ a better one moving champion-t<T> and champion, rollbacks, sweeps, and loading w
 
 import json
 import math
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from fldd.data import load_test_split
 from fldd.model import FLDDModel
 from fldd.objective import evaluate_nelbo
 from pipelines import aliases as alias_moves, model_store, registry
-from pipelines.vocabulary import DEFAULT_BUDGET_TAG, history_tag
+from pipelines.vocabulary import ALIAS_LOCK_SUFFIX, DEFAULT_BUDGET_TAG, history_tag
 from pipelines.tracking import download_model_file, global_tracking_uri, resolve_model, tracking_uri
 from pipelines.train import LaunchOptions, launch
 from tests.conftest import module_project_home
@@ -396,3 +398,68 @@ def test_a_candidate_judged_on_another_test_split_is_refused(runs):
     (decision,) = registry.promote(run_id=runs["strong"], model_name="split")
     assert decision.decision == "refused" and "test split" in decision.reason and decision.version is None
     assert aliases("split")["champion-t2"] == "1" and len(versions_of("split")) == 1
+
+
+def test_a_promotion_judged_against_a_holder_that_moved_meanwhile_is_refused(runs, monkeypatch):
+    """While the candidate is evaluated, another promotion moves the alias: the candidate was not
+    judged against the new holder, so it must not displace it."""
+    name = "moved-meanwhile"
+    registry.promote(run_id=runs["weak"], model_name=name)
+    evaluate, calls = registry._evaluate, []
+
+    def evaluate_while_another_promotes(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:  # during the first candidate's evaluation: a second promotion lands
+            monkeypatch.setattr(registry, "_evaluate", evaluate)
+            (other,) = registry.promote(run_id=runs["mid"], model_name=name)
+            assert other.promoted and other.holder_version == "1"
+            monkeypatch.setattr(registry, "_evaluate", evaluate_while_another_promotes)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(registry, "_evaluate", evaluate_while_another_promotes)
+    (late,) = registry.promote(run_id=runs["strong"], model_name=name)
+    assert late.decision == "refused" and late.holder_version == "1" and late.aliases_moved == []
+    assert "champion-t2 moved to version 3 while this candidate was judged against 1" in late.reason
+    assert aliases(name) == {"champion-t2": "3", "champion": "3"} and history(name, "champion-t2") == ["1", "3"]
+    assert version_tags(name, late.version)["fldd.decision"] == "refused"  # the record says what happened
+    (again,) = registry.promote(run_id=runs["strong"], model_name=name)  # judged against the new holder now
+    assert again.holder_version == "3" and again.decision in ("promoted", "refused")
+
+
+def test_the_alias_lock_waits_for_its_holder_and_breaks_a_stale_one(runs):
+    name = "locked"
+    c = client()
+    with alias_moves.alias_lock(c, name):
+        assert [m.name for m in c.search_registered_models(f"name = '{name}{ALIAS_LOCK_SUFFIX}'")]
+        assert name + ALIAS_LOCK_SUFFIX not in {row.name for row in model_store.list_models(client=c)}
+        with pytest.raises(model_store.RegistryError, match=r"another promotion or rollback of 'locked' has held"):
+            with alias_moves.alias_lock(c, name, wait_s=0.5):
+                pass
+        with alias_moves.alias_lock(c, name, stale_s=0.0):  # taken as left by a killed process: broken
+            pass
+    assert not c.search_registered_models(f"name = '{name}{ALIAS_LOCK_SUFFIX}'")  # released
+
+
+def test_two_promotion_processes_at_once_keep_one_consistent_history(runs, registry_home):
+    """Real concurrent `fldd promote` processes on one model and budget, several rounds: every
+    champion was judged against the version it displaced, and the alias history holds every
+    version that ever held the alias, in order."""
+    name = "concurrent"
+    registry.promote(run_id=runs["weak"], model_name=name)
+    command = [sys.executable, "-m", "commands.cli", "promote", "--model-name", name, "--passes", "1", "--run"]
+    for round_ in range(3):
+        candidates = [clone_run(runs["mid"]), clone_run(runs["strong"])]
+        processes = [subprocess.Popen(command + [run_id], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      cwd=Path(__file__).resolve().parents[2]) for run_id in candidates]
+        outputs = [p.communicate(timeout=180)[0] for p in processes]
+        # exit 0 promoted, 1 refused (by the gate, or because the other one moved the alias first)
+        assert all(p.returncode in (0, 1) for p in processes) and all("Traceback" not in o for o in outputs), outputs
+        assert sum("PROMOTED" in o for o in outputs) >= 1 or round_ > 0, outputs
+    versions = {str(v.version): v.tags for v in versions_of(name)}
+    assert len(versions) == 7  # the first and two per round: no attempt lost, none doubled
+    held = history(name, "champion-t2")
+    assert held[-1] == aliases(name)["champion-t2"] and len(set(held)) == len(held)
+    promoted = [v for v, tags in versions.items() if tags["fldd.decision"] == "promoted"]
+    assert sorted(held, key=int) == sorted(promoted, key=int)  # every champion is in the history
+    for previous, version in zip(held, held[1:]):
+        assert versions[version]["fldd.holder_version"] == previous, (held, versions[version])
