@@ -2,7 +2,7 @@
 step at which each token is revealed (FLDDModel.reveal_steps; pipelines.reports.save_reveal_order).
 For toy2d, a map over x of when each coordinate is revealed; for digits, per pixel of test images;
 for text, per character over the test split. A fixed forward reveals every token at the same
-expected step, whatever x is; a learned one chooses an order per example.
+expected step, whatever x is; a learned one may choose an order, per position or per example.
 
 Models are any reference `fldd sample` takes (a run id, runs:/RUN/model, models:/NAME@ALIAS, or a
 model.pt path), all of one data set; the store is FLDD_HOME's.

@@ -314,6 +314,7 @@ def format_summary(outcome: DemoOutcome, model_name: str) -> str:
               f"registry:   fldd models {model_name}"]
     if outcome.url:
         lines += [f"endpoint:   {outcome.url} (API docs at {outcome.url}/docs)",
-                  f"playground: {outcome.url}/  (pick a budget, generate, compare two side by side)",
+                  f"playground: {outcome.url}/  (pick a budget, generate, compare two side by side; "
+                  "up while the demo serves: --keep-serving)",
                   f"  {outcome.curl}"]
     return "\n".join(lines)

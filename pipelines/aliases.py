@@ -21,6 +21,7 @@ import signal
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 
 from mlflow.entities.model_registry import RegisteredModel
@@ -75,35 +76,47 @@ def alias_lock(client: MlflowClient, name: str, wait_s: float = LOCK_WAIT_S,
                stale_s: float = LOCK_STALE_S) -> Iterator[None]:
     """Held by one process at a time for `name`, across machines sharing the tracking store: the
     registered model NAME.fldd-alias-lock exists while it is held. Creating it is the one atomic
-    step the registry offers (model names are unique in its database). A lock older than `stale_s`
-    was left by a process killed while holding it, and is broken; RegistryError after `wait_s`."""
+    step the registry offers (model names are unique in its database). Its owner tag carries a
+    token of this holder: the lock is released only by the holder whose token it carries. A lock
+    seen unchanged (same creation time) for `stale_s` on this machine's clock was left by a process
+    killed while holding it, and is broken; RegistryError after `wait_s`."""
     lock = name + ALIAS_LOCK_SUFFIX
-    owner = f"{socket.gethostname()}:{os.getpid()}"
+    token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
     deadline = time.monotonic() + wait_s
+    seen: tuple[int, float] | None = None  # (the lock's creation time, when this process first saw it)
     while True:
         try:
-            client.create_registered_model(lock, tags={LOCK_OWNER_TAG: owner},
+            client.create_registered_model(lock, tags={LOCK_OWNER_TAG: token},
                                            description=f"held while fldd moves the aliases of {name!r}")
             break
-        except MlflowException as error:
-            if error.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+        except MlflowException as error:  # taken, or released between the insert and MLflow's re-read
+            if error.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
                 raise
         held = get_registered_model(client, lock)
-        age_s = None if held is None else time.time() - held.creation_timestamp / 1000
-        if age_s is not None and age_s > stale_s:
-            with contextlib.suppress(MlflowException):  # another waiter may have broken it first
-                client.delete_registered_model(lock)
+        if held is None:
+            continue
+        if seen is None or seen[0] != held.creation_timestamp:
+            seen = (held.creation_timestamp, time.monotonic())
+        elif time.monotonic() - seen[1] > stale_s:
+            again = get_registered_model(client, lock)
+            if again is not None and again.creation_timestamp == seen[0]:  # still the same stale lock
+                with contextlib.suppress(MlflowException):
+                    client.delete_registered_model(lock)
+            seen = None
             continue
         if time.monotonic() > deadline:
-            by = held.tags.get(LOCK_OWNER_TAG, "?") if held is not None else "?"
-            raise RegistryError(f"another promotion or rollback of {name!r} has held the lock {lock!r} for "
-                                f"{age_s or 0:.0f} s (owner {by}); if none is running, delete that registered model")
+            waited = time.monotonic() - seen[1]
+            raise RegistryError(f"another promotion or rollback of {name!r} has held the lock {lock!r} for at least "
+                                f"{waited:.0f} s (owner {held.tags.get(LOCK_OWNER_TAG, '?')}); a lock held "
+                                f"{stale_s:.0f} s is taken as left by a killed process and broken: retry then")
         time.sleep(0.1 + 0.2 * random.random())  # jitter: waiters do not retry in step
     try:
         yield
     finally:
         with contextlib.suppress(MlflowException):
-            client.delete_registered_model(lock)
+            current = get_registered_model(client, lock)
+            if current is not None and current.tags.get(LOCK_OWNER_TAG) == token:  # never another holder's
+                client.delete_registered_model(lock)
 
 
 def move_alias(client: MlflowClient, name: str, alias: str, version: str) -> None:

@@ -102,7 +102,8 @@ class Playground:
             self.driver.execute_script("arguments[0].dataset.state = ''", self.panel(key))
         self.driver.find_element("id", "generate").click()
         states = lambda: {k: self.panel(k).get_attribute("data-state") for k in keys}  # noqa: E731
-        wait_until(lambda: all(s in ("done", "error") for s in states().values()), timeout,
+        wait_until(lambda: all(s in ("done", "error") for s in states().values())
+                   and self.driver.find_element("id", "generate").is_enabled(), timeout,
                    f"panels {keys} to show an answer")
         return states()
 

@@ -319,8 +319,14 @@ async function start() {
     // one seed for every panel of a click: an empty field draws one here, so the panels still share it
     const typed = $("#seed").value.trim();
     const seed = typed === "" ? Math.floor(Math.random() * 2 ** 31) : Number(typed);
-    await Promise.all(state.panels.filter((p) => !p.root.hidden).map((p) => generate(p, seed)));
-    await loadModels();  // the menus then show the latencies these requests added
+    const button = $("#generate");
+    button.disabled = true;  // one click at a time: a late answer never overwrites a newer one
+    try {
+      await Promise.all(state.panels.filter((p) => !p.root.hidden).map((p) => generate(p, seed)));
+      await loadModels();  // the menus then show the latencies (and versions) these requests added
+    } finally {
+      button.disabled = false;
+    }
   });
   document.body.dataset.ready = "true";
 }

@@ -7,6 +7,8 @@ import math
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import mlflow
@@ -435,8 +437,26 @@ def test_the_alias_lock_waits_for_its_holder_and_breaks_a_stale_one(runs):
         with pytest.raises(model_store.RegistryError, match=r"another promotion or rollback of 'locked' has held"):
             with alias_moves.alias_lock(c, name, wait_s=0.5):
                 pass
-        with alias_moves.alias_lock(c, name, stale_s=0.0):  # taken as left by a killed process: broken
+        with alias_moves.alias_lock(c, name, stale_s=0.3):  # seen unchanged for 0.3 s: left by a killed process
             pass
+        # the first holder's lock was broken: leaving, it must not delete a lock someone else holds now
+        c.create_registered_model(name + ALIAS_LOCK_SUFFIX, tags={"fldd.lock_owner": "someone-else"})
+    assert [m.tags["fldd.lock_owner"] for m in c.search_registered_models(f"name = '{name}{ALIAS_LOCK_SUFFIX}'")] == [
+        "someone-else"]
+    c.delete_registered_model(name + ALIAS_LOCK_SUFFIX)
+    got = []
+
+    def wait_then_hold() -> None:
+        with alias_moves.alias_lock(c, name, wait_s=30):
+            got.append(time.monotonic())
+
+    with alias_moves.alias_lock(c, name):  # a waiter gets the lock once its holder leaves
+        waiter = threading.Thread(target=wait_then_hold)
+        waiter.start()
+        time.sleep(0.5)
+        left = time.monotonic()
+    waiter.join(timeout=60)
+    assert len(got) == 1 and got[0] >= left
     assert not c.search_registered_models(f"name = '{name}{ALIAS_LOCK_SUFFIX}'")  # released
 
 
@@ -451,7 +471,12 @@ def test_two_promotion_processes_at_once_keep_one_consistent_history(runs, regis
         candidates = [clone_run(runs["mid"]), clone_run(runs["strong"])]
         processes = [subprocess.Popen(command + [run_id], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                       cwd=Path(__file__).resolve().parents[2]) for run_id in candidates]
-        outputs = [p.communicate(timeout=180)[0] for p in processes]
+        try:
+            outputs = [p.communicate(timeout=180)[0] for p in processes]
+        finally:
+            for p in processes:
+                if p.poll() is None:
+                    p.kill()
         # exit 0 promoted, 1 refused (by the gate, or because the other one moved the alias first)
         assert all(p.returncode in (0, 1) for p in processes) and all("Traceback" not in o for o in outputs), outputs
         assert sum("PROMOTED" in o for o in outputs) >= 1 or round_ > 0, outputs
