@@ -73,6 +73,7 @@ def train_and_promote(key: str, picture: Picture, train_steps: int | None) -> di
     from pipelines import registry
     from pipelines.tracking import tracking_uri
     from pipelines.train import LaunchOptions, launch
+    from pipelines.vocabulary import champion_alias
 
     client, done = MlflowClient(tracking_uri()), {}
     for forward, settings in ((LEARNED, picture.learned), (FIXED, picture.fixed)):
@@ -87,7 +88,7 @@ def train_and_promote(key: str, picture: Picture, train_steps: int | None) -> di
         outcome = launch(cfg, LaunchOptions(workers=0, quiet=True, name=f"playground-{key}-{forward}"))
         (decision,) = registry.promote(run_id=outcome.run_id, model_name=name)
         print(f"[{key}] {forward}: {decision.decision} into {name} ({time.perf_counter() - started:.0f} s)", flush=True)
-        holder = client.get_model_version_by_alias(name, f"champion-t{picture.steps}")
+        holder = client.get_model_version_by_alias(name, champion_alias(picture.steps))
         done[forward] = {"model": name, "version": holder.version, "run_id": holder.run_id,
                          "train_steps": cfg.train.steps, "settings": settings}
     return done

@@ -46,8 +46,8 @@ class Playground:
         found = find_browser()
         if isinstance(found, str):
             raise RuntimeError(found)
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
+        from selenium import webdriver  # lazy: optional (the [test] extra), needed only to drive a page
+        from selenium.webdriver.chrome.service import Service  # lazy: optional, as above
 
         os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must not look for drivers online
         options = webdriver.ChromeOptions()
@@ -80,7 +80,7 @@ class Playground:
         return self.panel(key).find_element("css selector", f'[data-role="{name}"]')
 
     def choose(self, key: str, model: str, steps: int | None = None) -> None:
-        from selenium.webdriver.support.ui import Select
+        from selenium.webdriver.support.ui import Select  # lazy: optional, as above
 
         Select(self.field(key, "model")).select_by_value(model)
         if steps is not None:

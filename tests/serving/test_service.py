@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from fldd.codec import TokenCodec
-from fldd.config import FLDDConfig
+from fldd.config import CONFIG_DIR, FLDDConfig
 from fldd.model import FLDDModel
 from fldd.sampler import sample
 from fldd.service import GenerationRequest, Limits, RequestError, SamplerService, png_base64
@@ -92,7 +92,7 @@ def test_conditioning_needs_a_masking_forward():
 
 
 def test_text_prefix_and_format():
-    cfg = FLDDConfig.from_yaml("configs/text.yaml").with_overrides(  # a model from before codecs: none saved
+    cfg = FLDDConfig.from_yaml(CONFIG_DIR / "text.yaml").with_overrides(  # a model from before codecs: none saved
         {"seq_len": 64, "vocab_size": 27, "process.method": "masked", "process.num_steps": 2,
          "reverse_network.arch": "mlp", "reverse_network.width": 16, "forward_network.arch": "mlp",
          "forward_network.width": 16})
