@@ -3,7 +3,6 @@ by the real Ray Serve application on 127.0.0.1 (a free port) of the session's Ra
 
 import os
 import socket
-import time
 
 import pytest
 import requests
@@ -11,6 +10,7 @@ import requests
 from fldd.config import CONFIG_DIR, FLDDConfig
 from pipelines import registry
 from pipelines.train import LaunchOptions, launch
+from serving.browser import wait_until as wait_for  # one polling helper: the page driver's
 from tests.conftest import module_project_home
 from tests.pipelines.conftest import toy_config
 
@@ -39,16 +39,6 @@ def small(cfg: FLDDConfig, steps: int, **overrides) -> FLDDConfig:
                                "reverse_network.width": 32, "forward_network.width": 32,
                                "reverse_network.arch": "mlp", "forward_network.arch": "mlp",
                                "train.batch_size": 32, **overrides})
-
-
-def wait_for(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 class Client:
