@@ -27,7 +27,8 @@ from fldd.config import CONFIG_DIR, PARAMETERIZATIONS, ConfigError, FLDDConfig, 
 from fldd.data import DataError, load_test_split, load_valid_split, resolve_data_shape
 from fldd.model import CheckpointError, FLDDModel
 from fldd.inspection import inspect_data
-from fldd.prepare import prepare_csv, prepare_text
+from fldd.molecules import MissingExtra
+from fldd.prepare import INVALID_CHOICES, prepare_csv, prepare_smiles, prepare_text
 from fldd.sampler import sample
 from fldd.service import model_codec
 from fldd.train import NonFiniteLossError
@@ -155,27 +156,34 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+# which input kind each `fldd data prepare` option belongs to
+FLAG_SOURCE = {"--seq-len": "--text", "--alphabet": "--text", "--bytes": "--text", "--unknown": "--text",
+               "--lowercase": "--text", "--columns": "--csv", "--column": "--smiles", "--invalid": "--smiles"}
+
+
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     common = {"valid_fraction": args.valid_fraction, "test_fraction": args.test_fraction, "seed": args.seed,
               "force": args.force}
-    if args.csv:
-        text_only = [flag for flag, given in (("--seq-len", args.seq_len is not None), ("--alphabet", args.alphabet
-                     is not None), ("--bytes", args.bytes), ("--unknown", args.unknown is not None),
-                     ("--lowercase", args.lowercase)) if given]
-        if text_only:
-            raise DataError(f"{', '.join(text_only)}: for --text only (a CSV row holds one token per --columns "
-                            "entry)")
+    flags = {"--seq-len": args.seq_len is not None, "--alphabet": args.alphabet is not None, "--bytes": args.bytes,
+             "--unknown": args.unknown is not None, "--lowercase": args.lowercase, "--columns": bool(args.columns),
+             "--column": args.column is not None, "--invalid": args.invalid is not None}
+    source = "--smiles" if args.smiles else "--csv" if args.csv else "--text"
+    wrong = [f"{flag}: for {FLAG_SOURCE[flag]} only" for flag, on in flags.items() if on and FLAG_SOURCE[flag] != source]
+    if wrong:
+        raise DataError("; ".join(wrong))
+    if args.smiles:
+        result = prepare_smiles(args.smiles, args.out, column=args.column, invalid=args.invalid or "refuse", **common)
+    elif args.csv:
         columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
         result = prepare_csv(args.csv, columns, args.out, **common)
     else:
-        if args.columns:
-            raise DataError("--columns: for --csv only")
         result = prepare_text(args.text, args.out, seq_len=64 if args.seq_len is None else args.seq_len,
                               alphabet=args.alphabet, use_bytes=args.bytes, unknown=args.unknown,
                               lowercase=args.lowercase, **common)
     print(result.summary())
     where = Path(result.out).resolve()
-    print(f"next:\n  fldd data inspect {where}\n  fldd train --config text --set data.path={where}"
+    preset = "moses" if args.smiles else "text"
+    print(f"next:\n  fldd data inspect {where}\n  fldd train --config {preset} --set data.path={where}"
           "   # seq_len, vocab_size and codec come from the table")
     return 0
 
@@ -488,6 +496,12 @@ default the sorted set of characters found in the corpus; with --alphabet, a cha
 is an error naming file, line and column, unless --unknown CHAR maps such characters to CHAR -
 or bytes (--bytes: vocabulary 256, any encoding).
 
+smiles: one molecule per row (a .csv's SMILES column, named with --column if it is not called
+SMILES; or .txt / .smi files, one SMILES per line; .gz too), as atom-level SMILES tokens (bracket
+atoms, Cl / Br and %nn ring bonds are one token each), padded at the end to the longest
+molecule. RDKit must parse each SMILES (the molecules extra: pip install 'fldd[molecules]'): one
+it cannot is refused with its file and line, or left out and counted with --invalid skip.
+
 csv: one row per record, one token per --columns entry (position j = column j). Each column's
 vocabulary is its sorted distinct values as strings (an empty cell is the category ""); token ids
 start at 0 in every column; vocab_size is the largest column's.
@@ -498,13 +512,14 @@ non-empty. The input is read twice, a block at a time: memory does not grow with
 
 
 def add_data_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data", help="prepare text or CSV files as token tables, and inspect token tables",
-                       description="Prepare text or categorical CSV files as token tables (train/valid/test with a "
-                       "codec that decodes samples back to text or table rows), and inspect token tables.")
+    p = sub.add_parser("data", help="prepare text, SMILES or CSV files as token tables, and inspect token tables",
+                       description="Prepare text, SMILES or categorical CSV files as token tables (train/valid/test "
+                       "with a codec that decodes samples back to text, SMILES or table rows), and inspect token "
+                       "tables.")
     data = p.add_subparsers(dest="data_command", required=True, metavar="{prepare,inspect}")
 
     q = data.add_parser(
-        "prepare", help="text files or a CSV table -> DIR/train/part-*.parquet, valid.parquet, test.parquet",
+        "prepare", help="text, SMILES or CSV files -> DIR/train/part-*.parquet, valid.parquet, test.parquet",
         formatter_class=argparse.RawDescriptionHelpFormatter, description=DATA_PREPARE_HELP,
         epilog="exit status: 0 written, 2 bad input (one line naming the problem).\n"
         "examples:\n  fldd data prepare --text 'corpus/**/*.txt' --out data/corpus --seq-len 128\n"
@@ -512,12 +527,19 @@ def add_data_parser(sub: argparse._SubParsersAction) -> None:
         "--lowercase --unknown ' '\n"
         "  fldd data prepare --text dump.bin --bytes --out data/bytes\n"
         "  fldd data prepare --csv survey.csv --columns age_band,region,answer --out data/survey\n"
+        "  fldd data prepare --smiles molecules.csv.gz --column smiles --invalid skip --out data/molecules\n"
         "then: fldd data inspect data/corpus; fldd train --config text --set data.path=$PWD/data/corpus")
     source = q.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", nargs="+", metavar="FILE_OR_GLOB", help="text files (quote globs)")
     source.add_argument("--csv", nargs="+", metavar="FILE_OR_GLOB",
                         help="CSV file(s) with a header row (several files need the chosen columns)")
+    source.add_argument("--smiles", nargs="+", metavar="FILE_OR_GLOB",
+                        help="SMILES: .csv (with a SMILES column), .txt or .smi (one per line); .gz too")
     q.add_argument("--out", required=True, metavar="DIR", help="output directory (new or empty, else --force)")
+    q.add_argument("--column", metavar="NAME", help="--smiles with a .csv: the SMILES column (default: the one "
+                   "called SMILES or smiles)")
+    q.add_argument("--invalid", choices=INVALID_CHOICES, help="--smiles: a SMILES RDKit cannot parse is refused "
+                   "with its line number (refuse, the default) or left out and counted (skip)")
     q.add_argument("--columns", metavar="A,B,C", help="--csv: the columns to keep, in order (comma-separated)")
     q.add_argument("--seq-len", type=int, metavar="N", help="--text: tokens per row (default 64)")
     vocabulary = q.add_mutually_exclusive_group()
@@ -571,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_TRACKING_URI", tracking_uri())
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, DataError, CodecError, FileNotFoundError) as error:
+    except (ConfigError, CheckpointError, DataError, CodecError, FileNotFoundError, MissingExtra) as error:
         command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
         print(f"fldd {command}: error: {error}", file=sys.stderr)
         return 2

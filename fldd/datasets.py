@@ -13,6 +13,12 @@
   runs of spaces collapsed (27 symbols, text8-style); non-overlapping length-64 chunks; the first
   90% train, the last 10% test; the last 10% of the train part is the validation split
   (contiguous: no chunk's neighbours leak across splits).
+- moses: the MOSES benchmark's molecules (a cleaned ZINC subset) from the molsets wheel (the
+  `molecules` extra): SMILES tokens (fldd.molecules), D=54 (the longest molecule of train and
+  test, padded at the end), K=25 (padding + 24 tokens). The splits are fixed (seed 0, whatever
+  data.seed): validation is data.num_valid molecules drawn from MOSES's train file, train is the
+  next data.num_train of the same permutation (at most the rest, 1,584,663 - num_valid), and
+  test is data.num_valid molecules drawn from MOSES's test file (176,074).
 """
 
 from __future__ import annotations
@@ -37,6 +43,12 @@ from fldd.token_table import DataError, token_table
 SPLITS = ("train", "valid", "test")
 TEXT_ALPHABET = "abcdefghijklmnopqrstuvwxyz "  # token i is TEXT_ALPHABET[i]; space is 26
 TEXT_CHUNK = 64
+
+
+MOSES_SEQ_LEN = 54
+# padding, then the 24 tokens of MOSES's train and test files, sorted
+MOSES_SYMBOLS = ("", "#", "(", ")", "-", "1", "2", "3", "4", "5", "6", "=", "Br", "C", "Cl", "F", "N", "O", "S",
+                 "[H]", "[nH]", "c", "n", "o", "s")
 
 
 @dataclass(frozen=True)
@@ -137,12 +149,30 @@ def _text_splits(d: DataConfig) -> dict[str, np.ndarray]:
     return {"train": chunks[:valid_start], "valid": chunks[valid_start:train_end], "test": chunks[train_end:]}
 
 
+def _moses_splits(d: DataConfig) -> dict[str, np.ndarray]:
+    return _moses_splits_sized(d.num_train, d.num_valid)
+
+
+@lru_cache(maxsize=2)
+def _moses_splits_sized(num_train: int, num_valid: int) -> dict[str, np.ndarray]:
+    from fldd.molecules import encode_molecules, moses_smiles  # lazy: the molecules extra
+
+    def drawn(split: str, start: int, count: int) -> np.ndarray:
+        molecules = moses_smiles(split)
+        order = np.random.default_rng(0).permutation(len(molecules))[start:start + count]
+        return encode_molecules([molecules[i] for i in order], MOSES_SYMBOLS, MOSES_SEQ_LEN)
+
+    return {"valid": drawn("train", 0, num_valid), "train": drawn("train", num_valid, num_train),
+            "test": drawn("test", 0, num_valid)}
+
+
 BUILTINS: dict[str, Builtin] = {
     "toy2d": Builtin(2, 50, _pmf_splits(toy2d_pmf, 50), toy2d_pmf),
     "mixture8": Builtin(2, 8, _pmf_splits(mixture8_pmf, 8), mixture8_pmf),
     "digits": Builtin(64, 17, _digits_splits(binary=False)),
     "digits-binary": Builtin(64, 2, _digits_splits(binary=True)),
     "text": Builtin(TEXT_CHUNK, 27, _text_splits),
+    "moses": Builtin(MOSES_SEQ_LEN, len(MOSES_SYMBOLS), _moses_splits),
 }
 
 
@@ -161,8 +191,10 @@ def builtin_table(d: DataConfig, split: str) -> pa.Table:
 
 
 def builtin_codec(name: str) -> TokenCodec | None:
-    """How a built-in data set's tokens decode (only the text reads back as characters)."""
-    return TokenCodec("chars", TEXT_ALPHABET) if name == "text" else None
+    """How a built-in data set's tokens decode: the text as characters, moses as SMILES."""
+    if name == "text":
+        return TokenCodec("chars", TEXT_ALPHABET)
+    return TokenCodec("smiles", symbols=MOSES_SYMBOLS) if name == "moses" else None
 
 
 def data_pmf(name: str) -> Tensor | None:

@@ -16,6 +16,11 @@ Each column has its own vocabulary: the sorted distinct values as strings (an em
 category ""); token ids of every column start at 0; the table's vocab_size is the largest
 column's. Also read twice, in blocks (pyarrow's streaming CSV reader).
 
+SMILES (`prepare_smiles`): one molecule per row, as SMILES tokens (fldd.molecules), padded at the
+end to the longest molecule; the vocabulary is the sorted set of tokens found, after the padding.
+Each SMILES is parsed by RDKit first: one it cannot parse is refused with its file and line, or
+skipped and counted (`invalid="skip"`). Read twice, like the others, one record at a time.
+
 The splits and the files they are written to: `fldd/split_writer.py`. The report on a table
 (`fldd data inspect`): `fldd/inspection.py`.
 """
@@ -33,6 +38,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from fldd.codec import TokenCodec
+from fldd.molecules import SmilesError, canonical, read_smiles, tokenize_smiles
 from fldd.split_writer import (Prepared, SplitWriter, check_fractions, check_output, claim_output, finish,
                                 plan_splits, write_all)
 from fldd.token_table import DataError
@@ -297,3 +303,82 @@ def prepare_csv(inputs: Sequence[str], columns: Sequence[str] | None, out: str |
     write_all(writer, feed())
     return finish(writer, result)
 
+
+
+
+# ---------------------------------------------------------------------------------------------
+# SMILES
+# ---------------------------------------------------------------------------------------------
+
+INVALID_CHOICES = ("refuse", "skip")
+
+
+def prepare_smiles(inputs: Sequence[str], out: str | Path, *, column: str | None = None, invalid: str = "refuse",
+                   valid_fraction: float = 0.05, test_fraction: float = 0.05, seed: int = 0,
+                   force: bool = False) -> Prepared:
+    """SMILES files (.csv with a SMILES column, or .txt / .smi with one per line; .gz too) ->
+    DIR/{train,valid,test}.parquet + fldd_data.json, one molecule per row (see the module docstring)."""
+    if invalid not in INVALID_CHOICES:
+        raise DataError(f"--invalid {invalid!r}: expected one of {INVALID_CHOICES}")
+    check_fractions(valid_fraction, test_fraction)
+    files = expand_inputs(inputs)
+    out = Path(out)
+    check_output(out, force)
+
+    def molecules() -> Iterator[tuple[Path, int, str, list[str] | None]]:
+        """(file, line, SMILES, tokens or None where RDKit cannot parse it or no token covers it)."""
+        for file in files:
+            try:
+                for line, smiles in read_smiles(file, column):
+                    try:
+                        tokens = tokenize_smiles(smiles) if canonical(smiles) is not None else None
+                    except SmilesError:
+                        tokens = None
+                    yield file, line, smiles, tokens
+            except SmilesError as error:
+                raise DataError(str(error)) from None
+
+    # pass 1: the vocabulary, the longest molecule, the ones RDKit cannot parse
+    symbols: set[str] = set()
+    longest, count, skipped = 0, 0, []
+    for file, line, smiles, tokens in molecules():
+        if tokens is None:
+            if invalid == "refuse":
+                raise DataError(f"{file}:{line}: {smiles!r} is not a molecule RDKit can parse; fix or remove it, "
+                                "or pass --invalid skip to leave such lines out")
+            skipped.append(f"{file}:{line}")
+            continue
+        symbols.update(tokens)
+        longest = max(longest, len(tokens))
+        count += 1
+    if count == 0:
+        what = f"no valid SMILES ({len(skipped)} unparseable)" if skipped else "no SMILES"
+        raise DataError(f"{', '.join(map(str, files))}: {what}" + (f" in column {column!r}" if column else ""))
+    codec = TokenCodec("smiles", symbols=("",) + tuple(sorted(symbols)))
+    notes = [f"skipped {len(skipped):,} SMILES RDKit cannot parse (first: {', '.join(skipped[:5])})"] if skipped else []
+
+    plan = plan_splits(count, valid_fraction, test_fraction, seed)
+    result = Prepared(str(out), "smiles", [str(f) for f in files], longest, codec.vocab_size, codec.to_dict(), {},
+                      seed, valid_fraction, test_fraction, plan.block_rows, count, 0, "smiles", notes=notes)
+    claim_output(out)
+    writer = SplitWriter(out, longest, codec, plan)
+    index = {symbol: i for i, symbol in enumerate(codec.symbols)}
+
+    def feed() -> Iterator[None]:  # pass 2: tokens, a block of rows at a time
+        rows: list[list[int]] = []
+        for *_, tokens in molecules():
+            if tokens is None:
+                continue
+            if any(t not in index for t in tokens) or len(tokens) > longest:
+                raise DataError("the input changed while it was being prepared; run prepare again")
+            rows.append([index[t] for t in tokens] + [0] * (longest - len(tokens)))
+            if len(rows) == 4096:
+                writer.add_rows(np.array(rows, dtype=np.int64))
+                rows = []
+                yield
+        if rows:
+            writer.add_rows(np.array(rows, dtype=np.int64))
+        yield
+
+    write_all(writer, feed())
+    return finish(writer, result)

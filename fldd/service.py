@@ -22,7 +22,7 @@ from torch import Tensor
 
 from fldd.codec import CodecError, TokenCodec
 from fldd.config import FLDDConfig
-from fldd.datasets import TEXT_ALPHABET
+from fldd.datasets import BUILTINS, builtin_codec
 from fldd.model import FLDDModel
 from fldd.sampler import Draw, sample_batch
 
@@ -33,7 +33,6 @@ MAX_SEED = 2**63 - 1  # a signed 64-bit integer: what JSON clients and torch.man
 MASKING_METHODS = ("masked", "fldd-mask")  # forwards that only ever replace tokens by MASK
 IMAGE_DATASETS = ("digits", "digits-binary")  # built-ins whose sequences are square images
 # models trained on the built-in text before codecs were saved with models: token i is TEXT_ALPHABET[i]
-BUILTIN_TEXT_CODEC = TokenCodec("chars", TEXT_ALPHABET)
 FORMAT_NEEDS = {"text": "is for text models (a chars or bytes codec)",
                 "png": "is for image data (square sequences of pixels)",
                 "rows": "is for table models (a columns codec, from `fldd data prepare --csv`)"}
@@ -99,11 +98,11 @@ class PreparedRequest:
 
 
 def model_codec(cfg: FLDDConfig, codec: TokenCodec | None = None) -> TokenCodec | None:
-    """The codec that decodes a model's samples: its own (saved with it), else the built-in text's
-    alphabet for a model of the built-in text data set; None when the codec does not fit the model
+    """The codec that decodes a model's samples: its own (saved with it), else its built-in data
+    set's (the text's alphabet, moses's SMILES tokens); None when the codec does not fit the model
     (another vocabulary size, or a columns codec for another sequence length)."""
-    if codec is None and not cfg.data.path and cfg.data.name == "text":
-        codec = BUILTIN_TEXT_CODEC
+    if codec is None and not cfg.data.path and cfg.data.name in BUILTINS:
+        codec = builtin_codec(cfg.data.name)
     if codec is None or codec.vocab_size != cfg.vocab_size:
         return None
     if codec.kind == "columns" and len(codec.columns) != cfg.seq_len:
@@ -270,7 +269,7 @@ class SamplerService:
         except CodecError as error:
             raise RequestError("prefix", str(error)) from None
         if len(tokens) > D - 1:
-            unit = "bytes" if codec.kind == "bytes" else "characters"
+            unit = {"bytes": "bytes", "smiles": "SMILES tokens"}.get(codec.kind, "characters")
             raise RequestError("prefix", f"{len(tokens)} {unit}: longer than the sequence allows "
                                f"(at most {D - 1} of {D}, leaving one to generate)")
         return list(range(len(tokens))), tokens

@@ -269,10 +269,10 @@ def claim_output(out: Path) -> None:
 
 @dataclass
 class Prepared:
-    """What `prepare_text` / `prepare_csv` made (also written as DIR/fldd_data.json)."""
+    """What `prepare_text` / `prepare_csv` / `prepare_smiles` made (also written as DIR/fldd_data.json)."""
 
     out: str
-    kind: str  # text | csv
+    kind: str  # text | csv | smiles
     sources: list[str]
     seq_len: int
     vocab_size: int
@@ -282,9 +282,9 @@ class Prepared:
     valid_fraction: float
     test_fraction: float
     block_rows: int
-    tokens_total: int  # tokens read (text) or cells (csv)
+    tokens_total: int  # tokens read (text), cells (csv) or molecules kept (smiles)
     tokens_dropped: int  # text: the tail shorter than seq_len
-    vocabulary_from: str  # "corpus", "--alphabet", "bytes", "columns"
+    vocabulary_from: str  # "corpus", "--alphabet", "bytes", "columns", "smiles"
     lowercase: bool = False
     unknown: str | None = None
     unknown_replaced: int = 0
@@ -303,15 +303,18 @@ class Prepared:
         codec = self.token_codec
         what = {"corpus": "the sorted set of characters found in the corpus (fix it with --alphabet)",
                 "--alphabet": "given with --alphabet", "bytes": "bytes 0-255 (--bytes)",
-                "columns": "one vocabulary per column"}[self.vocabulary_from]
+                "columns": "one vocabulary per column",
+                "smiles": "the sorted set of SMILES tokens found, after the padding"}[self.vocabulary_from]
         read = (f"{self.tokens_total:,} {'bytes' if codec.kind == 'bytes' else 'characters'}" if self.kind == "text"
-                else f"{sum(self.rows.values()):,} records")
+                else f"{sum(self.rows.values()):,} {'molecules' if self.kind == 'smiles' else 'records'}")
         lines = [f"prepared {len(self.sources)} {self.kind} file(s) ({read}) into {self.out}"]
         if codec.kind == "chars":
             shown = repr(codec.alphabet) if len(codec.alphabet) <= 120 else repr(codec.alphabet[:120]) + " ..."
             lines.append(f"  codec chars: {codec.vocab_size} symbols, {what}: {shown}")
         elif codec.kind == "bytes":
             lines.append(f"  codec bytes: vocabulary 256, {what}")
+        elif codec.kind == "smiles":
+            lines.append(f"  codec smiles: {codec.vocab_size} symbols, {what}: {' '.join(codec.symbols[1:])}")
         else:
             sizes = ", ".join(f"{name} {len(cats)}" for name, cats in zip(codec.columns, codec.categories))
             lines.append(f"  codec columns: {len(codec.columns)} columns, categories per column: {sizes}; "

@@ -18,7 +18,8 @@ import torch
 
 from pipelines.vocabulary import (DECIDED_AT_TAG, DECISION_REASON_TAG, DECISION_TAG, HOLDER_TEST_NELBO_TAG,
                                   HOLDER_VERSION_TAG, MARGIN_RULE_TAG, MARGIN_TAG, PAIRED_DIFFERENCE_TAG,
-                                  PAIRED_STDERR_TAG, TEST_EXAMPLES_TAG, TEST_NELBO_TAG, TEST_SPLIT_TAG, TEST_STDERR_TAG)
+                                  PAIRED_STDERR_TAG, TEST_EXAMPLES_TAG, TEST_NELBO_TAG, TEST_SAMPLE_TAG_PREFIX,
+                                  TEST_SPLIT_TAG, TEST_STDERR_TAG)
 
 PROMOTED, REFUSED, UNCHANGED = "promoted", "refused", "unchanged"
 
@@ -115,6 +116,7 @@ class Decision:
     test_split: str = ""  # split_fingerprint of the test rows both models were evaluated on
     valid_bits: float = math.nan  # the run's final validation NELBO (what chose it)
     aliases_moved: list[str] = field(default_factory=list)
+    sample_scores: dict[str, float] = field(default_factory=dict)  # the candidate's, on test (molecules)
 
     @property
     def promoted(self) -> bool:
@@ -134,6 +136,7 @@ class Decision:
                 TEST_STDERR_TAG: number_tag(self.candidate_test_stderr),
                 TEST_EXAMPLES_TAG: str(self.test_examples), TEST_SPLIT_TAG: self.test_split,
                 HOLDER_VERSION_TAG: self.holder_version or "none"}
+        tags.update({TEST_SAMPLE_TAG_PREFIX + name: number_tag(value) for name, value in self.sample_scores.items()})
         if self.holder_version is not None:
             tags.update({HOLDER_TEST_NELBO_TAG: number_tag(self.holder_test_bits),
                          PAIRED_DIFFERENCE_TAG: number_tag(self.difference_bits),

@@ -27,12 +27,13 @@ from mlflow.tracking import MlflowClient
 from fldd.config import FLDDConfig
 from fldd.data import load_test_split
 from fldd.model import FLDDModel
+from fldd.service import model_codec
 from pipelines.aliases import alias_lock, move_champion_aliases, uninterrupted
 from pipelines.gate import PROMOTED, REFUSED, UNCHANGED, Decision, Scores, judge, number_tag
 from pipelines.model_store import (RegistryError, alias_holder, all_versions, as_float, default_model_name, default_name_from_run,
                                    get_registered_model, identity_of, quoted, registry_client,
                                    split_fingerprint)
-from pipelines.reports import nelbo_with_progress
+from pipelines.reports import molecule_scores, nelbo_with_progress
 from pipelines.tracking import download_model_file, download_weights
 from pipelines.vocabulary import (BUDGET_TAG, COLLAPSED_TAG, EVAL_PASSES_TAG, EVAL_SEED_TAG, EXPERIMENT,
                                   FINAL_VALID_NELBO_METRIC, FINAL_VALID_STDERR_METRIC, GIT_COMMIT_TAG, IDENTITY_KEYS,
@@ -285,6 +286,9 @@ def promote_run(run: Run, *, model_name: str | None = None, margin: float | None
     estimate = _evaluate(candidate, test, passes, seed, f"test NELBO of run {run_id[:8]}, T={T}")
     decision.candidate_test_bits = estimate.bits_per_token
     decision.candidate_test_stderr = estimate.stderr_bits_per_token
+    codec = model_codec(cfg, candidate.codec)
+    if codec is not None and codec.kind == "smiles":  # reported beside the NELBO; the rule stays on the NELBO
+        decision.sample_scores = molecule_scores(candidate, test, codec, seed=seed)
     held = None
     if holder_model is not None:
         holder_estimate = _evaluate(holder_model, test, passes, seed, f"test NELBO of holder v{holder.version}")

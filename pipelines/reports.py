@@ -18,6 +18,7 @@ from fldd.datasets import data_pmf  # noqa: E402
 from fldd.metrics import exact_distribution_metrics  # noqa: E402
 from fldd.model import FLDDModel  # noqa: E402
 from fldd.objective import evaluate_nelbo  # noqa: E402
+from fldd.molecules import chemnet_statistics, molecule_metrics  # noqa: E402
 from fldd.sample_metrics import CharNGram, digits_metrics, text_metrics  # noqa: E402
 from fldd.sampler import sample  # noqa: E402
 from fldd.service import model_codec  # noqa: E402
@@ -38,7 +39,8 @@ def evaluate_model(model: FLDDModel, valid: torch.Tensor, *, passes: int = 10, s
                    num_samples: int = 2000) -> dict[str, Any]:
     """Held-out metrics (EVALUATION.md) on `valid` (any held-out split): NELBO (bits/token, sum over
     t), exact KL/TV on the 2-D toys, digits-FD / confidence / copy rate on digits, gen-BPC with
-    unigram entropy and distinct-4-grams on text, and the collapse flag."""
+    unigram entropy and distinct-4-grams on text, validity / uniqueness / novelty / copy rate /
+    FCD to `valid` on molecules (any data with a smiles codec), and the collapse flag."""
     estimate = nelbo_with_progress(model, valid, passes, seed, "evaluating")
     metrics: dict[str, Any] = {VALID_NELBO_METRIC: estimate.bits_per_token,
                                VALID_STDERR_METRIC: estimate.stderr_bits_per_token}
@@ -55,6 +57,9 @@ def evaluate_model(model: FLDDModel, valid: torch.Tensor, *, passes: int = 10, s
             metrics.update(text_metrics(samples, CharNGram(train, cfg.vocab_size)))
         else:
             metrics.update(digits_metrics(samples, valid, train, cfg.vocab_size))
+    codec = model_codec(cfg, model.codec)
+    if codec is not None and codec.kind == "smiles":
+        metrics.update(molecule_scores(model, valid, codec, num_samples=num_samples, seed=seed))
     if cfg.learns_forward:
         report = model.check_collapse(valid[:1024])
         metrics[COLLAPSED_METRIC] = report.collapsed
@@ -62,6 +67,16 @@ def evaluate_model(model: FLDDModel, valid: torch.Tensor, *, passes: int = 10, s
         metrics[SATURATED_METRIC] = report.saturated
         metrics["forward_entropy_min"] = min(report.entropy_bits[1:model.num_steps], default=0.0)
     return metrics
+
+
+def molecule_scores(model: FLDDModel, held_out: torch.Tensor, codec, *, num_samples: int = 2000,
+                    seed: int = 0) -> dict[str, float]:
+    """molecule_metrics of `num_samples` samples (seed 1000 + seed), novelty and copies against the
+    model's train split, FCD against the ChemNet statistics of `held_out`."""
+    train, _ = load_splits(model.config)
+    samples = sample(model, num_samples, generator=torch.Generator().manual_seed(1000 + seed))
+    decode = lambda rows: [codec.decode(row) for row in rows.tolist()]  # noqa: E731
+    return molecule_metrics(decode(samples), decode(train), chemnet_statistics(decode(held_out)))
 
 
 def final_report(model: FLDDModel, valid: torch.Tensor, run_dir: Path, **extra: Any) -> dict[str, Any]:

@@ -123,6 +123,10 @@ MARGIN_RULE_TAG = "fldd.margin_rule"
 EVAL_SEED_TAG = "fldd.eval_seed"
 EVAL_PASSES_TAG = "fldd.eval_passes"
 ROLLED_BACK_AT_TAG = "fldd.rolled_back_at"
+# sample scores of the candidate the gate records beside its NELBO (molecules: fldd.molecules), one
+# tag each: fldd.test_validity, fldd.test_fcd, ...; reported, never what the gate decides on
+TEST_SAMPLE_TAG_PREFIX = "fldd.test_"
+MOLECULE_SCORES = ("validity", "uniqueness", "novelty", "copy_rate", "fcd")
 
 MODEL_VERSIONS_TAG = "mlflow.modelVersions"  # LoggedModel tag: [{"name", "version"}, ...]
 

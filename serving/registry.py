@@ -14,8 +14,9 @@ from mlflow.tracking import MlflowClient
 
 from fldd.model import FLDDModel
 from pipelines.tracking import download_weights, resolve_model
-from pipelines.vocabulary import (CHAMPION, DATASET_TAG, DEFAULT_BUDGET_TAG, PARAMETERIZATION_TAG, TEST_NELBO_TAG,
-                                  TEST_STDERR_TAG, VALID_NELBO_TAG, VERSION_BUDGET_TAG, budget_of_alias)
+from pipelines.vocabulary import (CHAMPION, DATASET_TAG, DEFAULT_BUDGET_TAG, MOLECULE_SCORES, PARAMETERIZATION_TAG,
+                                  TEST_NELBO_TAG, TEST_SAMPLE_TAG_PREFIX, TEST_STDERR_TAG, VALID_NELBO_TAG,
+                                  VERSION_BUDGET_TAG, budget_of_alias)
 
 
 @dataclass(frozen=True)
@@ -29,17 +30,21 @@ class VersionInfo:
     valid_nelbo_bits: float | None = None
     run_id: str | None = None
     test_nelbo_stderr: float | None = None
+    test_sample_scores: dict[str, float] = field(default_factory=dict)  # molecules: validity, fcd, ...
 
     def recorded(self, metric: str) -> tuple[float, float | None] | None:
         """(value, standard error) of a test metric the gate recorded on this version (None: not recorded)."""
-        value, stderr = {"nelbo_bits": (self.test_nelbo_bits, self.test_nelbo_stderr)}.get(metric, (None, None))
+        if metric == "nelbo_bits":
+            value, stderr = self.test_nelbo_bits, self.test_nelbo_stderr
+        else:
+            value, stderr = self.test_sample_scores.get(metric), None
         if value is None or not math.isfinite(value):
             return None
         return value, stderr
 
 
 # the test metrics a request may route on, as the registry gate records them, and which way is better
-QUALITY_METRICS = {"nelbo_bits": "lower"}
+QUALITY_METRICS = {"nelbo_bits": "lower", "validity": "higher", "fcd": "lower"}
 
 
 class RoutingError(ValueError):
@@ -149,7 +154,10 @@ def read_registry(tracking_uri: str, name: str) -> ModelSnapshot:
             aliases=tuple(sorted(a for a, held in aliases.items() if held == version)),
             parameterization=tags.get(PARAMETERIZATION_TAG), dataset=tags.get(DATASET_TAG),
             test_nelbo_bits=_float(tags.get(TEST_NELBO_TAG)), valid_nelbo_bits=_float(tags.get(VALID_NELBO_TAG)),
-            run_id=v.run_id, test_nelbo_stderr=_float(tags.get(TEST_STDERR_TAG)))
+            run_id=v.run_id, test_nelbo_stderr=_float(tags.get(TEST_STDERR_TAG)),
+            test_sample_scores={name: value for name in MOLECULE_SCORES
+                                if (value := _float(tags.get(TEST_SAMPLE_TAG_PREFIX + name))) is not None
+                                and math.isfinite(value)})
     default = versions[aliases[CHAMPION]].steps if CHAMPION in aliases else None
     if default is not None and default not in budgets:  # a champion set by hand, without champion-t<T>
         budgets[default] = aliases[CHAMPION]

@@ -54,7 +54,9 @@ class QualityTarget(BaseModel):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"metric": "nelbo_bits",
                                                                                "max": 4.6}]})
-    metric: Literal["nelbo_bits"] = Field(description="a test metric the gate records (nelbo_bits: lower is better)")
+    metric: Literal["nelbo_bits", "validity", "fcd"] = Field(
+        description="a test metric the gate records: nelbo_bits (lower is better) for every model; validity "
+        "(higher) and fcd (lower) for molecule models")
     max: Annotated[StrictFloat | StrictInt, Field(allow_inf_nan=False)] | None = Field(
         None, description="the recorded value must be at most this (for a metric where lower is better)")
     min: Annotated[StrictFloat | StrictInt, Field(allow_inf_nan=False)] | None = Field(
@@ -149,6 +151,9 @@ class VersionEntry(BaseModel):
     valid_nelbo_bits: float | None
     run_id: str | None
     test_nelbo_stderr: float | None = None
+    test_sample_scores: dict[str, float] = Field(default_factory=dict, description="sample scores the gate recorded "
+                                                 "on the test split beside the NELBO (molecules: validity, uniqueness, "
+                                                 "novelty, copy_rate, fcd)")
     latency_ms_p50: float | None = Field(None, description="median time inside this replica of the last requests "
                                          "served by this version (null before the first)")
     card: Card | None = Field(None, description="data kind, formats and conditioning (null until this replica "
