@@ -245,7 +245,8 @@ def summary_table(report: list[dict], choices: dict, dataset: str) -> str:
         # a diverged report run has no samples to score: NaN in its cell, not a crash after all the training
         prim = [e["values"].get(metric, math.nan) for e in runs]
         nelbo = [e["values"].get("nelbo_bits", math.nan) for e in runs]
-        edge = " (grid edge)" if choice["at_grid_edge"] else ""
+        edge = (" (fixed, not searched)" if len(choice["valid_nelbo_mean_by_value"]) == 1
+                else " (grid edge)" if choice["at_grid_edge"] else "")
         value = choice["value"] if choice["knob"] == RECIPE else f"{choice['value']:g}"
         lines.append(f"| {method} | {T} | {choice['knob'].split('.')[-1]}={value}{edge} | "
                      f"{statistics.mean(prim):.4f} ({' / '.join(f'{v:.4f}' for v in prim)}) | "
@@ -291,7 +292,7 @@ def parse_args(argv: list[str] | None = None
                ) -> tuple[argparse.ArgumentParser, argparse.Namespace, dict[str, tuple[str, list[float]]]]:
     """The options, and the grid each method searches: `{method: (knob, values)}`, `--quick` and `--grid` applied."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="toy2d", choices=["toy2d", "digits-binary", "text"])
+    parser.add_argument("--dataset", default="toy2d", choices=["toy2d", "digits-binary", "text", "moses"])
     parser.add_argument("--steps", type=int, nargs="+", default=[2, 4, 8, 16], help="sampling steps T")
     parser.add_argument("--methods", nargs="+", default=list(KNOBS), choices=list(KNOBS))
     parser.add_argument("--select-seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -307,6 +308,9 @@ def parse_args(argv: list[str] | None = None
     parser.add_argument("--keep-best", action="store_true",
                         help=f"evaluate validation NELBO about {EVALUATIONS_FOR_KEEP_BEST} times per run and keep "
                              "the best weights (fit's keep_best, as fldd train keeps its best checkpoint), not the last")
+    parser.add_argument("--single-value", action="store_true",
+                        help="allow a one-value --grid: no choice is made (the selection runs still record the "
+                        "validation NELBO), for a data set where a 4-value grid does not fit the machine")
     parser.add_argument("--out", type=Path, help="default: docs/results/select_then_test_<dataset>.json")
     parser.add_argument("--cache", type=Path, help="finished runs, to resume from "
                         "(default: .fldd/select_then_test/<name of --out>.runs.jsonl)")
@@ -340,8 +344,9 @@ def parse_args(argv: list[str] | None = None
                 parser.error(f"--grid {item}: values must be numbers separated by commas")
             if not all(math.isfinite(v) and v > 0 for v in grid):
                 parser.error(f"--grid {item}: learning rates must be finite and positive")
-        if len(grid) < 2:
-            parser.error(f"--grid {item}: a grid needs at least two values, or there is nothing to choose")
+        if len(grid) < 2 and not args.single_value:
+            parser.error(f"--grid {item}: a grid needs at least two values, or there is nothing to choose "
+                         "(--single-value allows one: a fixed value, reported as such)")
         knobs[method] = (knobs[method][0], grid)
     if set(args.select_seeds) & set(args.report_seeds):
         parser.error("--select-seeds and --report-seeds must not share a seed: report seeds play no part in choosing")

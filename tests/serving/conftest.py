@@ -25,9 +25,9 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-TOY, TEXT, DIGITS = "serve-toy", "serve-text", "serve-digits"
+TOY, TEXT, DIGITS, MOLECULES = "serve-toy", "serve-text", "serve-digits", "serve-molecules"
 MAX_NUM_SAMPLES, MAX_BODY = 16, 4096
-ARGS = {"models": [TOY, TEXT, DIGITS], "poll_interval_s": 0.5, "max_body_bytes": MAX_BODY,
+ARGS = {"models": [TOY, TEXT, DIGITS, MOLECULES], "poll_interval_s": 0.5, "max_body_bytes": MAX_BODY,
         "limits": {"max_num_samples": MAX_NUM_SAMPLES, "max_batch_rows": 256},
         "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.05},
         # logical CPUs: the session cluster has 2 and the tests' own training needs none
@@ -77,8 +77,9 @@ def server(ray_cluster, tmp_path_factory):
             runs[name] = launch(small(toy_config(), steps, **warm, **extra),
                                 LaunchOptions(workers=0, quiet=True, name=f"toy-{name}")).run_id
         masked = {"process.method": "masked", "process.reverse_parameterization": "direct", "process.num_steps": 2}
-        for name, preset in (("text", "text"), ("digits", "digits")):
-            cfg = small(FLDDConfig.from_yaml(CONFIG_DIR / f"{preset}.yaml"), 10, **masked)
+        molecules = {"data.num_train": 2000, "data.num_valid": 100}  # the built-in moses, a small part of it
+        for name, preset, extra in (("text", "text", {}), ("digits", "digits", {}), ("molecules", "moses", molecules)):
+            cfg = small(FLDDConfig.from_yaml(CONFIG_DIR / f"{preset}.yaml"), 10, **masked, **extra)
             runs[name] = launch(cfg, LaunchOptions(workers=0, quiet=True, name=f"{name}-tiny")).run_id
 
         port = free_port()
@@ -89,7 +90,7 @@ def server(ray_cluster, tmp_path_factory):
         before = {"readyz": client.get("/readyz"), "generate": client.post({"num_samples": 1}),
                   "quality": client.post({"quality": {"metric": "nelbo_bits", "max": 9.0}})}
 
-        for run, model in (("weak", TOY), ("t4", TOY), ("text", TEXT), ("digits", DIGITS)):
+        for run, model in (("weak", TOY), ("t4", TOY), ("text", TEXT), ("digits", DIGITS), ("molecules", MOLECULES)):
             (decision,) = registry.promote(run_id=runs[run], model_name=model, passes=1)
             assert decision.promoted, decision
         wait_for(lambda: client.get("/readyz").status_code == 200, 120, "/readyz after promotion")

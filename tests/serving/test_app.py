@@ -7,6 +7,7 @@ T=4), text and binarized digits (masked forward, T=2)."""
 
 import base64
 import io
+import math
 import os
 import random
 import signal
@@ -25,7 +26,7 @@ from PIL import Image
 from fldd.config import CONFIG_DIR
 from pipelines import aliases, registry
 from pipelines.tracking import tracking_uri
-from tests.serving.conftest import DIGITS, MAX_BODY, MAX_NUM_SAMPLES, TEXT, TOY, free_port, wait_for
+from tests.serving.conftest import DIGITS, MAX_BODY, MAX_NUM_SAMPLES, MOLECULES, TEXT, TOY, free_port, wait_for
 
 def test_no_champion_yet_is_503_with_a_message(server):
     _, _, _, before = server
@@ -53,7 +54,7 @@ def test_health_docs_and_models(server):
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/v1/generate", "/v1/models", "/healthz", "/readyz"} <= set(paths)
     models = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
-    assert list(models) == [TOY, TEXT, DIGITS]
+    assert list(models) == [TOY, TEXT, DIGITS, MOLECULES]
     toy = models[TOY]
     assert toy["default_steps"] == 2 and toy["budgets"] == {"2": "1", "4": "2"} and toy["problem"] is None
     v1, v2 = toy["versions"]
@@ -63,6 +64,34 @@ def test_health_docs_and_models(server):
     tags = MlflowClient(tracking_uri()).get_model_version(TOY, "1").tags
     assert v1["test_nelbo_bits"] == pytest.approx(float(tags["fldd.test_nelbo_bits"]))
     assert models[TEXT]["budgets"] == {"2": "1"} and models[DIGITS]["versions"][0]["dataset"] == "digits-binary"
+
+
+def test_molecules_are_served_as_smiles_with_their_scores(server):
+    """A model of the built-in moses data: /v1/generate answers SMILES strings, /v1/models shows the
+    validity and FCD the gate recorded on the test split beside the NELBO, and a request can route on them."""
+    from fldd.datasets import MOSES_SYMBOLS
+    from fldd.molecules import tokenize_smiles
+
+    client, *_ = server
+    (version,) = {m["name"]: m for m in client.get("/v1/models").json()["models"]}[MOLECULES]["versions"]
+    tags = MlflowClient(tracking_uri()).get_model_version(MOLECULES, version["version"]).tags
+    scores = version["test_sample_scores"]
+    assert set(scores) >= {"validity", "uniqueness", "novelty", "copy_rate"} and 0 <= scores["validity"] <= 1
+    assert scores["validity"] == pytest.approx(float(tags["fldd.test_validity"]))
+    assert ("fcd" in scores) == math.isfinite(float(tags["fldd.test_fcd"]))  # NaN (no valid sample) is left out
+    assert version["card"]["data_kind"] == "text" and "text" in version["card"]["formats"]
+
+    out = client.generate(model=MOLECULES, num_samples=6, seed=0, format="text")
+    assert len(out["samples"]) == 6 and all(isinstance(s, str) for s in out["samples"])
+    assert all(set(tokenize_smiles(s)) <= set(MOSES_SYMBOLS[1:]) for s in out["samples"])  # padding dropped
+    prefixed = client.generate(model=MOLECULES, num_samples=3, seed=0, format="text", prefix="c1cc")
+    assert all(s.startswith("c1cc") for s in prefixed["samples"])
+    routed = client.generate(model=MOLECULES, num_samples=1, quality={"metric": "validity", "min": 0.0})
+    assert routed["version"] == version["version"] and routed["quality"]["value"] == pytest.approx(scores["validity"])
+    unmeetable = client.post({"model": MOLECULES, "quality": {"metric": "validity", "min": 1.5}})
+    assert unmeetable.status_code == 422 and "validity" in unmeetable.text
+    wrong_side = client.post({"model": MOLECULES, "quality": {"metric": "fcd", "min": 1.0}})
+    assert wrong_side.status_code == 422 and "lower is better, so give max" in wrong_side.text
 
 
 def test_tokens_per_budget(server):

@@ -1,0 +1,51 @@
+"""Molecules through the product's commands: a SMILES file prepared, trained with `fldd train`,
+sampled as SMILES strings with `fldd sample`, scored by `fldd evaluate` (validity, uniqueness,
+novelty, copies, FCD beside the NELBO), and gated by `fldd promote`, which records the scores."""
+
+import json
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from commands.cli import main
+from fldd.molecules import tokenize_smiles
+from pipelines import registry
+from pipelines.train import LaunchOptions, launch
+from pipelines.tracking import tracking_uri
+from fldd.config import CONFIG_DIR, FLDDConfig
+
+FIXTURE = Path(__file__).parents[1] / "fldd" / "fixtures" / "molecules.smi"
+SMALL = {"reverse_network.arch": "mlp", "forward_network.arch": "mlp", "reverse_network.width": 32,
+         "forward_network.width": 32, "reverse_network.depth": 1, "forward_network.depth": 1,
+         "train.batch_size": 32, "process.num_steps": 4}
+
+
+def test_a_smiles_file_trains_samples_evaluates_and_promotes(home, tmp_path, capsys):
+    prepared = tmp_path / "prepared"
+    assert main(["data", "prepare", "--smiles", str(FIXTURE), "--out", str(prepared), "--valid-fraction", "0.15",
+                 "--test-fraction", "0.15"]) == 0
+    settings = [arg for key, value in SMALL.items() for arg in ("--set", f"{key}={value}")]
+    assert main(["train", "--config", "moses", "--set", f"data.path={prepared}", "--train-steps", "30",
+                 "--workers", "0", "--name", "molecules", *settings]) == 0
+    capsys.readouterr()
+    checkpoint = str(home / "runs" / "molecules" / "model.pt")
+    assert main(["sample", "--checkpoint", checkpoint, "-n", "5", "--seed", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    vocabulary = {t for s in FIXTURE.read_text().split() for t in tokenize_smiles(s)}
+    assert len(lines) == 5 and all(set(tokenize_smiles(line)) <= vocabulary for line in lines)  # strings, not ids
+
+    assert main(["evaluate", "--checkpoint", checkpoint, "--split", "test", "--passes", "1"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert scores["split"] == "test" and scores["test_nelbo_bits"] > 0
+    assert 0 <= scores["test_validity"] <= 1 and 0 <= scores["test_copy_rate"] <= scores["test_validity"]
+    assert "test_fcd" in scores and "test_uniqueness" in scores and "test_novelty" in scores
+
+    # the gate decides on the paired NELBO and records the molecule scores on the version
+    cfg = FLDDConfig.from_yaml(CONFIG_DIR / "moses.yaml").with_overrides(
+        {**SMALL, "data.path": str(prepared), "train.steps": 30, "data.name": "moses"})
+    run_id = launch(cfg, LaunchOptions(workers=0, quiet=True, name="molecules-gate")).run_id
+    (decision,) = registry.promote(run_id=run_id, model_name="molecules", passes=1)
+    assert decision.promoted and set(decision.sample_scores) == {"validity", "uniqueness", "novelty", "copy_rate",
+                                                                 "fcd"}
+    tags = MlflowClient(tracking_uri()).get_model_version("molecules", decision.version).tags
+    assert float(tags["fldd.test_validity"]) == decision.sample_scores["validity"]
