@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean browser
+.PHONY: install molecules demo test bench clean browser
 
 install: $(STAMP)
 
@@ -15,10 +15,20 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
+# The optional molecules extra (RDKit, fcd) and the MOSES data files (molsets, without its
+# dependencies: see pyproject.toml). The tests and the molecule benchmark need it; the demo does not.
+MOLECULES_STAMP := $(VENV)/.installed-molecules
+molecules: $(MOLECULES_STAMP)
+
+$(MOLECULES_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[molecules]"
+	$(PY) -m pip install -q --no-deps molsets==0.3.1
+	touch $(MOLECULES_STAMP)
+
 demo: install
 	$(VENV)/bin/fldd demo
 
-test: install browser
+test: install molecules browser
 	$(PY) -m pytest -q tests
 
 # The playground's browser test drives Debian's chromium through chromium-driver. Installed where

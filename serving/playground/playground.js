@@ -74,6 +74,13 @@ function fmt(value, digits = 4) {
   return value === null || value === undefined ? "–" : Number(value).toFixed(digits);
 }
 
+// the sample scores the gate recorded beside the NELBO (molecules: validity, FCD), if any
+function sampleScores(version) {
+  const scores = version.test_sample_scores || {};
+  return ["validity", "uniqueness", "novelty", "fcd"].filter((name) => name in scores)
+    .map((name) => ` · ${name} ${fmt(scores[name], name === "fcd" ? 2 : 3)}`).join("");
+}
+
 // ---- a panel -------------------------------------------------------------------------------
 
 function makePanel(key, title) {
@@ -129,7 +136,7 @@ function showMenu(panel, model) {
     const v = versionOf(model, version) || {};
     const row = table.insertRow();
     [T, `v${version}`, v.parameterization || "–",
-     `${fmt(v.test_nelbo_bits)} ± ${fmt(v.test_nelbo_stderr)}`,
+     `${fmt(v.test_nelbo_bits)} ± ${fmt(v.test_nelbo_stderr)}${sampleScores(v)}`,
      v.latency_ms_p50 === null || v.latency_ms_p50 === undefined ? "–" : `${v.latency_ms_p50.toFixed(1)} ms`,
     ].forEach((text) => { row.insertCell().textContent = text; });
   });
@@ -212,7 +219,7 @@ function showAnswer(panel, answer, roundTripMs) {
   role(panel, "nelbo").textContent = answer.quality
     ? `${fmt(answer.quality.value)} ± ${fmt(answer.quality.stderr)} bits (asked: ${answer.quality.bound_kind} ` +
       `${answer.quality.bound})`
-    : `${fmt(version.test_nelbo_bits)} ± ${fmt(version.test_nelbo_stderr)} bits`;
+    : `${fmt(version.test_nelbo_bits)} ± ${fmt(version.test_nelbo_stderr)} bits${sampleScores(version)}`;
   role(panel, "latency").textContent = `${(1000 * answer.elapsed_s).toFixed(1)} ms in the server, ` +
     `${roundTripMs.toFixed(1)} ms round trip, ${answer.batch_requests} request(s) in the batch`;
   role(panel, "answer").hidden = false;

@@ -1,6 +1,6 @@
 """The playground page at / in a real headless Chromium (Debian's chromium and chromium-driver,
 driven by Selenium through serving.browser), against the package's endpoint
-(tests/serving/conftest.py): three real models, toy2d (two budgets), text and binary digits. What
+(tests/serving/conftest.py): four real models, toy2d (two budgets), text, binary digits and molecules. What
 the page shows is checked against the API's own answers."""
 
 import re
@@ -8,7 +8,7 @@ import re
 import pytest
 
 from serving.browser import Playground, find_browser
-from tests.serving.conftest import DIGITS, TEXT, TOY, wait_for
+from tests.serving.conftest import DIGITS, MOLECULES, TEXT, TOY, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +85,14 @@ def test_images_and_text_render_for_their_data(page):
     expected = client.generate(model=TEXT, num_samples=6, seed=3, prefix="the ", format="text")["samples"]
     text = playground.field("a", "samples").find_element("css selector", "pre").get_attribute("textContent")
     assert text == "\n".join(expected) and all(line.startswith("the ") for line in expected)
+    # molecules: SMILES lines, with the validity and FCD the gate recorded beside the NELBO
+    playground.choose("a", MOLECULES)
+    assert playground.generate("a") == {"a": "done"}, playground.error("a")
+    expected = client.generate(model=MOLECULES, num_samples=6, seed=3, format="text")["samples"]
+    text = playground.field("a", "samples").find_element("css selector", "pre").get_attribute("textContent")
+    assert text == "\n".join(expected)
+    (version,) = served(client)[MOLECULES]["versions"]
+    assert f"validity {version['test_sample_scores']['validity']:.3f}" in playground.shown("a")["nelbo"]
 
 
 def test_api_errors_show_as_readable_messages(page):

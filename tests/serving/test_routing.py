@@ -39,7 +39,25 @@ def test_a_bound_on_the_wrong_side_or_an_unknown_metric_is_refused():
     with pytest.raises(ValueError, match="lower is better, so give max, not min"):
         route_by_quality(menu, "nelbo_bits", 4.0, "min")
     with pytest.raises(ValueError, match="not recorded by the gate"):
+        route_by_quality(menu, "gen_bpc", 3.0, "max")
+    # a molecule score on a model whose gate recorded none (not a molecule model)
+    with pytest.raises(RoutingError, match="no served budget of 'm' has a recorded test validity"):
         route_by_quality(menu, "validity", 0.9, "min")
+
+
+def test_molecule_scores_route_higher_or_lower_is_better():
+    scores = {2: {"validity": 0.61, "fcd": 9.0}, 4: {"validity": 0.83, "fcd": 4.2}, 8: {"validity": 0.80}}
+    versions = {str(T): VersionInfo(version=str(T), steps=T, aliases=(f"champion-t{T}",), test_nelbo_bits=1.0,
+                                    test_sample_scores=s) for T, s in scores.items()}
+    menu = ModelSnapshot("m", True, {T: str(T) for T in scores}, 2, versions)
+    assert route_by_quality(menu, "validity", 0.8, "min").steps == 4  # higher is better: the fewest steps >= 0.8
+    assert route_by_quality(menu, "validity", 0.5, "min").steps == 2
+    chosen = route_by_quality(menu, "fcd", 5.0, "max")
+    assert (chosen.steps, chosen.value, chosen.stderr) == (4, 4.2, None)
+    with pytest.raises(RoutingError, match=r"validity >= 0.9; the best is 0.8300 \(T=4, version 4\)"):
+        route_by_quality(menu, "validity", 0.9, "min")
+    with pytest.raises(RoutingError, match=r"fcd <= 1.0; the best is 4.2000 \(T=4"):  # T=8 has no fcd: skipped
+        route_by_quality(menu, "fcd", 1.0, "max")
 
 
 @pytest.mark.parametrize("body, message", [
