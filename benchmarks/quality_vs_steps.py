@@ -35,9 +35,9 @@ import torch  # noqa: E402
 
 from fldd.config import CONFIG_DIR, ConfigError, FLDDConfig  # noqa: E402
 from fldd.data import load_splits, load_test_split  # noqa: E402
-from fldd.datasets import builtin, builtin_codec, data_pmf, tokens_to_text  # noqa: E402
-from fldd.molecules import chemnet_statistics, molecule_metrics  # noqa: E402
+from fldd.datasets import MOSES_SYMBOLS, builtin, data_pmf, tokens_to_text  # noqa: E402
 from fldd.metrics import exact_distribution_metrics  # noqa: E402
+from fldd.molecules import score_token_samples  # noqa: E402
 from fldd.objective import evaluate_nelbo  # noqa: E402
 from fldd.sample_metrics import CharNGram, digits_metrics, text_metrics  # noqa: E402
 from fldd.sampler import sample  # noqa: E402
@@ -111,9 +111,7 @@ def run_job(job: dict, train_steps: int | None, num_samples: int, plot_dir: str 
     if job["dataset"] == "text":
         values.update(text_metrics(samples, CharNGram(train, cfg.vocab_size)))
     if job["dataset"] == "moses":  # the same scores as `fldd evaluate`: FCD against the held-out split
-        codec = builtin_codec("moses")
-        decode = lambda rows: [codec.decode(row) for row in rows.tolist()]  # noqa: E731
-        values.update(molecule_metrics(decode(samples), decode(train), chemnet_statistics(decode(held_out))))
+        values.update(score_token_samples(samples.numpy(), train.numpy(), held_out.numpy(), MOSES_SYMBOLS))
     if plot_dir and job["seed"] == 0:
         save_samples(job, samples, cfg.vocab_size, Path(plot_dir))
     return [{**job, "metric": k, "value": float(v)} for k, v in values.items()]

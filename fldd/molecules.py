@@ -4,7 +4,8 @@ SMILES tokens: the usual atom-level regex (bracket atoms such as [nH] or [C@@H] 
 are two-letter elements Cl / Br and two-digit ring bonds %nn); a molecule's tokens join back to
 its SMILES exactly. A token table of molecules has one molecule per row, padded at the end to the
 longest molecule with the padding symbol (the empty string, token 0 of the `smiles` codec), so a
-decoded sample is the join of its tokens and padding anywhere simply disappears.
+decoded sample is the join of its tokens. A generated sample with a token after padding is no
+molecule the data could hold: the scores count it invalid (and report how often it happens).
 
 The scores use packages nobody here wrote, from the optional `molecules` extra: RDKit (validity,
 canonical SMILES for uniqueness, novelty and copies) and `fcd` (Frechet ChemNet Distance, with the
@@ -59,9 +60,10 @@ def tokenize_smiles(smiles: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 def _open_text(path: Path) -> io.TextIOBase:
+    # utf-8-sig: a byte-order mark (as spreadsheet exports write) is not part of the first column's name
     if path.name.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", newline="")
+    return open(path, encoding="utf-8-sig", newline="")
 
 
 def is_csv(path: Path) -> bool:
@@ -106,7 +108,8 @@ def read_smiles(path: Path, column: str | None = None) -> Iterator[tuple[int, st
 # RDKit and MOSES, from the optional extra
 # ---------------------------------------------------------------------------------------------
 
-def rdkit_chem():
+@lru_cache(maxsize=1)
+def rdkit_chem():  # -> the rdkit.Chem module
     try:
         from rdkit import Chem, RDLogger
     except ImportError:
@@ -119,11 +122,12 @@ def canonical(smiles: str) -> str | None:
     """RDKit's canonical SMILES, or None for a string that is not a molecule (empty included)."""
     if not smiles:
         return None
-    molecule = rdkit_chem().MolFromSmiles(smiles)
-    return None if molecule is None else rdkit_chem().MolToSmiles(molecule)
+    chem = rdkit_chem()
+    molecule = chem.MolFromSmiles(smiles)
+    return None if molecule is None else chem.MolToSmiles(molecule)
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=1)
 def canonical_set(smiles: tuple[str, ...]) -> frozenset[str]:
     """Canonical forms of the valid molecules among `smiles` (cached: a train split is scored often)."""
     return frozenset(c for c in map(canonical, smiles) if c is not None)
@@ -190,25 +194,37 @@ def chemnet_statistics(smiles: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
+def reference_statistics(smiles: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """chemnet_statistics of the canonical forms of the valid molecules of a reference set (as
+    MOSES does): ChemNet reads strings, so one spelling of a molecule must stand for it."""
+    forms = [c for c in map(canonical, smiles) if c is not None]
+    if len(forms) < 2:
+        raise ValueError(f"a reference set needs at least 2 valid molecules, got {len(forms)}")
+    return chemnet_statistics(forms)
+
+
 def frechet_chemnet_distance(smiles: Sequence[str], reference: tuple[np.ndarray, np.ndarray]) -> float:
+    """Frechet distance between the ChemNet statistics of `smiles` (as given) and `reference`."""
     from fcd import calculate_frechet_distance
 
     mu, sigma = chemnet_statistics(smiles)
     return float(calculate_frechet_distance(mu1=mu, sigma1=sigma, mu2=reference[0], sigma2=reference[1]))
 
 
-def molecule_metrics(samples: Sequence[str], train: Iterable[str],
+def molecule_metrics(samples: Sequence[str | None], train: Iterable[str],
                      reference: tuple[np.ndarray, np.ndarray] | None) -> dict[str, float]:
-    """MOSES-style scores of generated SMILES:
+    """MOSES-style scores of generated SMILES (None: a sample known to be invalid):
     - validity: the fraction RDKit parses (an empty sample is invalid);
-    - uniqueness: distinct canonical molecules among the valid ones, over the valid ones;
+    - uniqueness: distinct canonical molecules among the valid ones, over the valid ones (over all
+      valid samples, not MOSES's unique@1000 / unique@10000);
     - novelty: the distinct valid molecules not in `train` (canonically), over the distinct valid ones;
     - copy_rate: the fraction of all samples that are a training molecule;
-    - fcd: Frechet ChemNet Distance of the valid samples to `reference` (chemnet_statistics of a
-      held-out split); NaN with fewer than 2 valid samples, absent without a reference."""
+    - fcd: Frechet ChemNet Distance of the canonical forms of the valid samples to `reference`
+      (reference_statistics of a held-out split); NaN with fewer than 2 valid samples, absent
+      without a reference."""
     if not samples:
         raise ValueError("no samples to score")
-    forms = [canonical(s) for s in samples]
+    forms = [canonical(s) if s is not None else None for s in samples]
     valid = [f for f in forms if f is not None]
     distinct = set(valid)
     known = canonical_set(tuple(train))
@@ -217,6 +233,20 @@ def molecule_metrics(samples: Sequence[str], train: Iterable[str],
                "novelty": len(distinct - known) / len(distinct) if distinct else 0.0,
                "copy_rate": sum(f in known for f in valid) / len(samples)}
     if reference is not None:
-        valid_samples = [s for s, f in zip(samples, forms) if f is not None]
-        metrics["fcd"] = frechet_chemnet_distance(valid_samples, reference) if len(valid_samples) > 1 else float("nan")
+        metrics["fcd"] = frechet_chemnet_distance(valid, reference) if len(valid) > 1 else float("nan")
     return metrics
+
+
+def score_token_samples(samples: np.ndarray, train: np.ndarray, held_out: np.ndarray,
+                        symbols: Sequence[str]) -> dict[str, float]:
+    """molecule_metrics of token rows (N, D) of a smiles codec's `symbols` (token 0 the padding):
+    a sample with a token after padding counts as invalid, and `interior_padding` is their
+    fraction; novelty and copies against the `train` rows, FCD against the `held_out` rows."""
+    samples, train, held_out = (np.asarray(rows) for rows in (samples, train, held_out))
+    table = np.array(symbols, dtype=object)
+    join = lambda rows: ["".join(table[row]) for row in rows]  # noqa: E731  (padding is "")
+    padded = samples == 0
+    interior = (padded[:, :-1] & ~padded[:, 1:]).any(axis=1)  # a pad followed by a token
+    decoded = [None if bad else text for bad, text in zip(interior.tolist(), join(samples))]
+    scores = molecule_metrics(decoded, join(train), reference_statistics(join(held_out)))
+    return {**scores, "interior_padding": float(interior.mean())}

@@ -206,8 +206,6 @@ def _char_encoder(alphabet: str, unknown: str | None):
     return encode
 
 
-
-
 # ---------------------------------------------------------------------------------------------
 # CSV
 # ---------------------------------------------------------------------------------------------
@@ -325,37 +323,40 @@ def prepare_smiles(inputs: Sequence[str], out: str | Path, *, column: str | None
     out = Path(out)
     check_output(out, force)
 
-    def molecules() -> Iterator[tuple[Path, int, str, list[str] | None]]:
-        """(file, line, SMILES, tokens or None where RDKit cannot parse it or no token covers it)."""
+    def records() -> Iterator[tuple[Path, int, str]]:
         for file in files:
             try:
                 for line, smiles in read_smiles(file, column):
-                    try:
-                        tokens = tokenize_smiles(smiles) if canonical(smiles) is not None else None
-                    except SmilesError:
-                        tokens = None
-                    yield file, line, smiles, tokens
+                    yield file, line, smiles
             except SmilesError as error:
                 raise DataError(str(error)) from None
 
-    # pass 1: the vocabulary, the longest molecule, the ones RDKit cannot parse
+    # pass 1: the vocabulary, the longest molecule, the lines left out (RDKit cannot parse them, or
+    # a character is no SMILES token: RDKit reads "C C" as CC named C, for one)
     symbols: set[str] = set()
-    longest, count, skipped = 0, 0, []
-    for file, line, smiles, tokens in molecules():
-        if tokens is None:
+    longest, count, skipped = 0, 0, set()
+    for file, line, smiles in records():
+        try:
+            tokens = tokenize_smiles(smiles)
+            problem = None if canonical(smiles) is not None else f"{smiles!r} is not a molecule RDKit can parse"
+        except SmilesError as error:
+            problem = str(error)
+        if problem is not None:
             if invalid == "refuse":
-                raise DataError(f"{file}:{line}: {smiles!r} is not a molecule RDKit can parse; fix or remove it, "
-                                "or pass --invalid skip to leave such lines out")
-            skipped.append(f"{file}:{line}")
+                raise DataError(f"{file}:{line}: {problem}; fix or remove it, or pass --invalid skip to leave "
+                                "such lines out")
+            skipped.add((file, line))
             continue
         symbols.update(tokens)
         longest = max(longest, len(tokens))
         count += 1
     if count == 0:
-        what = f"no valid SMILES ({len(skipped)} unparseable)" if skipped else "no SMILES"
+        what = f"no valid SMILES ({len(skipped)} left out)" if skipped else "no SMILES"
         raise DataError(f"{', '.join(map(str, files))}: {what}" + (f" in column {column!r}" if column else ""))
     codec = TokenCodec("smiles", symbols=("",) + tuple(sorted(symbols)))
-    notes = [f"skipped {len(skipped):,} SMILES RDKit cannot parse (first: {', '.join(skipped[:5])})"] if skipped else []
+    first = ", ".join(f"{file}:{line}" for file, line in sorted(skipped, key=lambda fl: (files.index(fl[0]), fl[1]))[:5])
+    notes = [f"left out {len(skipped):,} SMILES (RDKit cannot parse them, or not SMILES tokens; first: {first})"] \
+        if skipped else []
 
     plan = plan_splits(count, valid_fraction, test_fraction, seed)
     result = Prepared(str(out), "smiles", [str(f) for f in files], longest, codec.vocab_size, codec.to_dict(), {},
@@ -364,11 +365,15 @@ def prepare_smiles(inputs: Sequence[str], out: str | Path, *, column: str | None
     writer = SplitWriter(out, longest, codec, plan)
     index = {symbol: i for i, symbol in enumerate(codec.symbols)}
 
-    def feed() -> Iterator[None]:  # pass 2: tokens, a block of rows at a time
+    def feed() -> Iterator[None]:  # pass 2: tokens, a block of rows at a time (pass 1 did the checking)
         rows: list[list[int]] = []
-        for *_, tokens in molecules():
-            if tokens is None:
+        for file, line, smiles in records():
+            if (file, line) in skipped:
                 continue
+            try:
+                tokens = tokenize_smiles(smiles)
+            except SmilesError:
+                tokens = [None]  # pass 1 tokenized it: the file changed in between
             if any(t not in index for t in tokens) or len(tokens) > longest:
                 raise DataError("the input changed while it was being prepared; run prepare again")
             rows.append([index[t] for t in tokens] + [0] * (longest - len(tokens)))

@@ -13,12 +13,13 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from fldd.codec import TokenCodec  # noqa: E402
 from fldd.data import load_splits  # noqa: E402
 from fldd.datasets import data_pmf  # noqa: E402
 from fldd.metrics import exact_distribution_metrics  # noqa: E402
 from fldd.model import FLDDModel  # noqa: E402
+from fldd.molecules import score_token_samples  # noqa: E402
 from fldd.objective import evaluate_nelbo  # noqa: E402
-from fldd.molecules import chemnet_statistics, molecule_metrics  # noqa: E402
 from fldd.sample_metrics import CharNGram, digits_metrics, text_metrics  # noqa: E402
 from fldd.sampler import sample  # noqa: E402
 from fldd.service import model_codec  # noqa: E402
@@ -69,14 +70,13 @@ def evaluate_model(model: FLDDModel, valid: torch.Tensor, *, passes: int = 10, s
     return metrics
 
 
-def molecule_scores(model: FLDDModel, held_out: torch.Tensor, codec, *, num_samples: int = 2000,
+def molecule_scores(model: FLDDModel, held_out: torch.Tensor, codec: TokenCodec, *, num_samples: int = 2000,
                     seed: int = 0) -> dict[str, float]:
-    """molecule_metrics of `num_samples` samples (seed 1000 + seed), novelty and copies against the
-    model's train split, FCD against the ChemNet statistics of `held_out`."""
+    """fldd.molecules.score_token_samples of `num_samples` samples (seed 1000 + seed): novelty and
+    copies against the model's train split, FCD against `held_out`."""
     train, _ = load_splits(model.config)
     samples = sample(model, num_samples, generator=torch.Generator().manual_seed(1000 + seed))
-    decode = lambda rows: [codec.decode(row) for row in rows.tolist()]  # noqa: E731
-    return molecule_metrics(decode(samples), decode(train), chemnet_statistics(decode(held_out)))
+    return score_token_samples(samples.numpy(), train.numpy(), held_out.numpy(), codec.symbols)
 
 
 def final_report(model: FLDDModel, valid: torch.Tensor, run_dir: Path, **extra: Any) -> dict[str, Any]:

@@ -77,7 +77,7 @@ function fmt(value, digits = 4) {
 // the sample scores the gate recorded beside the NELBO (molecules: validity, FCD), if any
 function sampleScores(version) {
   const scores = version.test_sample_scores || {};
-  return ["validity", "uniqueness", "novelty", "fcd"].filter((name) => name in scores)
+  return ["validity", "uniqueness", "novelty", "copy_rate", "fcd"].filter((name) => name in scores)
     .map((name) => ` · ${name} ${fmt(scores[name], name === "fcd" ? 2 : 3)}`).join("");
 }
 

@@ -85,6 +85,7 @@ def test_prepare_smiles_csv_gz_column_and_invalid_lines(tmp_path):
     molecules = fixture_smiles()[:40]
     rows = ["id,smiles,name"] + [f"{i},{s},m{i}" for i, s in enumerate(molecules)]
     rows.insert(5, "99,C1CC,broken")  # an unclosed ring: line 6 of the file
+    rows.insert(9, "98,C C,spaced")  # RDKit would read "C C" as CC named C; no SMILES token covers the space
     path = tmp_path / "mols.csv.gz"
     path.write_bytes(gzip.compress(("\n".join(rows) + "\n").encode()))
     with pytest.raises(DataError, match=r"mols\.csv\.gz:6: 'C1CC' is not a molecule RDKit can parse.*--invalid skip"):
@@ -92,8 +93,12 @@ def test_prepare_smiles_csv_gz_column_and_invalid_lines(tmp_path):
     assert not (tmp_path / "refused" / "train").exists()
     result = prepare_smiles([str(path)], tmp_path / "skipped", invalid="skip", valid_fraction=0.2, test_fraction=0.2)
     assert sum(result.rows.values()) == 40
-    assert any("skipped 1 SMILES RDKit cannot parse (first: " in note and "mols.csv.gz:6" in note
-               for note in result.notes)
+    assert any(note.startswith("left out 2 SMILES (RDKit cannot parse them, or not SMILES tokens; first: ")
+               and note.endswith("mols.csv.gz:6, " + str(path) + ":10)") for note in result.notes), result.notes
+    rows.pop(5)
+    path.write_bytes(gzip.compress(("\n".join(rows) + "\n").encode()))
+    with pytest.raises(DataError, match=r"mols\.csv\.gz:9: 'C C': character ' ' at position 2 is not a SMILES token"):
+        prepare_smiles([str(path)], tmp_path / "refused_space")
     with pytest.raises(DataError, match=r"no column 'SMILES'; the columns are \['id', 'smiles', 'name'\]"):
         prepare_smiles([str(path)], tmp_path / "c", column="SMILES")
     (tmp_path / "named.csv").write_text("id,structure\n1,CCO\n")
@@ -106,7 +111,7 @@ def test_prepare_smiles_csv_gz_column_and_invalid_lines(tmp_path):
     with pytest.raises(DataError, match="empty.smi: no SMILES"):
         prepare_smiles([str(tmp_path / "empty.smi")], tmp_path / "f")
     (tmp_path / "all_bad.smi").write_text("smiles\nC1CC\nC(C\n")
-    with pytest.raises(DataError, match=r"no valid SMILES \(2 unparseable\)"):
+    with pytest.raises(DataError, match=r"no valid SMILES \(2 left out\)"):
         prepare_smiles([str(tmp_path / "all_bad.smi")], tmp_path / "g", invalid="skip")
     with pytest.raises(DataError, match="--column is for CSV files"):
         prepare_smiles([str(FIXTURE)], tmp_path / "h", column="smiles")
@@ -139,15 +144,50 @@ def test_molecule_metrics_on_known_lists():
         molecule_metrics([], train, None)
 
 
-def test_fcd_is_zero_against_itself_and_large_against_shuffled_characters():
-    molecules = fixture_smiles()
-    reference = chemnet_statistics(molecules)
-    assert abs(frechet_chemnet_distance(molecules, reference)) < 1e-3
+def test_fcd_separates_real_molecules_from_shuffled_characters():
+    from fldd.datasets import MOSES_SYMBOLS  # noqa: F401  (the MOSES files: the molecules extra)
+    from fldd.molecules import moses_smiles, reference_statistics
+
+    molecules = list(moses_smiles("test")[:1200])  # two disjoint sets of real molecules
+    reference = reference_statistics(molecules[600:])
+    real = frechet_chemnet_distance(molecules[:600], reference)
     rng = random.Random(0)
-    shuffled = ["".join(rng.sample(s, len(s))) for s in molecules]
-    assert frechet_chemnet_distance(shuffled, reference) > 10
-    # through molecule_metrics: FCD is over the valid samples only; none valid -> NaN, not an error
-    assert np.isnan(molecule_metrics(["C1CC", "C(C"], molecules, reference)["fcd"])
+    shuffled = frechet_chemnet_distance(["".join(rng.sample(s, len(s))) for s in molecules[:600]], reference)
+    assert 0 < real < 10 and shuffled > 5 * real, (real, shuffled)
+
+
+def test_fcd_reads_canonical_forms_of_the_valid_samples_only():
+    from rdkit import Chem
+
+    from fldd.molecules import reference_statistics
+
+    molecules = fixture_smiles()
+    reference = reference_statistics(molecules)
+    # another spelling of every molecule (random atom order): the same molecules, so FCD ~ 0 after
+    # canonicalisation (ChemNet alone, on the raw strings, puts them apart)
+    rng = random.Random(1)
+    respelled = [Chem.MolToSmiles(Chem.MolFromSmiles(s), doRandom=True, canonical=False) for s in molecules]
+    assert respelled != molecules and abs(molecule_metrics(respelled, [], reference)["fcd"]) < 1e-3
+    assert frechet_chemnet_distance(respelled, reference) > 1  # raw strings: not the same to ChemNet
+    # invalid samples are left out of the FCD, not scored as strings
+    mixed = molecule_metrics(molecules + ["C1CC", "C(C", ""], [], reference)
+    assert mixed["validity"] == pytest.approx(300 / 303) and abs(mixed["fcd"]) < 1e-3
+    # fewer than 2 valid samples: NaN, not an error
+    assert np.isnan(molecule_metrics(["C1CC", "CCO"], molecules, reference)["fcd"])
+
+
+def test_token_samples_with_padding_inside_are_invalid():
+    from fldd.molecules import score_token_samples
+
+    symbols = ("", "C", "O", "N")
+    samples = np.array([[1, 1, 2, 0, 0],   # CCO
+                        [1, 1, 0, 0, 2],   # C C . . O: a token after padding, invalid though "CCO" parses
+                        [0, 0, 0, 0, 0],   # empty: invalid
+                        [1, 3, 0, 0, 0]])  # CN
+    held_out = np.array([[1, 1, 2, 0, 0], [1, 1, 3, 0, 0], [1, 2, 0, 0, 0]])
+    scores = score_token_samples(samples, np.array([[1, 1, 2, 0, 0]]), held_out, symbols)
+    assert scores["interior_padding"] == pytest.approx(1 / 4) and scores["validity"] == pytest.approx(2 / 4)
+    assert scores["copy_rate"] == pytest.approx(1 / 4) and scores["novelty"] == pytest.approx(1 / 2)
 
 
 def test_builtin_moses_splits():
@@ -168,8 +208,11 @@ def test_missing_extra_says_what_to_install(monkeypatch):
     import fldd.molecules
 
     monkeypatch.setitem(sys.modules, "rdkit", None)  # import rdkit -> ImportError
+    fldd.molecules.rdkit_chem.cache_clear()  # imported by earlier tests: import it again
     with pytest.raises(MissingExtra, match=r"RDKit: pip install 'fldd\[molecules\]'"):
         canonical("CCO")
+    monkeypatch.undo()
+    fldd.molecules.rdkit_chem.cache_clear()
     monkeypatch.setitem(sys.modules, "fcd", None)
     with pytest.raises(MissingExtra, match=r"fcd package: pip install 'fldd\[molecules\]'"):
         chemnet_statistics(["CCO", "CCN"])

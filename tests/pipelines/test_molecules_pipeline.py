@@ -3,6 +3,7 @@ sampled as SMILES strings with `fldd sample`, scored by `fldd evaluate` (validit
 novelty, copies, FCD beside the NELBO), and gated by `fldd promote`, which records the scores."""
 
 import json
+import math
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
@@ -38,7 +39,9 @@ def test_a_smiles_file_trains_samples_evaluates_and_promotes(home, tmp_path, cap
     scores = json.loads(capsys.readouterr().out)
     assert scores["split"] == "test" and scores["test_nelbo_bits"] > 0
     assert 0 <= scores["test_validity"] <= 1 and 0 <= scores["test_copy_rate"] <= scores["test_validity"]
-    assert "test_fcd" in scores and "test_uniqueness" in scores and "test_novelty" in scores
+    assert 0 <= scores["test_interior_padding"] <= 1 and "test_uniqueness" in scores and "test_novelty" in scores
+    # FCD over the valid samples: a number once two of the 2000 samples are valid, NaN (not an error) before
+    assert math.isfinite(scores["test_fcd"]) == (scores["test_validity"] * 2000 >= 2)
 
     # the gate decides on the paired NELBO and records the molecule scores on the version
     cfg = FLDDConfig.from_yaml(CONFIG_DIR / "moses.yaml").with_overrides(
@@ -46,6 +49,6 @@ def test_a_smiles_file_trains_samples_evaluates_and_promotes(home, tmp_path, cap
     run_id = launch(cfg, LaunchOptions(workers=0, quiet=True, name="molecules-gate")).run_id
     (decision,) = registry.promote(run_id=run_id, model_name="molecules", passes=1)
     assert decision.promoted and set(decision.sample_scores) == {"validity", "uniqueness", "novelty", "copy_rate",
-                                                                 "fcd"}
+                                                                 "fcd", "interior_padding"}
     tags = MlflowClient(tracking_uri()).get_model_version("molecules", decision.version).tags
     assert float(tags["fldd.test_validity"]) == decision.sample_scores["validity"]

@@ -76,7 +76,8 @@ def test_molecules_are_served_as_smiles_with_their_scores(server):
     (version,) = {m["name"]: m for m in client.get("/v1/models").json()["models"]}[MOLECULES]["versions"]
     tags = MlflowClient(tracking_uri()).get_model_version(MOLECULES, version["version"]).tags
     scores = version["test_sample_scores"]
-    assert set(scores) >= {"validity", "uniqueness", "novelty", "copy_rate"} and 0 <= scores["validity"] <= 1
+    assert set(scores) >= {"validity", "uniqueness", "novelty", "copy_rate", "interior_padding"}
+    assert 0 <= scores["validity"] <= 1
     assert scores["validity"] == pytest.approx(float(tags["fldd.test_validity"]))
     assert ("fcd" in scores) == math.isfinite(float(tags["fldd.test_fcd"]))  # NaN (no valid sample) is left out
     assert version["card"]["data_kind"] == "text" and "text" in version["card"]["formats"]
@@ -88,6 +89,8 @@ def test_molecules_are_served_as_smiles_with_their_scores(server):
     assert all(s.startswith("c1cc") for s in prefixed["samples"])
     routed = client.generate(model=MOLECULES, num_samples=1, quality={"metric": "validity", "min": 0.0})
     assert routed["version"] == version["version"] and routed["quality"]["value"] == pytest.approx(scores["validity"])
+    at_bound = client.generate(model=MOLECULES, num_samples=1, quality={"metric": "validity", "min": scores["validity"]})
+    assert at_bound["version"] == version["version"]  # the bound is inclusive
     unmeetable = client.post({"model": MOLECULES, "quality": {"metric": "validity", "min": 1.5}})
     assert unmeetable.status_code == 422 and "validity" in unmeetable.text
     wrong_side = client.post({"model": MOLECULES, "quality": {"metric": "fcd", "min": 1.0}})
