@@ -145,7 +145,6 @@ def test_molecule_metrics_on_known_lists():
 
 
 def test_fcd_separates_real_molecules_from_shuffled_characters():
-    from fldd.datasets import MOSES_SYMBOLS  # noqa: F401  (the MOSES files: the molecules extra)
     from fldd.molecules import moses_smiles, reference_statistics
 
     molecules = list(moses_smiles("test")[:1200])  # two disjoint sets of real molecules
@@ -165,7 +164,6 @@ def test_fcd_reads_canonical_forms_of_the_valid_samples_only():
     reference = reference_statistics(molecules)
     # another spelling of every molecule (random atom order): the same molecules, so FCD ~ 0 after
     # canonicalisation (ChemNet alone, on the raw strings, puts them apart)
-    rng = random.Random(1)
     respelled = [Chem.MolToSmiles(Chem.MolFromSmiles(s), doRandom=True, canonical=False) for s in molecules]
     assert respelled != molecules and abs(molecule_metrics(respelled, [], reference)["fcd"]) < 1e-3
     assert frechet_chemnet_distance(respelled, reference) > 1  # raw strings: not the same to ChemNet
