@@ -90,6 +90,8 @@ def format_inspect(report: dict[str, Any]) -> str:
                                                          else repr(alphabet[:120]) + " ...")
     elif codec["kind"] == "bytes":
         what = "bytes (UTF-8 text)"
+    elif codec["kind"] == "smiles":
+        what = f"smiles, {len(codec['symbols'])} symbols (token 0 the padding): {' '.join(codec['symbols'][1:])}"
     else:
         what = f"columns {codec['columns']}"
     lines.append(f"  sequence length {report['seq_len']}; vocabulary size {report['vocab_size']} "

@@ -44,6 +44,8 @@ def symbol(codec: TokenCodec | None, token: int) -> str | None:
         return codec.alphabet[token] if 0 <= token < len(codec.alphabet) else None
     if codec.kind == "bytes":
         return chr(token) if 32 <= token < 127 else f"0x{token:02x}"
+    if codec.kind == "smiles":
+        return (codec.symbols[token] or "<pad>") if 0 <= token < len(codec.symbols) else None
     shown = [f"{name}={category_label(cats[token])}" for name, cats in zip(codec.columns, codec.categories)
              if token < len(cats)]
     return " | ".join(shown[:3]) + (f" | ... ({len(shown)} columns)" if len(shown) > 3 else "")

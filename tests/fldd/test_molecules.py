@@ -122,6 +122,11 @@ def test_cli_prepare_smiles_options(tmp_path, capsys):
     assert main(["data", "prepare", "--smiles", str(FIXTURE), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "codec smiles" in printed and f"fldd train --config moses --set data.path={out.resolve()}" in printed
+    assert main(["data", "inspect", str(out)]) == 0
+    report = capsys.readouterr().out
+    assert "codec: smiles, " in report and "'<pad>'" in report  # the padding token named in the histogram
+    first = next(line for line in report.splitlines() if "train row 0: " in line).split("train row 0: ")[1]
+    assert first.strip("'") in fixture_smiles()  # examples decode to the molecules
     assert main(["data", "prepare", "--smiles", str(FIXTURE), "--out", str(tmp_path / "x"), "--seq-len", "9",
                  "--columns", "a"]) == 2
     assert "--seq-len: for --text only; --columns: for --csv only" in capsys.readouterr().err
