@@ -40,9 +40,9 @@ def format_decision(decision: Decision) -> str:
 def format_models(rows: list[ModelRow]) -> str:
     """`fldd models`: one line per version."""
     header = ("model", "ver", "aliases", "T", "parameterization", "dataset", "valid bits", "test bits", "decision",
-              "run")
+              "run") + (("test scores",) if any(r.test_scores != "-" for r in rows) else ())
     table = [header] + [(r.name, r.version, ",".join(r.aliases) or "-", r.budget, r.parameterization, r.dataset,
-                         r.valid_bits, r.test_bits, r.decision, r.run_id) for r in rows]
+                         r.valid_bits, r.test_bits, r.decision, r.run_id, r.test_scores)[:len(header)] for r in rows]
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)
 

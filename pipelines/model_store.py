@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from fldd.config import FLDDConfig
 from pipelines.tracking import dataset_name, tracking_uri
 from pipelines.vocabulary import (ALIAS_LOCK_SUFFIX, DATASET_TAG, DECISION_TAG, PARAMETERIZATION_TAG, REGISTERED_MODEL_NAME,
-                                  TEST_NELBO_TAG, VALID_NELBO_TAG, VERSION_BUDGET_TAG)
+                                  TEST_NELBO_TAG, TEST_SAMPLE_TAG_PREFIX, VALID_NELBO_TAG, VERSION_BUDGET_TAG)
 
 
 class RegistryError(ValueError):
@@ -42,6 +42,7 @@ class ModelRow:
     test_bits: str
     decision: str
     run_id: str
+    test_scores: str = "-"  # molecules: the validity and FCD the gate recorded
 
 
 def as_float(value: Any) -> float:
@@ -138,7 +139,9 @@ def list_models(name: str | None = None, client: MlflowClient | None = None) -> 
                 budget=t.get(VERSION_BUDGET_TAG, "?"), parameterization=t.get(PARAMETERIZATION_TAG, "?"),
                 dataset=t.get(DATASET_TAG, "?"), valid_bits=_short(t.get(VALID_NELBO_TAG)),
                 test_bits=_short(t.get(TEST_NELBO_TAG)), decision=t.get(DECISION_TAG, "-"),
-                run_id=v.run_id or ""))
+                run_id=v.run_id or "", test_scores=" ".join(
+                    f"{name} {_short(t[TEST_SAMPLE_TAG_PREFIX + name])}" for name in ("validity", "fcd")
+                    if TEST_SAMPLE_TAG_PREFIX + name in t) or "-"))
     return rows
 
 

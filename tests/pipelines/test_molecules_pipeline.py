@@ -52,3 +52,7 @@ def test_a_smiles_file_trains_samples_evaluates_and_promotes(home, tmp_path, cap
                                                                  "fcd", "interior_padding"}
     tags = MlflowClient(tracking_uri()).get_model_version("molecules", decision.version).tags
     assert float(tags["fldd.test_validity"]) == decision.sample_scores["validity"]
+    capsys.readouterr()
+    assert main(["models", "molecules"]) == 0
+    listed = capsys.readouterr().out
+    assert "test scores" in listed and f"validity {decision.sample_scores['validity']:.4f}" in listed
