@@ -62,7 +62,7 @@ class TokenCodec:
         return self.kind in ("chars", "bytes", "smiles")
 
     def decode(self, row: Sequence[int]) -> str | dict[str, str | None]:
-        """One sample: a string (chars, bytes) or {column: category or None} (columns)."""
+        """One sample: a string (chars, bytes, smiles) or {column: category or None} (columns)."""
         ids = [int(t) for t in row]
         if self.kind == "chars":
             return "".join(self.alphabet[i] for i in ids)

@@ -29,7 +29,6 @@ import numpy as np
 # bracket atoms | two-letter halogens | organic-subset atoms | bonds, branches, ring bonds (%nn first)
 SMILES_TOKEN = re.compile(r"(\[[^\]]+]|Br?|Cl?|N|O|S|P|F|I|b|c|n|o|s|p|\(|\)|\.|=|#|-|\+|\\|/|:|~|@|\?|>|\*|\$"
                           r"|%[0-9]{2}|[0-9])")
-PAD = ""  # token 0 of a smiles codec: padding after the molecule's last token
 EXTRA_HINT = "pip install 'fldd[molecules]'"
 MOSES_HINT = "pip install --no-deps molsets==0.3.1"  # --no-deps: its pinned pomegranate does not build
 
