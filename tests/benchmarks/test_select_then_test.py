@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from select_then_test import (ProtocolMismatch, cell_overrides, choose, config_keys, main,  # noqa: E402
-                              parse_args, read_cache, run_key)
+                              parse_args, read_cache, run_key, summary_table)
 
 
 def run(value: float, seed: int, nelbo: float) -> dict:
@@ -109,6 +109,18 @@ def test_quick_shortens_the_default_grids_but_keeps_a_users_grid_whole():
     assert knobs["masked-x0"] == ("train.lr", [1e-4, 2e-4, 3e-4])
     assert knobs["fldd-mask-carry"] == ("train.forward_lr", [3e-4, 1e-3])  # the default's middle two
     assert (args.steps, args.select_seeds, args.report_seeds, args.train_steps) == ([2], [0], [10], 150)
+
+
+def test_a_one_value_grid_needs_single_value_and_is_shown_as_fixed(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--grid", "masked-x0=1e-3", "--out", "x.json"])
+    assert "a grid needs at least two values" in capsys.readouterr().err
+    _, _, knobs = parse_args(["--dataset", "moses", "--grid", "masked-x0=1e-3", "--single-value", "--out", "x.json"])
+    assert knobs["masked-x0"] == ("train.lr", [1e-3])
+    choice = choose([{"values": {"nelbo_bits": 1.04}, "overrides": {"train.lr": 1e-3}}], "train.lr")
+    report = [{"method": "masked-x0", "steps": 10, "seed": 10, "values": {"fcd": 38.7, "nelbo_bits": 1.06}}]
+    table = summary_table(report, {("masked-x0", 10): choice}, "moses")
+    assert "lr=0.001 (fixed, not searched)" in table and "test fcd" in table
 
 
 def test_quick_protocol_chooses_on_valid_and_reports_test_on_other_seeds(tmp_path):
