@@ -215,7 +215,10 @@ def choose(selection: list[dict], knob: str) -> dict:
 
 def at_grid_edge(knob: str, best, values: list) -> bool:
     """Whether the chosen value is the lowest or highest of its grid, so the optimum may lie outside
-    it. A recipe's edge is its forward rate's among the rates tried with the same start."""
+    it. A recipe's edge is its forward rate's among the rates tried with the same start. A one-value
+    grid (--single-value) has no edge: nothing was searched."""
+    if len(values) < 2:
+        return False
     if knob != RECIPE:
         return best in (min(values), max(values))
     start = best.partition("/")[0]

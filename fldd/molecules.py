@@ -117,6 +117,16 @@ def rdkit_chem():  # -> the rdkit.Chem module
     return Chem
 
 
+def require_molecule_scorers() -> None:
+    """MissingExtra, naming what to install, unless RDKit and fcd both import (before a long run
+    whose final report scores molecules)."""
+    rdkit_chem()
+    try:
+        import fcd  # noqa: F401
+    except ImportError:
+        raise MissingExtra(f"the Frechet ChemNet Distance needs the fcd package: {EXTRA_HINT}") from None
+
+
 def canonical(smiles: str) -> str | None:
     """RDKit's canonical SMILES, or None for a string that is not a molecule (empty included)."""
     if not smiles:
@@ -219,20 +229,24 @@ def molecule_metrics(samples: Sequence[str | None], train: Iterable[str],
     - novelty: the distinct valid molecules not in `train` (canonically), over the distinct valid ones;
     - copy_rate: the fraction of all samples that are a training molecule;
     - fcd: Frechet ChemNet Distance of the canonical forms of the valid samples to `reference`
-      (reference_statistics of a held-out split); NaN with fewer than 2 valid samples, absent
-      without a reference."""
+      (reference_statistics of a held-out split), and fcd_molecules, how many it was computed on
+      (a Frechet distance of a few molecules is large whatever they are: compare FCDs at equal
+      counts); NaN with fewer than 2 valid samples; both absent without a reference.
+    uniqueness and novelty are NaN without a valid sample (nothing to measure, not 0)."""
     if not samples:
         raise ValueError("no samples to score")
     forms = [canonical(s) if s is not None else None for s in samples]
     valid = [f for f in forms if f is not None]
     distinct = set(valid)
     known = canonical_set(tuple(train))
+    nan = float("nan")
     metrics = {"validity": len(valid) / len(samples),
-               "uniqueness": len(distinct) / len(valid) if valid else 0.0,
-               "novelty": len(distinct - known) / len(distinct) if distinct else 0.0,
+               "uniqueness": len(distinct) / len(valid) if valid else nan,
+               "novelty": len(distinct - known) / len(distinct) if distinct else nan,
                "copy_rate": sum(f in known for f in valid) / len(samples)}
     if reference is not None:
-        metrics["fcd"] = frechet_chemnet_distance(valid, reference) if len(valid) > 1 else float("nan")
+        metrics["fcd"] = frechet_chemnet_distance(valid, reference) if len(valid) > 1 else nan
+        metrics["fcd_molecules"] = float(len(valid))
     return metrics
 
 

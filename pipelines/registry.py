@@ -275,20 +275,23 @@ def promote_run(run: Run, *, model_name: str | None = None, margin: float | None
         return Decision(decision=REFUSED, reason=f"the candidate's test split ({fingerprint}) is not the one holder "
                         f"version {holder.version} was judged on ({judged_on}): its data settings (data.seed, "
                         "data.num_valid, data.path) differ; train it on the registered model's data", **base)
+    # molecules: scored before the version exists, so a scoring failure (a missing package) leaves no
+    # version without a decision; reported beside the NELBO, the gate's rule stays on the NELBO
+    codec = model_codec(cfg, candidate.codec)
+    is_molecules = codec is not None and codec.kind == "smiles"
+    sample_scores = molecule_scores(candidate, test, codec, seed=seed) if is_molecules else {}
     # every attempt is a new version with its own decision tags: a refusal is never overwritten, so
     # retrying with other evaluation seeds until one passes stays visible in the registry
     version = _register(client, name, run, cfg, candidate, sweep)
     version_number = str(version.version)
     decision = Decision(decision=REFUSED, reason="", version=version_number,
                         holder_version=str(holder.version) if holder is not None else None,
-                        test_examples=int(test.shape[0]), test_split=fingerprint, **base)
+                        test_examples=int(test.shape[0]), test_split=fingerprint, sample_scores=sample_scores,
+                        **base)
 
     estimate = _evaluate(candidate, test, passes, seed, f"test NELBO of run {run_id[:8]}, T={T}")
     decision.candidate_test_bits = estimate.bits_per_token
     decision.candidate_test_stderr = estimate.stderr_bits_per_token
-    codec = model_codec(cfg, candidate.codec)
-    if codec is not None and codec.kind == "smiles":  # reported beside the NELBO; the rule stays on the NELBO
-        decision.sample_scores = molecule_scores(candidate, test, codec, seed=seed)
     held = None
     if holder_model is not None:
         holder_estimate = _evaluate(holder_model, test, passes, seed, f"test NELBO of holder v{holder.version}")

@@ -32,6 +32,7 @@ from fldd.config import ConfigError, FLDDConfig
 from fldd.data import (DataDescription, DataError, TableFiles, check_file_task, load_splits, read_split,
                        resolve_data_shape, token_table)
 from fldd.model import CheckpointError, FLDDModel
+from fldd.molecules import require_molecule_scorers
 from pipelines import reports
 from pipelines.checkpoints import MODEL_FILE, best_checkpoint, checkpoints_on_disk
 from pipelines.cluster import init_ray
@@ -152,6 +153,8 @@ def prepare_run(cfg: FLDDConfig, opts: LaunchOptions) -> PreparedRun:
     cfg.validate()
     cfg, described = resolve_data_shape(cfg)  # seq_len and vocab_size from the data, or agreeing with it
     validate_launch(cfg, opts)
+    if described.codec is not None and described.codec.kind == "smiles":
+        require_molecule_scorers()  # the final report scores molecules: say so now, not after training
     home = project_home()
     name = opts.name or default_run_name(cfg)
     if not opts.quiet:

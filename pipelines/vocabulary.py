@@ -126,7 +126,7 @@ ROLLED_BACK_AT_TAG = "fldd.rolled_back_at"
 # sample scores of the candidate the gate records beside its NELBO (molecules: fldd.molecules), one
 # tag each: fldd.test_validity, fldd.test_fcd, ...; reported, never what the gate decides on
 TEST_SAMPLE_TAG_PREFIX = "fldd.test_"
-MOLECULE_SCORES = ("validity", "uniqueness", "novelty", "copy_rate", "fcd", "interior_padding")
+MOLECULE_SCORES = ("validity", "uniqueness", "novelty", "copy_rate", "fcd", "fcd_molecules", "interior_padding")
 
 MODEL_VERSIONS_TAG = "mlflow.modelVersions"  # LoggedModel tag: [{"name", "version"}, ...]
 

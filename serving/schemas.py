@@ -68,6 +68,8 @@ class QualityTarget(BaseModel):
             raise ValueError("give exactly one of max or min")
         if self.metric in LOWER_IS_BETTER and self.min is not None:
             raise ValueError(f"{self.metric}: lower is better, so give max, not min")
+        if self.metric not in LOWER_IS_BETTER and self.max is not None:
+            raise ValueError(f"{self.metric}: higher is better, so give min, not max")
         return self
 
     @property

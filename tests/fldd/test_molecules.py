@@ -143,7 +143,9 @@ def test_molecule_metrics_on_known_lists():
     assert scores["uniqueness"] == pytest.approx(4 / 6)  # CCO, CCN, pyridine, acetic acid
     assert scores["novelty"] == pytest.approx(2 / 4)  # CCN and pyridine are not training molecules
     assert scores["copy_rate"] == pytest.approx(3 / 8)  # OCC, CCO and CC(O)=O are
-    assert "fcd" not in scores
+    assert "fcd" not in scores and "fcd_molecules" not in scores
+    nothing = molecule_metrics(["C1CC", ""], train, reference=None)  # no valid sample: nothing to measure
+    assert nothing["validity"] == 0 and np.isnan(nothing["uniqueness"]) and np.isnan(nothing["novelty"])
     assert canonical("OCC") == canonical("CCO") and canonical("C1CC") is None and canonical("") is None
     with pytest.raises(ValueError, match="no samples"):
         molecule_metrics([], train, None)
@@ -175,6 +177,7 @@ def test_fcd_reads_canonical_forms_of_the_valid_samples_only():
     # invalid samples are left out of the FCD, not scored as strings
     mixed = molecule_metrics(molecules + ["C1CC", "C(C", ""], [], reference)
     assert mixed["validity"] == pytest.approx(300 / 303) and abs(mixed["fcd"]) < 1e-3
+    assert mixed["fcd_molecules"] == 300
     # fewer than 2 valid samples: NaN, not an error
     assert np.isnan(molecule_metrics(["C1CC", "CCO"], molecules, reference)["fcd"])
 
@@ -186,11 +189,13 @@ def test_token_samples_with_padding_inside_are_invalid():
     samples = np.array([[1, 1, 2, 0, 0],   # CCO
                         [1, 1, 0, 0, 2],   # C C . . O: a token after padding, invalid though "CCO" parses
                         [0, 0, 0, 0, 0],   # empty: invalid
+                        [0, 1, 1, 2, 0],   # . C C O .: padding first, then tokens: invalid too
                         [1, 3, 0, 0, 0]])  # CN
     held_out = np.array([[1, 1, 2, 0, 0], [1, 1, 3, 0, 0], [1, 2, 0, 0, 0]])
     scores = score_token_samples(samples, np.array([[1, 1, 2, 0, 0]]), held_out, symbols)
-    assert scores["interior_padding"] == pytest.approx(1 / 4) and scores["validity"] == pytest.approx(2 / 4)
-    assert scores["copy_rate"] == pytest.approx(1 / 4) and scores["novelty"] == pytest.approx(1 / 2)
+    assert scores["interior_padding"] == pytest.approx(2 / 5) and scores["validity"] == pytest.approx(2 / 5)
+    assert scores["copy_rate"] == pytest.approx(1 / 5) and scores["novelty"] == pytest.approx(1 / 2)
+    assert scores["fcd_molecules"] == 2
 
 
 def test_builtin_moses_splits():

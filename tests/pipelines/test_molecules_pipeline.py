@@ -21,6 +21,25 @@ SMALL = {"reverse_network.arch": "mlp", "forward_network.arch": "mlp", "reverse_
          "train.batch_size": 32, "process.num_steps": 4}
 
 
+def test_training_on_molecules_without_the_extra_stops_before_it_starts(home, tmp_path, capsys, monkeypatch):
+    import sys
+
+    import fldd.molecules
+
+    prepared = tmp_path / "prepared"
+    assert main(["data", "prepare", "--smiles", str(FIXTURE), "--out", str(prepared)]) == 0
+    monkeypatch.setitem(sys.modules, "rdkit", None)  # as if the molecules extra were not installed
+    fldd.molecules.rdkit_chem.cache_clear()
+    try:
+        assert main(["train", "--config", "moses", "--set", f"data.path={prepared}", "--workers", "0",
+                     "--name", "no-extra"]) == 2
+    finally:
+        monkeypatch.undo()
+        fldd.molecules.rdkit_chem.cache_clear()
+    assert "molecule validity needs RDKit: pip install 'fldd[molecules]'" in capsys.readouterr().err
+    assert not (home / "runs" / "no-extra").exists()  # refused before any run was made
+
+
 def test_a_smiles_file_trains_samples_evaluates_and_promotes(home, tmp_path, capsys):
     prepared = tmp_path / "prepared"
     assert main(["data", "prepare", "--smiles", str(FIXTURE), "--out", str(prepared), "--valid-fraction", "0.15",
@@ -38,7 +57,7 @@ def test_a_smiles_file_trains_samples_evaluates_and_promotes(home, tmp_path, cap
     assert main(["evaluate", "--checkpoint", checkpoint, "--split", "test", "--passes", "1"]) == 0
     scores = json.loads(capsys.readouterr().out)
     assert scores["split"] == "test" and scores["test_nelbo_bits"] > 0
-    assert 0 <= scores["test_validity"] <= 1 and 0 <= scores["test_copy_rate"] <= scores["test_validity"]
+    assert 0 <= scores["test_validity"] <= 1 and scores["test_fcd_molecules"] == round(scores["test_validity"] * 2000)
     assert 0 <= scores["test_interior_padding"] <= 1 and "test_uniqueness" in scores and "test_novelty" in scores
     # FCD over the valid samples: a number once two of the 2000 samples are valid, NaN (not an error) before
     assert math.isfinite(scores["test_fcd"]) == (scores["test_validity"] * 2000 >= 2)
@@ -49,7 +68,7 @@ def test_a_smiles_file_trains_samples_evaluates_and_promotes(home, tmp_path, cap
     run_id = launch(cfg, LaunchOptions(workers=0, quiet=True, name="molecules-gate")).run_id
     (decision,) = registry.promote(run_id=run_id, model_name="molecules", passes=1)
     assert decision.promoted and set(decision.sample_scores) == {"validity", "uniqueness", "novelty", "copy_rate",
-                                                                 "fcd", "interior_padding"}
+                                                                 "fcd", "fcd_molecules", "interior_padding"}
     tags = MlflowClient(tracking_uri()).get_model_version("molecules", decision.version).tags
     assert float(tags["fldd.test_validity"]) == decision.sample_scores["validity"]
     capsys.readouterr()

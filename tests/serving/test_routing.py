@@ -61,6 +61,8 @@ def test_molecule_scores_route_higher_or_lower_is_better():
 
 
 @pytest.mark.parametrize("body, message", [
+    ({"quality": {"metric": "validity", "max": 0.9}}, "validity: higher is better, so give min, not max"),
+    ({"quality": {"metric": "fcd", "min": 3.0}}, "fcd: lower is better, so give max, not min"),
     ({"steps": 2, "quality": {"metric": "nelbo_bits", "max": 4.6}}, "give steps or quality, not both"),
     ({"quality": {"metric": "nelbo_bits"}}, "give exactly one of max or min"),
     ({"quality": {"metric": "nelbo_bits", "max": 4.6, "min": 4.0}}, "give exactly one of max or min"),
