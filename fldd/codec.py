@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from fldd.molecules import SmilesError, tokenize_smiles
+
 CODEC_KEY = b"fldd.codec"
 KINDS = ("chars", "bytes", "smiles", "columns")
 
@@ -83,8 +85,6 @@ class TokenCodec:
         if self.kind == "bytes":
             return list(text.encode("utf-8"))
         if self.kind == "smiles":
-            from fldd.molecules import SmilesError, tokenize_smiles  # lazy: a module of its own
-
             try:
                 tokens = tokenize_smiles(text)
             except SmilesError as error:

@@ -38,6 +38,7 @@ from torch import Tensor
 
 from fldd.codec import TokenCodec
 from fldd.config import DataConfig
+from fldd.molecules import encode_molecules, moses_smiles  # the MOSES files are read only when asked for
 from fldd.token_table import DataError, token_table
 
 SPLITS = ("train", "valid", "test")
@@ -155,8 +156,6 @@ def _moses_splits(d: DataConfig) -> dict[str, np.ndarray]:
 
 @lru_cache(maxsize=2)
 def _moses_splits_sized(num_train: int, num_valid: int) -> dict[str, np.ndarray]:
-    from fldd.molecules import encode_molecules, moses_smiles  # lazy: the molecules extra
-
     def drawn(split: str, start: int, count: int) -> np.ndarray:
         molecules = moses_smiles(split)
         order = np.random.default_rng(0).permutation(len(molecules))[start:start + count]
