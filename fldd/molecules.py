@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import importlib.metadata
 import io
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -110,21 +111,27 @@ def read_smiles(path: Path, column: str | None = None) -> Iterator[tuple[int, st
 @lru_cache(maxsize=1)
 def rdkit_chem():  # -> the rdkit.Chem module
     try:
-        from rdkit import Chem, RDLogger
+        from rdkit import Chem, RDLogger  # lazy: the optional molecules extra
     except ImportError:
         raise MissingExtra(f"molecule validity needs RDKit: {EXTRA_HINT}") from None
     RDLogger.DisableLog("rdApp.*")  # one line on stderr per unparseable sample otherwise
     return Chem
 
 
+@lru_cache(maxsize=1)
+def fcd_module():  # -> the fcd package
+    try:
+        import fcd  # lazy: the optional molecules extra (and torch models loaded only when scoring)
+    except ImportError:
+        raise MissingExtra(f"the Frechet ChemNet Distance needs the fcd package: {EXTRA_HINT}") from None
+    return fcd
+
+
 def require_molecule_scorers() -> None:
     """MissingExtra, naming what to install, unless RDKit and fcd both import (before a long run
     whose final report scores molecules)."""
     rdkit_chem()
-    try:
-        import fcd  # noqa: F401
-    except ImportError:
-        raise MissingExtra(f"the Frechet ChemNet Distance needs the fcd package: {EXTRA_HINT}") from None
+    fcd_module()
 
 
 def canonical(smiles: str) -> str | None:
@@ -144,11 +151,9 @@ def canonical_set(smiles: tuple[str, ...]) -> frozenset[str]:
 
 def moses_file(name: str) -> Path:
     """A data file of the molsets wheel (train.csv.gz, test.csv.gz, test_scaffolds.csv.gz)."""
-    from importlib.metadata import PackageNotFoundError, files
-
     try:
-        listed = files("molsets") or []
-    except PackageNotFoundError:
+        listed = importlib.metadata.files("molsets") or []
+    except importlib.metadata.PackageNotFoundError:
         raise MissingExtra(f"the moses data set ships in the molsets wheel: {MOSES_HINT}") from None
     for entry in listed:
         if str(entry) == f"moses/dataset/data/{name}":
@@ -190,10 +195,7 @@ def encode_molecules(smiles: Sequence[str], symbols: Sequence[str], seq_len: int
 
 def chemnet_features(smiles: Sequence[str]) -> np.ndarray:
     """(N, 512) ChemNet activations (the `fcd` package's reference model and preprocessing)."""
-    try:
-        import fcd
-    except ImportError:
-        raise MissingExtra(f"the Frechet ChemNet Distance needs the fcd package: {EXTRA_HINT}") from None
+    fcd = fcd_module()
     return fcd.get_predictions(fcd.load_ref_model(), list(smiles), n_jobs=0)  # n_jobs=0: no loader process
 
 
@@ -214,10 +216,8 @@ def reference_statistics(smiles: Sequence[str]) -> tuple[np.ndarray, np.ndarray]
 
 def frechet_chemnet_distance(smiles: Sequence[str], reference: tuple[np.ndarray, np.ndarray]) -> float:
     """Frechet distance between the ChemNet statistics of `smiles` (as given) and `reference`."""
-    from fcd import calculate_frechet_distance
-
     mu, sigma = chemnet_statistics(smiles)
-    return float(calculate_frechet_distance(mu1=mu, sigma1=sigma, mu2=reference[0], sigma2=reference[1]))
+    return float(fcd_module().calculate_frechet_distance(mu1=mu, sigma1=sigma, mu2=reference[0], sigma2=reference[1]))
 
 
 def molecule_metrics(samples: Sequence[str | None], train: Iterable[str],

@@ -32,7 +32,7 @@ FORMATS = ("tokens", "text", "png", "rows")
 MAX_SEED = 2**63 - 1  # a signed 64-bit integer: what JSON clients and torch.manual_seed all take
 MASKING_METHODS = ("masked", "fldd-mask")  # forwards that only ever replace tokens by MASK
 IMAGE_DATASETS = ("digits", "digits-binary")  # built-ins whose sequences are square images
-FORMAT_NEEDS = {"text": "is for text and molecule models (a chars, bytes or smiles codec)",
+FORMAT_NEEDS = {"text": "is for text models (a chars, bytes or smiles codec: text or molecules)",
                 "png": "is for image data (square sequences of pixels)",
                 "rows": "is for table models (a columns codec, from `fldd data prepare --csv`)"}
 

@@ -222,6 +222,7 @@ def test_missing_extra_says_what_to_install(monkeypatch):
     monkeypatch.undo()
     fldd.molecules.rdkit_chem.cache_clear()
     monkeypatch.setitem(sys.modules, "fcd", None)
+    fldd.molecules.fcd_module.cache_clear()
     with pytest.raises(MissingExtra, match=r"fcd package: pip install 'fldd\[molecules\]'"):
         chemnet_statistics(["CCO", "CCN"])
 
@@ -231,5 +232,6 @@ def test_missing_extra_says_what_to_install(monkeypatch):
         raise PackageNotFoundError(name)
 
     monkeypatch.setattr("importlib.metadata.files", no_molsets)
+    fldd.molecules.fcd_module.cache_clear()  # the fcd import refused above is not remembered
     with pytest.raises(MissingExtra, match=r"molsets wheel: pip install --no-deps molsets==0.3\.1"):
         fldd.molecules.moses_file("train.csv.gz")
