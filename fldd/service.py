@@ -12,6 +12,7 @@ import io
 import logging
 import math
 import secrets
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -46,6 +47,19 @@ class RequestError(ValueError):
 
     def __str__(self) -> str:
         return f"{self.field}: {self.message}"
+
+
+def repeated_positions(positions: Sequence[int]) -> list[int]:
+    """Positions given more than once (sorted); one rule for the HTTP schema and the service."""
+    return sorted(p for p, times in Counter(positions).items() if times > 1)
+
+
+def length_mismatch(positions: Sequence[int], tokens: Sequence[int]) -> str | None:
+    """Why a conditioning pair cannot be zipped (None: one token per position)."""
+    if len(positions) == len(tokens):
+        return None
+    return (f"{len(tokens)} tokens for {len(positions)} positions: positions and tokens must have the "
+            "same length")
 
 
 @dataclass(frozen=True)
@@ -226,16 +240,14 @@ class SamplerService:
                 bad = next((v for v in values if isinstance(v, bool) or not isinstance(v, int)), None)
                 if bad is not None:
                     raise RequestError(f"conditioning.{name}", f"{bad!r}: must be integers")
-            if len(positions) != len(tokens):
-                raise RequestError("conditioning.tokens", f"{len(tokens)} tokens for {len(positions)} positions: "
-                                   "positions and tokens must have the same length")
+            if (mismatch := length_mismatch(positions, tokens)) is not None:
+                raise RequestError("conditioning.tokens", mismatch)
             if not positions:
                 raise RequestError("conditioning.positions", "must not be empty")
             bad = next((p for p in positions if not 0 <= p < D), None)
             if bad is not None:
                 raise RequestError("conditioning.positions", f"{bad}: outside [0, {D}) (sequence length {D})")
-            if len(set(positions)) != len(positions):
-                repeated = sorted({p for p in positions if positions.count(p) > 1})
+            if repeated := repeated_positions(positions):
                 raise RequestError("conditioning.positions", f"repeated positions {repeated}")
             bad = next((t for t in tokens if not 0 <= t < K), None)
             if bad is not None:

@@ -35,9 +35,9 @@ from pipelines.model_store import (RegistryError, alias_holder, all_versions, as
                                    split_fingerprint)
 from pipelines.reports import molecule_scores, nelbo_with_progress
 from pipelines.tracking import download_model_file, download_weights
-from pipelines.vocabulary import (BUDGET_TAG, COLLAPSED_TAG, EVAL_PASSES_TAG, EVAL_SEED_TAG, EXPERIMENT,
+from pipelines.vocabulary import (COLLAPSED_TAG, EVAL_PASSES_TAG, EVAL_SEED_TAG, EXPERIMENT,
                                   FINAL_VALID_NELBO_METRIC, FINAL_VALID_STDERR_METRIC, GIT_COMMIT_TAG, IDENTITY_KEYS,
-                                  IDENTITY_TAGS, KIND_TAG, KIND_TRIAL, MODEL_NAME, MODEL_VERSIONS_TAG,
+                                  IDENTITY_TAGS, KIND_TAG, KIND_TRIAL, MODEL_NAME, MODEL_VERSIONS_TAG, NUM_STEPS_TAG,
                                   PARAMETERIZATION_TAG, RUN_NAME_TAG, SOURCE_RUN, SOURCE_SWEEP, SOURCE_TAG, SWEEP_TAG,
                                   TEST_SPLIT_TAG, VALID_NELBO_TAG, VALID_STDERR_TAG, VERSION_BUDGET_TAG,
                                   VERSION_GIT_COMMIT_TAG, VERSION_METHOD_TAG, champion_alias)
@@ -82,7 +82,7 @@ def find_candidates(sweep: str, budget: int | None = None, client: MlflowClient 
     client = registry_client(client)
     filters = f"tags.`{SWEEP_TAG}` = '{quoted(sweep, 'sweep')}' and tags.`{KIND_TAG}` = '{KIND_TRIAL}'"
     if budget is not None:
-        filters += f" and tags.`{BUDGET_TAG}` = '{int(budget)}'"
+        filters += f" and tags.`{NUM_STEPS_TAG}` = '{int(budget)}'"
     trials = _search_runs(client, filters)
     if not trials:
         at = f" at budget T={budget}" if budget is not None else ""
@@ -91,11 +91,12 @@ def find_candidates(sweep: str, budget: int | None = None, client: MlflowClient 
     by_budget: dict[int, list[Run]] = {}
     for run in trials:
         try:
-            by_budget.setdefault(int(run.data.tags[BUDGET_TAG]), []).append(run)
+            # T as the trainer wrote it from the trial's config: the one record of a trial's budget
+            by_budget.setdefault(int(run.data.tags[NUM_STEPS_TAG]), []).append(run)
         except (KeyError, ValueError):
-            continue  # a trial without a budget tag is not a candidate at any budget
+            continue  # a trial without a T tag is not a candidate at any budget
     if not by_budget:
-        raise RegistryError(f"sweep {sweep!r}: no trial carries a {BUDGET_TAG} tag")
+        raise RegistryError(f"sweep {sweep!r}: no trial carries a {NUM_STEPS_TAG} tag")
     result: dict[int, Run | str] = {}
     for T, runs in sorted(by_budget.items()):
         eligible = [r for r in runs if _eligible(r) is None]
@@ -229,8 +230,7 @@ def _register(client: MlflowClient, name: str, run: Run, cfg: FLDDConfig, model:
 
 
 def promote_run(run: Run, *, model_name: str | None = None, margin: float | None = None, passes: int = 10,
-                seed: int = 0, sweep: str | None = None, budget: int | None = None,
-                client: MlflowClient | None = None) -> Decision:
+                seed: int = 0, sweep: str | None = None, client: MlflowClient | None = None) -> Decision:
     """Gate one candidate run into `model_name` (default fldd-<dataset>) and return the decision."""
     client = registry_client(client)
     if margin is not None and not (math.isfinite(margin) and margin >= 0):  # before any model is loaded
@@ -248,8 +248,6 @@ def promote_run(run: Run, *, model_name: str | None = None, margin: float | None
     name = model_name or default_model_name(cfg)
     valid_bits = as_float(run.data.metrics.get(FINAL_VALID_NELBO_METRIC))
     base = {"model_name": name, "budget": T, "run_id": run_id, "valid_bits": valid_bits}
-    if budget is not None and int(budget) != T:
-        raise RegistryError(f"run {run_id} is tagged for budget T={budget} but its model has T={T}")
 
     reason = _static_refusal(run, cfg, candidate) or _identity_refusal(client, name, identity_of(cfg))
     if reason:
@@ -336,11 +334,11 @@ def promote(*, sweep: str | None = None, budget: int | None = None, run_id: str 
     decisions = []
     for T, found in find_candidates(sweep, budget, client).items():
         if isinstance(found, str):
-            any_trial = _search_runs(client, f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`{BUDGET_TAG}` = '{T}'")[0]
+            any_trial = _search_runs(client, f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`{NUM_STEPS_TAG}` = '{T}'")[0]
             decisions.append(Decision(model_name=model_name or default_name_from_run(any_trial), budget=T,
                                       run_id=None, decision=REFUSED,
                                       reason=f"sweep {sweep!r}: {found}"))
             continue
         decisions.append(promote_run(found, model_name=model_name, margin=margin, passes=passes, seed=seed,
-                                     sweep=sweep, budget=T, client=client))
+                                     sweep=sweep, client=client))
     return decisions

@@ -8,7 +8,6 @@ The step budget T is written in these places (values are strings in MLflow):
 name                       where / value                       written by
 =========================  ==================================  =====================================
 NUM_STEPS_TAG              run tag `num_steps_T`               pipelines.train (from process.num_steps)
-BUDGET_TAG                 trial run tag `fldd.sweep_budget`   tune.sweep (the budget it ran at)
 VERSION_BUDGET_TAG         version tag `fldd.num_steps_T`      pipelines.registry (from the model's config)
 DEFAULT_BUDGET_TAG         model tag `fldd.default_budget`     pipelines.registry (first T promoted)
 champion_alias(T)          alias `champion-t<T>`               pipelines.registry; budget_of_alias reads it
@@ -30,7 +29,8 @@ Run tags (training runs; a sweep trial is a training run with the sweep tags add
   registry refuses, and sweeps report, collapsed runs.
 - EARLY_STOPPED_TAG: a trial the scheduler stopped (tune.sweep).
 - PARENT_TAG: MLflow's own key nesting a trial under its sweep's run (tune.sweep).
-- SWEEP_TAG, KIND_TAG (KIND_SWEEP | KIND_TRIAL), BUDGET_TAG, TRIAL_TAG, RAY_NODE_TAG: sweep trials;
+- SWEEP_TAG, KIND_TAG (KIND_SWEEP | KIND_TRIAL), TRIAL_TAG, RAY_NODE_TAG: sweep trials (a trial's budget
+  is its NUM_STEPS_TAG, as for any run);
   the parent run has SWEEP_TAG, KIND_TAG, BUDGETS_TAG, DIGEST_TAG and BEST_RUN_TAG per T (tune).
 
 Registered-model tags (pipelines.registry): IDENTITY_TAGS (data set, vocabulary size, sequence
@@ -83,7 +83,6 @@ PARENT_TAG = "mlflow.parentRunId"  # MLflow nests a child run under this parent 
 SWEEP_TAG = "fldd.sweep"
 KIND_TAG = "fldd.kind"
 KIND_SWEEP, KIND_TRIAL = "sweep", "trial"  # values of KIND_TAG
-BUDGET_TAG = "fldd.sweep_budget"
 TRIAL_TAG = "fldd.trial_id"
 RAY_NODE_TAG = "ray_node_id"
 BUDGETS_TAG = "budgets"

@@ -1,6 +1,9 @@
 """Request and response models of the HTTP API (pydantic: FastAPI validates with them and
 publishes them in the OpenAPI schema at /docs). Unknown fields are refused everywhere; bounds
-that depend on the model (vocabulary, sequence length) are checked by fldd.service."""
+that depend on the model (vocabulary, sequence length, limits) are checked by fldd.service. The rules
+both check (seed range, formats, one token per distinct position) are fldd.service's constants and
+functions, so the two refuse in the same words: the schema for HTTP (422 with `loc`), the service
+for every caller (the pyfunc, Python)."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ from typing import Annotated, Literal
 from pydantic import (BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, field_validator,
                       model_validator)
 
-from fldd.service import FORMATS, MAX_SEED
+from fldd.service import FORMATS, MAX_SEED, length_mismatch, repeated_positions
 from serving.registry import QUALITY_METRICS
 
 # a static ceiling for the schema; the configured limits.max_num_samples is checked per request
@@ -32,16 +35,14 @@ class Conditioning(BaseModel):
     @field_validator("positions")
     @classmethod
     def _distinct(cls, positions: list[int]) -> list[int]:
-        repeated = sorted({p for p in positions if positions.count(p) > 1})
-        if repeated:
+        if repeated := repeated_positions(positions):
             raise ValueError(f"repeated positions {repeated}")
         return positions
 
     @model_validator(mode="after")
     def _same_length(self) -> Conditioning:
-        if len(self.positions) != len(self.tokens):
-            raise ValueError(f"positions ({len(self.positions)}) and tokens ({len(self.tokens)}) must have the "
-                             "same length")
+        if (mismatch := length_mismatch(self.positions, self.tokens)) is not None:
+            raise ValueError(mismatch)
         return self
 
 

@@ -27,7 +27,7 @@ from fldd.data import resolve_data_shape
 from pipelines.cluster import init_ray
 from pipelines.tracking import Tracker, ensure_experiment, find_or_create_run, git_commit, project_home, tracking_uri
 from pipelines.train import LaunchOptions, TrainingError, launch
-from pipelines.vocabulary import (BUDGET_TAG, BUDGETS_TAG, COLLAPSED_TAG, DIGEST_TAG, EARLY_STOPPED_TAG, ERROR_TAG,
+from pipelines.vocabulary import (BUDGETS_TAG, COLLAPSED_TAG, DIGEST_TAG, EARLY_STOPPED_TAG, ERROR_TAG,
                                   EXPERIMENT, FINAL_TRAIN_SECONDS_METRIC, FINAL_VALID_NELBO_METRIC,
                                   FINAL_VALID_STDERR_METRIC, GIT_COMMIT_TAG, KIND_SWEEP, KIND_TAG, KIND_TRIAL,
                                   PARENT_TAG, RAY_NODE_TAG, RAY_VERSION_TAG, STORAGE_TAG, SWEEP_RUN_NAME, SWEEP_TAG,
@@ -64,7 +64,7 @@ def run_trial(values: dict[str, Any], *, spec: SweepSpec, budget: int, sweep: st
         workers=r.workers_per_trial, gpu=r.gpus_per_worker > 0, cpus_per_worker=r.cpus_per_worker,
         storage=storage, name=trial_run_name(sweep, budget, trial_id), quiet=True, max_failures=1,
         callbacks=[TuneReportCallback()],
-        tags={PARENT_TAG: parent_run_id, SWEEP_TAG: sweep, KIND_TAG: KIND_TRIAL, BUDGET_TAG: budget,
+        tags={PARENT_TAG: parent_run_id, SWEEP_TAG: sweep, KIND_TAG: KIND_TRIAL,
               TRIAL_TAG: trial_id, RAY_NODE_TAG: ray.get_runtime_context().get_node_id()}))
 
 

@@ -72,7 +72,8 @@ def test_unknown_parameterization_names_the_valid_ones():
 
 
 def test_cli_method_applies_the_preset():
-    from commands.cli import build_config, build_parser
+    from commands.cli import build_parser
+    from commands.model_commands import build_config
 
     cfg = build_config(build_parser().parse_args(["train", "--method", "masked-x0", "--steps", "4"]))
     assert (cfg.process.method, cfg.process.reverse_parameterization, cfg.process.num_steps) == ("masked", "x0", 4)

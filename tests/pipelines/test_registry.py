@@ -323,7 +323,7 @@ def test_sweep_promotes_the_best_eligible_trial_at_each_budget(runs, capsys):
     parent = c.create_run(experiment, tags={"fldd.sweep": "grid", "fldd.kind": "sweep"}).info.run_id
 
     def trial(run_id, budget, **changes):
-        tags = {"fldd.sweep": "grid", "fldd.kind": "trial", "fldd.sweep_budget": str(budget),
+        tags = {"fldd.sweep": "grid", "fldd.kind": "trial", "num_steps_T": str(budget),
                 "mlflow.parentRunId": parent, **changes.pop("tags", {})}
         return clone_run(run_id, tags=tags, **changes)
 

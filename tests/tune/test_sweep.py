@@ -19,7 +19,7 @@ from ray import tune
 from fldd.config import CONFIG_DIR
 from pipelines.tracking import ensure_experiment, tracking_uri
 from tune.spec import SweepSpec
-from pipelines.vocabulary import BUDGET_TAG, KIND_TAG, PARENT_TAG, SWEEP_TAG, TRIAL_TAG
+from pipelines.vocabulary import KIND_TAG, NUM_STEPS_TAG, PARENT_TAG, SWEEP_TAG, TRIAL_TAG
 from tune.sweep import run_sweep
 
 REPO = Path(__file__).resolve().parents[2]
@@ -108,8 +108,8 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(home, tmp_p
     while time.time() < deadline and first.poll() is None and interrupted is None:
         time.sleep(1)
         runs = child_runs(client, "resume")
-        done_t2 = [r for r in runs if r.data.tags[BUDGET_TAG] == "2" and r.info.status == "FINISHED"]
-        training_t4 = [r for r in runs if r.data.tags[BUDGET_TAG] == "4" and r.info.status == "RUNNING"
+        done_t2 = [r for r in runs if r.data.tags[NUM_STEPS_TAG] == "2" and r.info.status == "FINISHED"]
+        training_t4 = [r for r in runs if r.data.tags[NUM_STEPS_TAG] == "4" and r.info.status == "RUNNING"
                        and client.get_metric_history(r.info.run_id, "valid_nelbo_bits")]
         if len(done_t2) == 2 and training_t4:
             interrupted = training_t4[0]
@@ -122,7 +122,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(home, tmp_p
                             capture_output=True, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     runs = child_runs(client, "resume")
-    assert sorted(r.data.tags[BUDGET_TAG] for r in runs) == ["2", "2", "4", "4"]  # one child run per trial
+    assert sorted(r.data.tags[NUM_STEPS_TAG] for r in runs) == ["2", "2", "4", "4"]  # one child run per trial
     assert all(r.info.status == "FINISHED" for r in runs)
     for before in done_t2:  # finished before the interrupt: not run again
         after = client.get_run(before.info.run_id)
@@ -136,7 +136,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(home, tmp_p
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     for T in (2, 4):  # each budget is its own Tune experiment: ASHA never sees another budget's trials
         trials = tune.ExperimentAnalysis(str(home / "ray_results" / f"resume-T{T}")).trials
-        budgets = {r.data.tags[BUDGET_TAG] for r in runs if r.data.tags[TRIAL_TAG] in {t.trial_id for t in trials}}
+        budgets = {r.data.tags[NUM_STEPS_TAG] for r in runs if r.data.tags[TRIAL_TAG] in {t.trial_id for t in trials}}
         assert len(trials) == 2 and budgets == {str(T)}
     # a changed sweep under the same name is refused rather than resumed with the old space
     changed = subprocess.run(sweep_command(path, "--name", "resume", "--samples", "3"), cwd=REPO, env=env, text=True,
