@@ -1,9 +1,9 @@
 """One typed, validated configuration for a model and its training run.
 
 The same object is serialised into checkpoints (as a plain dict), into YAML files and, later, into
-MLflow params. The sections are pydantic models, checked when they are built (from a dict, YAML,
-`--set` overrides or keywords); every problem is a ConfigError naming the dotted field and its value
-(`train.lr=0.0: must be > 0`). Assigning to a field is not checked: `validate()` checks again.
+MLflow params. The sections are pydantic models, checked when they are built; from_dict, from_yaml,
+with_overrides and validate() report the first problem as a ConfigError naming the dotted field and
+its value (`train.lr=0: must be greater than 0`). Assigning to a field is not checked: validate() is.
 """
 
 from __future__ import annotations
@@ -56,8 +56,6 @@ def _yaml_float(value: Any) -> Any:
 Float = Annotated[float, BeforeValidator(_yaml_float)]
 Positive = Annotated[int, Field(ge=1)]
 NonNegative = Annotated[int, Field(ge=0)]
-
-
 Fraction = Annotated[Float, Field(gt=0, lt=1)]
 
 
