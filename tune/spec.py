@@ -81,6 +81,12 @@ class SweepSpec:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"sweep: unknown key {unknown[0]!r} (known: {sorted(known)})")
+        # the shape first: a list where a mapping belongs would fail below as a bare TypeError
+        for key, kind, what in (("set", dict, "a mapping (key: value)"), ("space", dict, "a mapping (key: domain)"),
+                                ("scheduler", dict, "a mapping"), ("resources", dict, "a mapping"),
+                                ("budgets", list, "a list of step budgets")):
+            if data.get(key) is not None and not isinstance(data[key], kind):
+                raise ConfigError(f"sweep: {key}={data[key]!r} must be {what}")
         base = _base_config(data.get("base", "toy2d"), config_dir).with_overrides(dict(data.get("set") or {}))
         resources = data.get("resources") or {}
         unknown = sorted(set(resources) - set(Resources.__dataclass_fields__))

@@ -92,6 +92,12 @@ def test_the_digest_tells_sweeps_apart():
       "scheduler": {"type": "fifo"}}, "'train.lr' is random"),
     ({"space": {"train.seed": {"grid": [0, 1]}}, "scheduler": {"type": "asha"}}, "fifo"),
     ({"colour": "blue"}, "unknown key 'colour'"),
+    # the wrong shape is named, not a TypeError
+    ({"resources": 5}, "resources=5 must be a mapping"),
+    ({"scheduler": "asha"}, "scheduler='asha' must be a mapping"),
+    ({"space": ["train.lr"]}, "space=.* must be a mapping"),
+    ({"set": [1]}, "set=.* must be a mapping"),
+    ({"budgets": 4}, "budgets=4 must be a list"),
 ])
 def test_bad_sweeps_fail_naming_the_field(changes, message):
     with pytest.raises(ConfigError, match=message):
