@@ -3,7 +3,7 @@ address or starts a fresh local one (`start_local_ray`). Before joining an exist
 look at its address (`prepare_connection`).
 
 `ray.init(address="HOST:PORT")` fails slowly and says little. Against a cluster with token
-authentication (Ray 2.60 turns it on for `ray start --head` on a machine with ~/.ray/auth_token)
+authentication (Ray 2.59+ turns it on for `ray start --head` on a machine with ~/.ray/auth_token)
 a client without RAY_AUTH_MODE=token retries "InvalidAuthToken" for about 20 s, then raises a bare
 ConnectionError; with an explicit address Ray never turns token mode on by itself, even when the
 token is on this machine. An address where nothing listens keeps `ray.init` waiting for minutes.

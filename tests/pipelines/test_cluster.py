@@ -1,10 +1,10 @@
 """Your own cluster: `fldd train --address` and `ray job submit` against a separate Ray cluster started
-with `ray start --head` (token auth on, as Ray 2.60 does when ~/.ray/auth_token exists), the fast
+with `ray start --head` (token auth on, as Ray 2.59 and 2.60 do when ~/.ray/auth_token exists), the fast
 failure of a client that cannot join it, and the resume-config check on file:// storage.
 
 The cluster tests are real-cluster tests (`real_cluster`, below): a second Ray cluster beside the
 session's, its own ports and temp dir, stopped by its own process group at the end (`ray stop` has
-no per-cluster option in Ray 2.60: it would stop every cluster on the machine)."""
+no per-cluster option in Ray 2.59 or 2.60: it would stop every cluster on the machine)."""
 
 from __future__ import annotations
 
