@@ -3,7 +3,7 @@ address or starts a fresh local one (`start_local_ray`). Before joining an exist
 look at its address (`prepare_connection`).
 
 `ray.init(address="HOST:PORT")` fails slowly and says little. Against a cluster with token
-authentication (Ray 2.60 turns it on for `ray start --head` on a machine with ~/.ray/auth_token)
+authentication (Ray 2.59+ turns it on for `ray start --head` on a machine with ~/.ray/auth_token)
 a client without RAY_AUTH_MODE=token retries "InvalidAuthToken" for about 20 s, then raises a bare
 ConnectionError; with an explicit address Ray never turns token mode on by itself, even when the
 token is on this machine. An address where nothing listens keeps `ray.init` waiting for minutes.
@@ -15,6 +15,12 @@ without a token and, if refused, once with this machine's token, and then:
   turns RAY_AUTH_MODE=token on for this process, as `ray start` and `ray.init()` do for a local one;
 - no token here, a token the cluster refuses, RAY_AUTH_MODE=disabled, nothing listening, or not a
   Ray GCS: raises ClusterConnectionError at once, with what to do.
+
+Only public means, except one line: the probe is a plain gRPC call by method name (no generated
+stubs), and the token is read in Ray's documented order and sent in Ray's header, `authorization:
+Bearer <token>` (tests/pipelines/test_cluster.py checks both against `ray get-auth-token` and a real
+token-auth head). Turning token mode on for this process still needs `ray._raylet.Config` (see
+`_enable_token_mode`); pyproject's Ray range lists the versions this was tested with.
 """
 
 from __future__ import annotations
@@ -25,15 +31,18 @@ import socket
 
 import grpc
 import ray
-from ray._raylet import AuthenticationTokenLoader, Config
-from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+from ray._raylet import Config  # private: the one use is _enable_token_mode (no public route, see there)
 
 from fldd.config import ConfigError
 
 log = logging.getLogger(__name__)
 
-AUTH_MODE_ENV = "RAY_AUTH_MODE"  # ray._private.authentication.authentication_token_setup.AUTH_MODE_ENV_VAR
+AUTH_MODE_ENV = "RAY_AUTH_MODE"  # Ray's documented switch for token authentication
 PROBE_TIMEOUT_S = 5.0
+# the GCS method the probe calls: its request message has no fields, so b"" is its serialized form
+# and no generated stubs are needed
+GCS_PROBE_METHOD = "/ray.rpc.NodeInfoGcsService/GetClusterId"
+TOKEN_WHITESPACE = " \t\n\r\f\v"  # what Ray trims from a token (C++ isspace)
 TOKEN_HELP = ("put the cluster's token (on the head node: `ray get-auth-token`, or its ~/.ray/auth_token) in "
               "~/.ray/auth_token on this machine, or in RAY_AUTH_TOKEN (or a file named by RAY_AUTH_TOKEN_PATH), "
               "and set RAY_AUTH_MODE=token")
@@ -43,42 +52,76 @@ class ClusterConnectionError(ConfigError):
     """The Ray cluster at an address cannot be joined from here; the message says why and what to do."""
 
 
-def _probe(address: str, token_headers: dict[str, str] | None, timeout: float):
+def _probe(address: str, token_headers: dict[str, str] | None, timeout: float) -> tuple[str, str]:
     """(status code name, details) of one GetClusterId call to the GCS at `address`."""
     # no HTTP proxy: a proxy would answer for any address (seen here: "http2 header with status: 404")
     with grpc.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)]) as channel:
-        stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+        # no (de)serializers: the request and the reply stay bytes (only the status matters)
+        get_cluster_id = channel.unary_unary(GCS_PROBE_METHOD)
         try:
-            stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), timeout=timeout,
-                              metadata=list((token_headers or {}).items()))
+            get_cluster_id(b"", timeout=timeout, metadata=list((token_headers or {}).items()))
         except grpc.RpcError as error:
             return error.code().name, error.details() or ""
     return "OK", ""
 
 
-def _local_token_headers() -> dict[str, str]:
-    """The authorization header from this machine's token ({} when there is none)."""
-    loader = AuthenticationTokenLoader.instance()
-    loader.reset_cache()  # RAY_AUTH_TOKEN / HOME may have changed since Ray first looked
+def _first_line(path: str) -> str:
+    """The token in a token file as Ray reads it: its first line, trimmed ("" when unreadable)."""
     try:
-        return dict(loader.get_token_for_http_header(ignore_auth_mode=True))
-    except Exception as error:  # an unreadable or malformed token file
-        raise ClusterConnectionError(f"cannot read this machine's Ray auth token: {error}; {TOKEN_HELP}") from error
+        with open(path, "rb") as file:  # binary: only "\n" ends the line, as in Ray's getline
+            line = file.readline()
+    except OSError:
+        return ""
+    try:
+        return line.decode().strip(TOKEN_WHITESPACE)
+    except UnicodeDecodeError as error:
+        raise ClusterConnectionError(f"cannot read this machine's Ray auth token from {path}: {error}; "
+                                     f"{TOKEN_HELP}") from error
+
+
+def _local_token() -> str:
+    """This machine's Ray auth token ("" when there is none), found as Ray finds it
+    (https://docs.ray.io/en/latest/ray-security/token-auth.html): RAY_AUTH_TOKEN, else the file named
+    by RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token. A set variable wins even when it holds only
+    whitespace, as in Ray. Read on every call: RAY_AUTH_TOKEN / HOME may change within a process."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip(TOKEN_WHITESPACE)
+    token_path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if token_path:
+        token = _first_line(token_path)
+        if not token:  # Ray refuses to start with this too
+            raise ClusterConnectionError(f"cannot read this machine's Ray auth token: RAY_AUTH_TOKEN_PATH is set "
+                                         f"but file cannot be opened or is empty: {token_path}; {TOKEN_HELP}")
+        return token
+    # Ray's own fallback when HOME is unset or empty: ./.ray/auth_token
+    return _first_line(os.path.join(os.environ.get("HOME") or ".", ".ray", "auth_token"))
+
+
+def _local_token_headers() -> dict[str, str]:
+    """The authorization header Ray sends with this machine's token ({} when there is none)."""
+    token = _local_token()
+    return {"authorization": f"Bearer {token}"} if token else {}
 
 
 def _enable_token_mode() -> None:
-    """RAY_AUTH_MODE=token for this process (and what it starts), as Ray's own `_enable_token_auth`."""
+    """RAY_AUTH_MODE=token for this process (and what it starts), as Ray's own `_enable_token_auth`.
+
+    The one private Ray API left here, because no public one exists: Ray reads its config (the auth
+    mode among it) from the environment once, at `import ray`, and `ray.init(address=...)` never
+    re-reads it, so the variable alone does not reach this process's own connection (the
+    real-cluster test fails without this line: ray.init raises ConnectionError)."""
     os.environ[AUTH_MODE_ENV] = "token"
-    Config.initialize("")  # Ray caches its config: re-read the environment
-    AuthenticationTokenLoader.instance().reset_cache()
+    Config.initialize("")  # re-read the environment, as `_enable_token_auth` does
 
 
 def prepare_connection(address: str, timeout: float = PROBE_TIMEOUT_S) -> None:
     """Check that the Ray cluster at HOST:PORT (its GCS) can be joined from here; turn token mode on
     when the cluster needs it and the token is here. Raises ClusterConnectionError otherwise.
 
-    `auto` and `ray://` addresses (and TLS clusters, RAY_USE_TLS) are left to `ray.init`."""
-    if address == "auto" or "://" in address or os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+    `auto` and `ray://` addresses, TLS clusters (RAY_USE_TLS) and Kubernetes token auth
+    (RAY_ENABLE_K8S_TOKEN_AUTH: a service-account token) are left to `ray.init`."""
+    if address == "auto" or "://" in address or any(
+            os.environ.get(name, "0").lower() in ("1", "true") for name in ("RAY_USE_TLS", "RAY_ENABLE_K8S_TOKEN_AUTH")):
         return
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():

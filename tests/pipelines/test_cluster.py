@@ -1,14 +1,15 @@
 """Your own cluster: `fldd train --address` and `ray job submit` against a separate Ray cluster started
-with `ray start --head` (token auth on, as Ray 2.60 does when ~/.ray/auth_token exists), the fast
+with `ray start --head` (token auth on, as Ray 2.59 and 2.60 do when ~/.ray/auth_token exists), the fast
 failure of a client that cannot join it, and the resume-config check on file:// storage.
 
 The cluster tests are real-cluster tests (`real_cluster`, below): a second Ray cluster beside the
 session's, its own ports and temp dir, stopped by its own process group at the end (`ray stop` has
-no per-cluster option in Ray 2.60: it would stop every cluster on the machine)."""
+no per-cluster option in Ray 2.59 or 2.60: it would stop every cluster on the machine)."""
 
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -24,7 +25,7 @@ import requests
 from mlflow.tracking import MlflowClient
 
 from fldd.model import CheckpointError
-from pipelines.cluster import _probe
+from pipelines.cluster import ClusterConnectionError, _local_token_headers, _probe
 from pipelines.run_storage import RUN_CONFIG_FILE, check_resume_config
 from pipelines.vocabulary import RUN_NAME_TAG
 from tests.pipelines.conftest import toy_config
@@ -59,21 +60,24 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def local_token_header() -> dict[str, str]:
-    from ray._raylet import AuthenticationTokenLoader
-
-    return dict(AuthenticationTokenLoader.instance().get_token_for_http_header(ignore_auth_mode=True))
+def local_token_header(generate: bool = False) -> dict[str, str]:
+    """The authorization header for this machine's token as Ray itself reads it (`ray get-auth-token`,
+    which makes ~/.ray/auth_token first with `generate`, as any local ray.init() does): {} without one."""
+    result = subprocess.run([str(BIN / "ray"), "get-auth-token", *(["--generate"] if generate else [])],
+                            capture_output=True, text=True, env=clean_env())
+    return {"authorization": f"Bearer {result.stdout}"} if result.returncode == 0 and result.stdout else {}
 
 
 class TokenCluster:
-    def __init__(self, gcs_port: int, dashboard_port: int):
+    def __init__(self, gcs_port: int, dashboard_port: int, token_header: dict[str, str]):
         self.gcs_port, self.dashboard_port = gcs_port, dashboard_port
         self.address = f"127.0.0.1:{gcs_port}"
         self.dashboard = f"http://127.0.0.1:{dashboard_port}"
+        self.token_header = token_header
 
     def jobs(self) -> list[dict]:
         """The cluster's own record of its jobs (drivers that joined it and submitted jobs)."""
-        response = requests.get(f"{self.dashboard}/api/jobs/", headers=local_token_header(), timeout=30)
+        response = requests.get(f"{self.dashboard}/api/jobs/", headers=self.token_header, timeout=30)
         response.raise_for_status()
         return response.json()
 
@@ -82,9 +86,8 @@ class TokenCluster:
 def token_cluster():
     """`ray start --head --block` on free ports (GCS, dashboard, dashboard agent, Ray Client server),
     2 CPUs, token auth as a user's head gets it (RAY_AUTH_MODE unset, ~/.ray/auth_token present)."""
-    if not local_token_header():  # what any local ray.init() does on a machine without one
-        subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], check=True, capture_output=True,
-                       env=clean_env())
+    token_header = local_token_header(generate=True)
+    assert token_header, "ray get-auth-token --generate printed no token"
     gcs, dashboard, client, agent = free_ports(4)
     temp_dir = tempfile.mkdtemp(prefix="fldd-rc-", dir="/tmp")  # short: Ray's socket paths live under it
     log_path = Path(temp_dir) / "head.log"
@@ -97,7 +100,7 @@ def token_cluster():
         head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                 env=clean_env(RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0"),
                                 start_new_session=True)  # its own process group: stopped as one below
-    cluster = TokenCluster(gcs, dashboard)
+    cluster = TokenCluster(gcs, dashboard, token_header)
     try:
         deadline = time.time() + 180
         while True:
@@ -105,7 +108,7 @@ def token_cluster():
                 pytest.fail(f"ray start --head exited {head.returncode}:\n{log_path.read_text()[-3000:]}")
             if "Ray runtime started" in log_path.read_text():
                 try:
-                    if requests.get(f"{cluster.dashboard}/api/version", headers=local_token_header(),
+                    if requests.get(f"{cluster.dashboard}/api/version", headers=token_header,
                                     timeout=5).ok:
                         break
                 except requests.RequestException:
@@ -205,6 +208,39 @@ def test_a_client_that_cannot_join_fails_at_once_saying_why(token_cluster, tmp_p
     for text in expected:
         assert text in result.stderr
     assert "InvalidAuthToken" not in result.stderr and "Traceback" not in result.stderr
+
+
+# --- this machine's token, read as Ray reads it (`ray get-auth-token` is Ray's own reader) ---
+
+@pytest.mark.parametrize("case", ["env", "env-whitespace-only", "token-path", "home-file"])
+def test_the_local_token_is_the_one_ray_reads(tmp_path, monkeypatch, case):
+    for name in AUTH_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_bytes(b" \t home-token \v\r\nsecond line\n")
+    if case == "env":
+        monkeypatch.setenv("RAY_AUTH_TOKEN", " \t env token\n")
+    elif case == "env-whitespace-only":  # a set RAY_AUTH_TOKEN wins: no token at all, not the file's
+        monkeypatch.setenv("RAY_AUTH_TOKEN", " \n ")
+    elif case == "token-path":
+        (tmp_path / "token").write_bytes(b"\fpath-token\r\n")
+        monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "token"))
+    expected = {"env": "env token", "env-whitespace-only": None, "token-path": "path-token",
+                "home-file": "home-token"}[case]
+    assert _local_token_headers() == ({"authorization": f"Bearer {expected}"} if expected else {})
+    assert _local_token_headers() == local_token_header()
+
+
+def test_a_token_path_that_cannot_be_read_is_an_error_naming_it(tmp_path, monkeypatch):
+    for name in AUTH_VARS:
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "blank").write_text(" \n")
+    for path in (tmp_path / "missing", tmp_path / "blank"):  # Ray refuses both (it does not fall back)
+        monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(path))
+        with pytest.raises(ClusterConnectionError, match=re.escape(f"RAY_AUTH_TOKEN_PATH is set but file cannot be opened "
+                                                         f"or is empty: {path}; put the cluster's token")):
+            _local_token_headers()
 
 
 # --- the resume-config check on storage given as a URI (file:// goes through pyarrow's file
