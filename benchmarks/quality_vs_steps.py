@@ -4,10 +4,10 @@ the same reverse network, optimizer steps and batch (EVALUATION.md). The table t
 Every run goes through the project's one training loop (fldd.train.fit); selection-free: each
 cell is the configured recipe, evaluated once on the *test* split.
 
-    python benchmarks/quality_vs_steps.py                          # toy2d + digits-binary, 3 seeds
-    python benchmarks/quality_vs_steps.py --datasets text          # text, a separate invocation
-    python benchmarks/quality_vs_steps.py --quick                  # < 3 minutes, writes under .fldd/
-    python benchmarks/quality_vs_steps.py --split valid --methods fldd --steps 16 \
+    python -m benchmarks.quality_vs_steps                          # toy2d + digits-binary, 3 seeds
+    python -m benchmarks.quality_vs_steps --datasets text          # text, a separate invocation
+    python -m benchmarks.quality_vs_steps --quick                  # < 3 minutes, writes under .fldd/
+    python -m benchmarks.quality_vs_steps --split valid --methods fldd --steps 16 \
         --set train.forward_lr=3e-5 --out-dir .fldd/tune/x            # tuning: validation split, no docs/
 
 Writes docs/results/quality_vs_steps.json (records {"dataset", "method", "steps", "seed", "metric",
@@ -243,12 +243,12 @@ def main(argv: list[str] | None = None) -> None:
     results_dir, plot_dir = out / "results", out / "plots"
     results_dir.mkdir(parents=True, exist_ok=True)
     plot_dir.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/quality_vs_steps.py " + " ".join(argv if argv is not None else os.sys.argv[1:])
+    command = "python -m benchmarks.quality_vs_steps " + " ".join(argv if argv is not None else os.sys.argv[1:])
 
     if args.report_only:
         records = json.loads((results_dir / "quality_vs_steps.json").read_text())
         seeds = sorted({r["seed"] for r in records})
-        command = "python benchmarks/quality_vs_steps.py --report-only  # training invocations: docs/benchmarks.md"
+        command = "python -m benchmarks.quality_vs_steps --report-only  # training invocations: docs/benchmarks.md"
         (results_dir / "quality_vs_steps.md").write_text(markdown(records, command, seeds))
         for path in plot(records, plot_dir):
             print(f"wrote {path}")
