@@ -41,7 +41,7 @@ browser:
 	else echo "no chromium and no root for apt-get: the playground's browser test will be skipped"; fi
 
 bench: install
-	$(PY) benchmarks/speed.py
+	$(PY) -m benchmarks.speed
 
 clean:
 	rm -rf $(VENV) .fldd .pytest_cache

@@ -15,9 +15,9 @@ offset, which the 10-pass table-budget number does not. A long run is not the sh
 continued: its reverse-only phase (`train.forward_freeze_fraction`) is a fraction of *its*
 length, so read the curve's end, not its value at the table's step count.
 
-    python benchmarks/convergence.py --steps 2 16         # toy2d, 12000 steps: ~23 min on 2 cores
-    python benchmarks/convergence.py --report-only        # the summary again, from the results file
-    python benchmarks/convergence.py --steps 2 --train-steps 600 --out .fldd/convergence.json   # smoke
+    python -m benchmarks.convergence --steps 2 16         # toy2d, 12000 steps: ~23 min on 2 cores
+    python -m benchmarks.convergence --report-only        # the summary again, from the results file
+    python -m benchmarks.convergence --steps 2 --train-steps 600 --out .fldd/convergence.json   # smoke
 
 Writes docs/results/convergence_<dataset>.json (the curves, the recipe, seeds, split, git commit)
 and docs/plots/convergence_<dataset>.png.
@@ -39,9 +39,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_vs_steps import ROOT, config_for  # noqa: E402
-from select_then_test import ALWAYS  # noqa: E402
+from benchmarks.quality_vs_steps import ROOT, config_for  # noqa: E402
+from benchmarks.select_then_test import ALWAYS  # noqa: E402
 
 from fldd.data import load_splits  # noqa: E402
 from fldd.train import fit  # noqa: E402
@@ -137,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         with ProcessPoolExecutor(args.processes) as pool:
             curves = list(pool.map(curve, *zip(*jobs), [args.train_steps] * len(jobs)))
-        command = ("python benchmarks/convergence.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+        command = ("python -m benchmarks.convergence " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
         commit = git_commit()
         # the curves first: a summary that fails must not cost the training
         out.write_text(json.dumps({"command": command, "git_commit": commit, "split": "valid", "curves": curves}))

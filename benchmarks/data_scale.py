@@ -13,7 +13,7 @@ fresh local Ray cluster; the tables are generated first, in another process. Mem
 Throughput: optimizer steps between the first and the last logged interval over the wall-clock
 time between them (every callback inside; start-up excluded).
 
-    python benchmarks/data_scale.py [--rows 100000 1000000 10000000] [--steps 200] [--workers 2]
+    python -m benchmarks.data_scale [--rows 100000 1000000 10000000] [--steps 200] [--workers 2]
 """
 
 from __future__ import annotations
@@ -147,13 +147,14 @@ def main() -> None:
     for rows in args.rows:
         directory = Path(args.data_dir) / f"rows-{rows}"
         clock = time.perf_counter()
-        subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
-                        f"from benchmarks.data_scale import generate; from pathlib import Path; "
-                        f"generate(Path({str(directory)!r}), {rows})"], check=True)
+        # a fresh process, so that the generator's memory is not counted in the run's (cwd: the repo
+        # root, where `benchmarks` is importable)
+        subprocess.run([sys.executable, "-c", f"from benchmarks.data_scale import generate; from pathlib import Path; "
+                        f"generate(Path({str(directory)!r}), {rows})"], check=True, cwd=ROOT)
         print(f"{rows:>10,} rows: table ready in {time.perf_counter() - clock:.0f} s "
               f"({sum(f.stat().st_size for f in directory.rglob('*.parquet')) / 2**20:.0f} MB on disk)", flush=True)
         with tempfile.TemporaryDirectory(prefix="fldd-scale-home-") as home:
-            done = subprocess.run([sys.executable, __file__, "--child", str(directory), home,
+            done = subprocess.run([sys.executable, "-m", "benchmarks.data_scale", "--child", str(directory), home,
                                    "--train-steps", str(args.train_steps),
                                    "--workers", str(args.workers)], capture_output=True, text=True, cwd=ROOT)
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -176,7 +177,7 @@ def main() -> None:
     print(json.dumps(summary, indent=2))
     from pipelines.tracking import git_commit
 
-    payload = {"command": "python benchmarks/data_scale.py " + " ".join(sys.argv[1:]), "git_commit": git_commit(),
+    payload = {"command": "python -m benchmarks.data_scale " + " ".join(sys.argv[1:]), "git_commit": git_commit(),
                "seq_len": SEQ_LEN, "vocab_size": VOCAB, "steps": args.train_steps, "workers": args.workers,
                "cpu_count": os.cpu_count(), "results": results, "summary": summary}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ steps, the part of it that is the same for every x, the mean entropy of u(x,t) (
 softmax) and the forward's gradient norm. This is the measurement behind docs/method.md, "How fast
 a step moves u"; tests/fldd/test_forward_dynamics.py holds its outcome.
 
-    python benchmarks/forward_dynamics.py [--steps 100] [--datasets toy2d digits text] [--out docs/results/forward_dynamics.json]
+    python -m benchmarks.forward_dynamics [--steps 100] [--datasets toy2d digits text] [--out docs/results/forward_dynamics.json]
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def main() -> None:
               f"{r['grad_norm_forward_last']:.3g}", flush=True)
     from pipelines.tracking import git_commit  # the commit the numbers were measured at
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"command": f"python benchmarks/forward_dynamics.py --train-steps {args.train_steps} --seed "
+    args.out.write_text(json.dumps({"command": f"python -m benchmarks.forward_dynamics --train-steps {args.train_steps} --seed "
                                     f"{args.seed} --datasets {' '.join(args.datasets)}", "commit": git_commit(),
                                     "results": results}, indent=1) + "\n")
     print(f"wrote {args.out}")

@@ -14,7 +14,7 @@ draws), and promotes only if the learned forward wins by more than its margin (2
 error of the paired difference). The decisions and their numbers are read back from the version
 tags the gate writes.
 
-    python benchmarks/gate_table.py --choices docs/results/select_then_test_toy2d.json \\
+    python -m benchmarks.gate_table --choices docs/results/select_then_test_toy2d.json \\
         --out docs/results/gate_toy2d.json
 
 Training is the product's: `fldd train --workers 0` (Ray Train in local mode, MLflow in SQLite under
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"T={T} {method} vs {FIXED}: {decision.get('decision')} (paired difference "
                   f"{decision.get('paired_difference_bits')} +- {decision.get('paired_difference_stderr')}, "
                   f"margin {decision.get('margin_bits')})", flush=True)
-    command = "python benchmarks/gate_table.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.gate_table " + " ".join(argv if argv is not None else sys.argv[1:])
     record = {"command": command, "choices_file": str(args.choices), "dataset": dataset, "train_steps": train_steps,
               "checkpoint_every": args.checkpoint_every, "cells": cells}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ Seeds 10, 11, 12, which play no part in the choices, are then run with the chose
 model is evaluated on the test split (10 passes, evaluation seed 0); the FLDD arm and masked-x0 are
 also compared paired (same test examples, same z_t draws).
 
-    python benchmarks/init_from.py --out docs/results/init_from_digits_t4.json
+    python -m benchmarks.init_from --out docs/results/init_from_digits_t4.json
 """
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ def main() -> None:
                   f"+- {row['test_nelbo_stderr']:.4f}", flush=True)
     paired = paired_differences(rows, args.home)
     result = {
-        "command": "python benchmarks/init_from.py " + " ".join(
+        "command": "python -m benchmarks.init_from " + " ".join(
             f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
             for k, v in vars(args).items() if k not in ("out", "home", "paired_only")),
         "protocol": {"config": args.config, "T": args.T, "baseline_steps": N, "init_steps": M,
@@ -212,5 +212,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     main()

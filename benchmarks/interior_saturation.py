@@ -2,7 +2,7 @@
 steps from the start of a toy2d run: where a random (or uniform warm) start loses its interior
 steps at T >= 4 (docs/training_recipe.md, "The start per T").
 
-    python benchmarks/interior_saturation.py --T 4 --steps 300 --set process.warm_start=none \\
+    python -m benchmarks.interior_saturation --T 4 --steps 300 --set process.warm_start=none \\
         --set train.forward_freeze_fraction=0 > docs/results/interior_saturation/T4_random.txt
 
 Prints one line per log step: step, training loss, I(x; z_t) in bits for t = 0..T (averaged over

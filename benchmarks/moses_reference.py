@@ -9,7 +9,7 @@ the sizes of the table's report runs. The FCD is computed on the valid samples o
 with few valid samples gets the FCD of a small set: the real molecules' FCD at small counts (the
 table's 9 and 22 valid molecules, three random draws each) says what such a number is worth.
 
-    python benchmarks/moses_reference.py        # about a minute on 2 cores; docs/results/moses_reference.json
+    python -m benchmarks.moses_reference        # about a minute on 2 cores; docs/results/moses_reference.json
 """
 
 from __future__ import annotations

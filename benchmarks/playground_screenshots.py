@@ -13,8 +13,8 @@ trained runs (same names) and the champions, and only takes the pictures again.
 The models are trained for the presets' lengths on 2 CPU cores (about 3 min for toy2d, 5 for
 digits, 25 for text); the pictures show those models, not tuned ones. `--train-steps` shortens them.
 
-    python benchmarks/playground_screenshots.py                       # toy2d, digits, text -> docs/playground/
-    python benchmarks/playground_screenshots.py --data toy2d --train-steps 500
+    python -m benchmarks.playground_screenshots                       # toy2d, digits, text -> docs/playground/
+    python -m benchmarks.playground_screenshots --data toy2d --train-steps 500
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ expected step, whatever x is; a learned one may choose an order, per position or
 Models are any reference `fldd sample` takes (a run id, runs:/RUN/model, models:/NAME@ALIAS, or a
 model.pt path), all of one data set; the store is FLDD_HOME's.
 
-    FLDD_HOME=.fldd/playground python benchmarks/process_pictures.py \
+    FLDD_HOME=.fldd/playground python -m benchmarks.process_pictures \
         --model models:/playground-digits@champion-t4 --model models:/playground-digits-masked-x0@champion-t4 \
         --out docs/plots/reveal_order_digits.png
 """

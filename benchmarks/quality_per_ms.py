@@ -19,7 +19,7 @@ per measurement is recorded (client_cpu_share: CPU seconds / wall seconds / core
 here: a non-Python load generator (wrk, hey) and the bare-FastAPI and MLflow-scoring floors (see
 benchmarks/serve_load.py for the latter).
 
-    python benchmarks/quality_per_ms.py --gate docs/results/gate_toy2d.json --out docs/results/quality_per_ms.json
+    python -m benchmarks.quality_per_ms --gate docs/results/gate_toy2d.json --out docs/results/quality_per_ms.json
 """
 
 from __future__ import annotations
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         endpoint.stop()
     top = headline(rows, args.learned)
-    record = {"command": "python benchmarks/quality_per_ms.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    record = {"command": "python -m benchmarks.quality_per_ms " + " ".join(argv if argv is not None else sys.argv[1:]),
               "dataset": dataset, "gate_file": str(args.gate), "learned": args.learned,
               "requests": {"single": args.single, "batched": args.batched, "batched_samples": 64},
               "cores": os.cpu_count(), "rows": rows, "headline": [{"dataset": dataset, "ratio": top["ratio"], **top}]}

@@ -1,13 +1,15 @@
 """Quality against the number of sampling steps T: FLDD against fixed-forward diffusion at equal T,
 the same reverse network, optimizer steps and batch (EVALUATION.md). The table the paper lacks.
 
-Every run goes through the project's one training loop (fldd.train.fit); selection-free: each
-cell is the configured recipe, evaluated once on the *test* split.
+Every run goes through the project's one training loop (fldd.train.fit) and its one evaluation
+(pipelines.reports.evaluate_model: the metrics `fldd evaluate` reports, recorded without the
+split's prefix, nelbo_bits, kl, digits_fd, ...); selection-free: each cell is the configured
+recipe, evaluated once on the *test* split.
 
-    python benchmarks/quality_vs_steps.py                          # toy2d + digits-binary, 3 seeds
-    python benchmarks/quality_vs_steps.py --datasets text          # text, a separate invocation
-    python benchmarks/quality_vs_steps.py --quick                  # < 3 minutes, writes under .fldd/
-    python benchmarks/quality_vs_steps.py --split valid --methods fldd --steps 16 \
+    python -m benchmarks.quality_vs_steps                          # toy2d + digits-binary, 3 seeds
+    python -m benchmarks.quality_vs_steps --datasets text          # text, a separate invocation
+    python -m benchmarks.quality_vs_steps --quick                  # < 3 minutes, writes under .fldd/
+    python -m benchmarks.quality_vs_steps --split valid --methods fldd --steps 16 \
         --set train.forward_lr=3e-5 --out-dir .fldd/tune/x            # tuning: validation split, no docs/
 
 Writes docs/results/quality_vs_steps.json (records {"dataset", "method", "steps", "seed", "metric",
@@ -35,13 +37,10 @@ import torch  # noqa: E402
 
 from fldd.config import CONFIG_DIR, ConfigError, FLDDConfig  # noqa: E402
 from fldd.data import load_splits, load_test_split  # noqa: E402
-from fldd.datasets import MOSES_SYMBOLS, builtin, data_pmf, tokens_to_text  # noqa: E402
-from fldd.metrics import exact_distribution_metrics  # noqa: E402
-from fldd.molecules import score_token_samples  # noqa: E402
-from fldd.objective import evaluate_nelbo  # noqa: E402
-from fldd.sample_metrics import CharNGram, digits_metrics, text_metrics  # noqa: E402
+from fldd.datasets import builtin, tokens_to_text  # noqa: E402
 from fldd.sampler import sample  # noqa: E402
 from fldd.train import fit  # noqa: E402
+from pipelines.reports import evaluate_model, save_tokens_picture, split_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {"toy2d": "toy2d.yaml", "digits-binary": "digits.yaml", "digits": "digits.yaml", "text": "text.yaml",
@@ -96,46 +95,27 @@ def run_job(job: dict, train_steps: int | None, num_samples: int, plot_dir: str 
     values = {"train_seconds": result.train_seconds, "seconds_per_step": result.train_seconds / cfg.train.steps,
               "best_step": result.best_step,  # the step whose weights are scored: the last, or keep_best's choice
               "valid_evaluations": sum("valid_nelbo_bits" in h for h in result.history)}  # keep_best's candidates
-    nelbo = evaluate_nelbo(model, held_out, num_passes=10, generator=torch.Generator().manual_seed(job["seed"]))
-    values.update(nelbo_bits=nelbo.bits_per_token, nelbo_stderr=nelbo.stderr_bits_per_token)
-    if result.collapse is not None:
-        values["collapsed"] = float(result.collapse.collapsed)
-    pmf = data_pmf(job["dataset"])
-    if pmf is not None:
-        values.update(exact_distribution_metrics(model, pmf))
-    start = time.perf_counter()
+    start = time.perf_counter()  # evaluate_model's samples (seed 1000 + seed), drawn here to be timed and pictured
     samples = sample(model, num_samples, generator=torch.Generator().manual_seed(1000 + job["seed"]))
     values["sample_seconds_per_sample"] = (time.perf_counter() - start) / num_samples
-    if job["dataset"].startswith("digits"):
-        values.update(digits_metrics(samples, held_out, train, cfg.vocab_size))
-    if job["dataset"] == "text":
-        values.update(text_metrics(samples, CharNGram(train, cfg.vocab_size)))
-    if job["dataset"] == "moses":  # the same scores as `fldd evaluate`: FCD against the held-out split
-        values.update(score_token_samples(samples.numpy(), train.numpy(), held_out.numpy(), MOSES_SYMBOLS))
+    # the metrics `fldd evaluate` reports, NELBO with 10 passes (evaluation seed: the run's), the
+    # keys without the split's prefix: the split is the invocation's (nelbo_bits, kl, digits_fd, ...)
+    measured = evaluate_model(model, held_out, passes=10, seed=job["seed"], num_samples=num_samples, samples=samples)
+    values.update(split_metrics(measured, None))
     if plot_dir and job["seed"] == 0:
         save_samples(job, samples, cfg.vocab_size, Path(plot_dir))
     return [{**job, "metric": k, "value": float(v)} for k, v in values.items()]
 
 
 def save_samples(job: dict, samples: torch.Tensor, vocab: int, plot_dir: Path) -> None:
+    """The library's samples picture (toy2d: a heat map; digits: 64 of them as pictures), text as excerpts."""
     plot_dir.mkdir(parents=True, exist_ok=True)
     name = f"samples_{job['dataset']}_{job['method']}_T{job['steps']}"
     if job["dataset"] == "text":
         (plot_dir / f"{name}.txt").write_text("\n".join(tokens_to_text(samples[:8])) + "\n")
         return
-    fig, ax = plt.subplots(figsize=(3.2, 3.2))
-    if samples.shape[1] == 2:
-        counts = torch.zeros(vocab, vocab)
-        counts.index_put_((samples[:, 0], samples[:, 1]), torch.ones(len(samples)), accumulate=True)
-        ax.imshow(counts.numpy(), origin="lower", cmap="magma")
-    else:  # an 8 x 8 grid of 8x8 digits
-        grid_image = samples[:64].view(8, 8, 8, 8).permute(0, 2, 1, 3).reshape(64, 64)
-        ax.imshow(grid_image.numpy(), cmap="gray_r", vmin=0, vmax=vocab - 1)
-    ax.set_title(f"{job['method']}, T={job['steps']}", fontsize=9)
-    ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(plot_dir / f"{name}.png", dpi=90)
-    plt.close(fig)
+    save_tokens_picture(samples, vocab, plot_dir / f"{name}.png", title=f"{job['method']}, T={job['steps']}",
+                        images=job["dataset"].startswith("digits"))
 
 
 def summarize(records: list[dict]) -> dict:
@@ -243,12 +223,12 @@ def main(argv: list[str] | None = None) -> None:
     results_dir, plot_dir = out / "results", out / "plots"
     results_dir.mkdir(parents=True, exist_ok=True)
     plot_dir.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/quality_vs_steps.py " + " ".join(argv if argv is not None else os.sys.argv[1:])
+    command = "python -m benchmarks.quality_vs_steps " + " ".join(argv if argv is not None else os.sys.argv[1:])
 
     if args.report_only:
         records = json.loads((results_dir / "quality_vs_steps.json").read_text())
         seeds = sorted({r["seed"] for r in records})
-        command = "python benchmarks/quality_vs_steps.py --report-only  # training invocations: docs/benchmarks.md"
+        command = "python -m benchmarks.quality_vs_steps --report-only  # training invocations: docs/benchmarks.md"
         (results_dir / "quality_vs_steps.md").write_text(markdown(records, command, seeds))
         for path in plot(records, plot_dir):
             print(f"wrote {path}")

@@ -8,7 +8,7 @@ separately as the whole launch's wall time. (The loop's own `steps_per_second` m
 callbacks out; it is kept in the JSON as `loop_steps_per_s` for comparison.)
 Prints a table and writes docs/results/ray_overhead.json.
 
-    python benchmarks/ray_overhead.py [--steps 600] [--config toy2d]
+    python -m benchmarks.ray_overhead [--steps 600] [--config toy2d]
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def main() -> None:
     print(f"\nlocal mode / bare loop: {local / bare_rate:.2f}x; 1 worker / bare loop: {one / bare_rate:.2f}x; "
           f"2 workers / 1 worker: {two / one:.2f}x (global batch {cfg.train.batch_size}, 2 cores)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"command": f"python benchmarks/ray_overhead.py --train-steps {args.train_steps} "
+    args.out.write_text(json.dumps({"command": f"python -m benchmarks.ray_overhead --train-steps {args.train_steps} "
                                                f"--config {args.config}", "rows": rows}, indent=2) + "\n")
     print(f"wrote {args.out}")
 

@@ -4,11 +4,11 @@ Compares forward initialisations and schedules (spec section 5b) against the fix
 with the same reverse network and optimizer steps. Selection uses the validation split only.
 Prints a markdown table and writes docs/results/recipe_study.json.
 
-    python benchmarks/recipe_study.py [--steps 3000] [--seeds 0 1 2] [--processes 2] [--recipes pilot x30]
+    python -m benchmarks.recipe_study [--steps 3000] [--seeds 0 1 2] [--processes 2] [--recipes pilot x30]
 
 Each record keeps its learning curve (`curve`: information retained and training NELBO at every
 log step, validation NELBO at 20 evaluations), so a slow start is told apart from a collapse:
-    python benchmarks/recipe_study.py --steps 20000 --recipes pilot x30 --out docs/results/slow_start.json
+    python -m benchmarks.recipe_study --steps 20000 --recipes pilot x30 --out docs/results/slow_start.json
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def main() -> None:
         print(f"| {name} | {kls} | {statistics.mean(r['kl'] for r in rows):.4f} | {nelbo:.4f} | "
               f"{sum(r['collapsed'] for r in rows)}/{len(rows)} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    command = (f"python benchmarks/recipe_study.py --train-steps {args.train_steps} --seeds {' '.join(map(str, args.seeds))} "
+    command = (f"python -m benchmarks.recipe_study --train-steps {args.train_steps} --seeds {' '.join(map(str, args.seeds))} "
                f"--recipes {' '.join(args.recipes)} --out {args.out}" + "".join(f" --set {item}" for item in args.set))
     args.out.write_text(json.dumps({"command": command, "records": records}, indent=2) + "\n")
     print(f"\nwrote {args.out}")

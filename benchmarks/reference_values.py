@@ -7,24 +7,21 @@
   `quality_vs_steps.py`) on held-out *real* test text (bits/char), and the real test text's unigram
   entropy and distinct-4-gram ratio (the same functions that score generated samples).
 
-    python benchmarks/reference_values.py        # ~1 minute; writes docs/results/reference_values.json
+    python -m benchmarks.reference_values        # ~1 minute; writes docs/results/reference_values.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_vs_steps import ROOT, config_for  # noqa: E402
-
-from fldd.data import load_splits, load_test_split  # noqa: E402
-from fldd.datasets import data_pmf  # noqa: E402
-from fldd.sample_metrics import CharNGram, text_metrics  # noqa: E402
+from benchmarks.quality_vs_steps import ROOT, config_for
+from fldd.data import load_splits, load_test_split
+from fldd.datasets import data_pmf
+from fldd.sample_metrics import CharNGram, text_metrics
 
 
 def toy2d_values() -> dict[str, float]:
@@ -61,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     values = {"toy2d": toy2d_values(), "text": text_values()}
     print(json.dumps(values, indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"command": "python benchmarks/reference_values.py", **values}, indent=1) + "\n")
+    args.out.write_text(json.dumps({"command": "python -m benchmarks.reference_values", **values}, indent=1) + "\n")
     print(f"wrote {args.out}")
 
 

@@ -21,10 +21,10 @@ report's grid fixed by the selection's outcome, kept as a resumable JSON-lines r
 cite run by run; a sweep (`fldd sweep`, Tune over Ray Train) does the selection half at cluster
 scale, with MLflow runs, and this script is what makes its test-split half reproducible on a laptop.
 
-    python benchmarks/select_then_test.py                       # toy2d, T in {2, 4, 8, 16}: ~80 min on 2 cores
-    python benchmarks/select_then_test.py --quick               # a 3-minute smoke run under .fldd/
-    python benchmarks/select_then_test.py --grid masked-x0=2.5e-4,5e-4,1e-3 --out docs/results/x.json
-    python benchmarks/select_then_test.py --dataset digits-binary --steps 4 --train-steps 4000 --keep-best \
+    python -m benchmarks.select_then_test                       # toy2d, T in {2, 4, 8, 16}: ~80 min on 2 cores
+    python -m benchmarks.select_then_test --quick               # a 3-minute smoke run under .fldd/
+    python -m benchmarks.select_then_test --grid masked-x0=2.5e-4,5e-4,1e-3 --out docs/results/x.json
+    python -m benchmarks.select_then_test --dataset digits-binary --steps 4 --train-steps 4000 --keep-best \
         --out docs/results/select_then_test_digits-binary_keepbest.json     # best of ~20 evaluations per run
 
 Each finished run is appended to a JSON-lines cache (`.fldd/select_then_test/<output name>.runs.jsonl`),
@@ -54,13 +54,11 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_vs_steps import PRIMARY, ROOT, config_for, run_job  # noqa: E402
-
-from fldd.config import ConfigError  # noqa: E402
-from fldd.train import NonFiniteLossError  # noqa: E402
-from pipelines.tracking import git_commit  # noqa: E402  (HEAD, "-dirty" for uncommitted code)
-from tune.results import lowest_mean  # noqa: E402
+from benchmarks.quality_vs_steps import PRIMARY, ROOT, config_for, run_job
+from fldd.config import ConfigError
+from fldd.train import NonFiniteLossError
+from pipelines.tracking import git_commit  # HEAD, "-dirty" for uncommitted code
+from tune.results import lowest_mean
 
 # How the general learned forward starts and when it begins to learn: a "recipe" grid value is
 # "<start>/<forward lr>" and sets all three keys, so that selection chooses the start per T
@@ -401,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
     results = run_all(report_tasks, args, cache, results, commit)
     report = [results[run_key(*t)] for t in report_tasks]
     selection = [results[run_key(*t)] for t in selection_tasks]
-    command = ("python benchmarks/select_then_test.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    command = ("python -m benchmarks.select_then_test " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     commits = sorted({e.get("git_commit", header["git_commit"]) for e in selection + report})
     record = {
         "protocol": {"command": command, "git_commit": header["git_commit"], "run_commits": commits, **protocol,

@@ -12,7 +12,7 @@ The client (this process: `requests` in threads) runs on the same machine as the
 CPU from them; each measurement records its CPU time (client_cpu_s, client_cpu_ms_per_request) and
 the load average before it, so that numbers from a shared or small box can be read with that in mind.
 
-    python benchmarks/serve_load.py --requests 2000 --out docs/results/serve_load.json
+    python -m benchmarks.serve_load --requests 2000 --out docs/results/serve_load.json
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 

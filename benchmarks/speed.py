@@ -5,7 +5,7 @@ depth 4 (the adaLN transformer of fldd/networks.py). Tokens are random: speed do
 data. Every timed step is a steady-state joint step (forward and reverse both trained: no reverse-only
 phase, no relaxed warm-up). Prints a table and writes docs/results/speed.json.
 
-    python benchmarks/speed.py [--batch 64] [--steps 30] [--T 8] [--threads 2]
+    python -m benchmarks.speed [--batch 64] [--steps 30] [--T 8] [--threads 2]
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def main() -> None:
     for row in rows:
         print(f"{row['variant']:<22} {row['train_cost_vs_masked']:>20.2f} {row['sampling_speed_vs_masked']:>24.2f}")
     result = {
-        "command": "python benchmarks/speed.py " + " ".join(
+        "command": "python -m benchmarks.speed " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
         "setup": {"seq_len": 64, "vocab_size": 27, "arch": "transformer", "width": 128, "depth": 4,
                   "batch": args.batch, "T": args.T, "threads": args.threads, "torch": torch.__version__,

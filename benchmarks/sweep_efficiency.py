@@ -3,8 +3,8 @@ ASHA, each budget its own Tune experiment. Reports, per step budget T, the best 
 each reaches (with its standard error) and the optimizer steps each spent, and Tune's overhead:
 wall time x concurrency against the sum of the trials' own times (Tune's time_total_s).
 
-    python benchmarks/sweep_efficiency.py                 # ~15 min on 2 cores; docs/results/sweep_efficiency.json
-    python benchmarks/sweep_efficiency.py --steps 300     # a quick look
+    python -m benchmarks.sweep_efficiency                 # ~15 min on 2 cores; docs/results/sweep_efficiency.json
+    python -m benchmarks.sweep_efficiency --steps 300     # a quick look
 
 Both sweeps run in one local Ray cluster under $FLDD_HOME (default .fldd/bench-sweep-efficiency),
 selection on the validation split only, seed 0 for every trial (the grid varies hyperparameters).

@@ -3,7 +3,7 @@
 Small MLPs on the real digits train split (fldd.datasets, 1350 images), seed 0, one for the binary
 (K=2) and one for the 17-level setting. Prints test accuracy. Writes fldd/assets/*.pt.
 
-    python benchmarks/train_digits_classifier.py
+    python -m benchmarks.train_digits_classifier
 """
 
 from __future__ import annotations

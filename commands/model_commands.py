@@ -63,13 +63,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from pipelines.reports import evaluate_model  # lazy: start-up time
+    from pipelines.reports import evaluate_model, split_metrics  # lazy: start-up time
 
     model, run_id = load_model(args)
     held_out = load_valid_split(model.config) if args.split == "valid" else load_test_split(model.config)
     measured = evaluate_model(model, held_out, passes=args.passes, seed=args.seed)
-    # every key names the split it was measured on (evaluate_model calls its NELBO keys valid_*)
-    metrics = {f"{args.split}_{k.removeprefix('valid_')}": v for k, v in measured.items()}
+    metrics = split_metrics(measured, args.split)  # every key names the split it was measured on
     metrics["split"] = args.split
     if run_id is not None:
         from pipelines.tracking import Tracker, tracking_uri  # lazy: start-up time

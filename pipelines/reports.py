@@ -37,11 +37,15 @@ def nelbo_with_progress(model: FLDDModel, data: torch.Tensor, passes: int, seed:
 
 
 def evaluate_model(model: FLDDModel, valid: torch.Tensor, *, passes: int = 10, seed: int = 0,
-                   num_samples: int = 2000) -> dict[str, Any]:
+                   num_samples: int = 2000, samples: torch.Tensor | None = None) -> dict[str, Any]:
     """Held-out metrics (EVALUATION.md) on `valid` (any held-out split): NELBO (bits/token, sum over
     t), exact KL/TV on the 2-D toys, digits-FD / confidence / copy rate on digits, gen-BPC with
     unigram entropy and distinct-4-grams on text, validity / uniqueness / novelty / copy rate /
-    FCD to `valid` on molecules (any data with a smiles codec), and the collapse flag."""
+    FCD to `valid` on molecules (any data with a smiles codec), and the collapse flag.
+
+    The sample metrics score `num_samples` samples drawn with seed 1000 + `seed`, or `samples` where
+    the caller has drawn them already (a benchmark that times the sampling and pictures them).
+    The NELBO keys say `valid_` whatever the split; split_metrics renames them for another."""
     estimate = nelbo_with_progress(model, valid, passes, seed, "evaluating")
     metrics: dict[str, Any] = {VALID_NELBO_METRIC: estimate.bits_per_token,
                                VALID_STDERR_METRIC: estimate.stderr_bits_per_token}
@@ -51,16 +55,19 @@ def evaluate_model(model: FLDDModel, valid: torch.Tensor, *, passes: int = 10, s
     pmf = None if cfg.data.path else data_pmf(cfg.data.name)
     if pmf is not None:
         metrics.update(exact_distribution_metrics(model, pmf))
-    if not cfg.data.path and cfg.data.name in ("digits", "digits-binary", "text"):
-        train, _ = load_splits(cfg)
+    builtin_scored = not cfg.data.path and cfg.data.name in ("digits", "digits-binary", "text")
+    codec = model_codec(cfg, model.codec)
+    is_molecules = codec is not None and codec.kind == "smiles"
+    if samples is None and (builtin_scored or is_molecules):
         samples = sample(model, num_samples, generator=torch.Generator().manual_seed(1000 + seed))
+    if builtin_scored:
+        train, _ = load_splits(cfg)
         if cfg.data.name == "text":
             metrics.update(text_metrics(samples, CharNGram(train, cfg.vocab_size)))
         else:
             metrics.update(digits_metrics(samples, valid, train, cfg.vocab_size))
-    codec = model_codec(cfg, model.codec)
-    if codec is not None and codec.kind == "smiles":
-        metrics.update(molecule_scores(model, valid, codec, num_samples=num_samples, seed=seed))
+    if is_molecules:
+        metrics.update(molecule_scores(model, valid, codec, samples=samples))
     if cfg.learns_forward:
         report = model.check_collapse(valid[:1024])
         metrics[COLLAPSED_METRIC] = report.collapsed
@@ -71,12 +78,23 @@ def evaluate_model(model: FLDDModel, valid: torch.Tensor, *, passes: int = 10, s
 
 
 def molecule_scores(model: FLDDModel, held_out: torch.Tensor, codec: TokenCodec, *, num_samples: int = 2000,
-                    seed: int = 0) -> dict[str, float]:
-    """fldd.molecules.score_token_samples of `num_samples` samples (seed 1000 + seed): novelty and
-    copies against the model's train split, FCD against `held_out`."""
+                    seed: int = 0, samples: torch.Tensor | None = None) -> dict[str, float]:
+    """fldd.molecules.score_token_samples of `num_samples` samples (seed 1000 + seed), or of
+    `samples` drawn already: novelty and copies against the model's train split, FCD against
+    `held_out`."""
     train, _ = load_splits(model.config)
-    samples = sample(model, num_samples, generator=torch.Generator().manual_seed(1000 + seed))
+    if samples is None:
+        samples = sample(model, num_samples, generator=torch.Generator().manual_seed(1000 + seed))
     return score_token_samples(samples.numpy(), train.numpy(), held_out.numpy(), codec.symbols)
+
+
+def split_metrics(metrics: dict[str, Any], split: str | None) -> dict[str, Any]:
+    """evaluate_model's keys named for the split they were measured on: each starts with `<split>_`
+    in place of evaluate_model's `valid_` (`fldd evaluate --split test`: test_nelbo_bits, test_kl),
+    or, where the split is recorded beside the numbers, without it (`split` None: nelbo_bits, kl,
+    as the benchmarks record them)."""
+    prefix = f"{split}_" if split else ""
+    return {prefix + key.removeprefix("valid_"): value for key, value in metrics.items()}
 
 
 def final_report(model: FLDDModel, valid: torch.Tensor, run_dir: Path, **extra: Any) -> dict[str, Any]:
@@ -97,24 +115,35 @@ def save_sample_picture(model: FLDDModel, path: Path, num_samples: int = 4000, s
                                title=f"{model.config.process.method}, T={model.num_steps}")
 
 
-def _draw_tokens(ax, tokens: torch.Tensor, vocab_size: int, rows: int) -> None:
-    """2-position data: a heat map of the samples over the K x K grid; longer sequences: the first
-    `rows` samples as a token grid."""
+def _draw_tokens(ax, tokens: torch.Tensor, vocab_size: int, rows: int, images: bool = False) -> None:
+    """2-position data: a heat map of the samples over the K x K grid; square images (`images`, e.g.
+    digits): the first `rows` samples side by side as a square of pictures; other sequences: the
+    first `rows` samples as a token grid."""
     if tokens.shape[1] == 2:
         counts = torch.zeros(vocab_size, vocab_size)
         counts.index_put_((tokens[:, 0], tokens[:, 1]), torch.ones(len(tokens)), accumulate=True)
         ax.imshow(counts.numpy(), origin="lower", cmap="magma")
+    elif images:
+        side, across = math.isqrt(tokens.shape[1]), math.isqrt(min(rows, len(tokens)))
+        square = tokens[:across * across].view(across, across, side, side).permute(0, 2, 1, 3)
+        ax.imshow(square.reshape(across * side, across * side).numpy(), cmap="gray_r", vmin=0, vmax=vocab_size - 1)
     else:
         ax.imshow(tokens[:rows].numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
 
 
-def save_tokens_picture(tokens: torch.Tensor, vocab_size: int, path: Path, title: str = "") -> Path:
-    """2-position data: a heat map of samples over the K x K grid; longer sequences: a token grid."""
+def save_tokens_picture(tokens: torch.Tensor, vocab_size: int, path: Path, title: str = "",
+                        images: bool = False) -> Path:
+    """2-position data: a heat map of samples over the K x K grid; square images (`images`): 64 of
+    them as an 8 x 8 square of pictures; other sequences: a token grid."""
+    if images and math.isqrt(tokens.shape[1]) ** 2 != tokens.shape[1]:
+        raise ValueError(f"images: a sample of {tokens.shape[1]} tokens is not a square picture")
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    _draw_tokens(ax, tokens, vocab_size, rows=64)
+    _draw_tokens(ax, tokens, vocab_size, rows=64, images=images)
     if tokens.shape[1] == 2:
         ax.set_xlabel("x[1]")
         ax.set_ylabel("x[0]")
+    elif images:
+        ax.axis("off")
     else:
         ax.set_xlabel("position")
         ax.set_ylabel("sample")

@@ -2,14 +2,10 @@
 validation), with the exact overrides selection trained them with; bad input stops before training."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from gate_table import digest, main, overrides_of  # noqa: E402
+from benchmarks.gate_table import digest, main, overrides_of
 
 ALWAYS = {"train.forward_lr_ref_steps": 0}
 SELECTION = [

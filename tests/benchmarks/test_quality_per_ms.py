@@ -1,14 +1,9 @@
 """benchmarks/quality_per_ms.py's headline: the learned forward's throughput at the fixed forward's best
 quality, as a ratio; null where the learned forward never reaches it."""
 
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from quality_per_ms import headline  # noqa: E402
+from benchmarks.quality_per_ms import headline
 
 
 def row(forward: str, steps: int, bits: float, rate: float) -> dict:

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def quick_results(tmp_path_factory):
     """The --quick preset exactly as a user runs it (a subprocess; it must finish well under 3 minutes)."""
     out = tmp_path_factory.mktemp("quality")
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality_vs_steps.py"), "--quick",
+    result = subprocess.run([sys.executable, "-m", "benchmarks.quality_vs_steps", "--quick",
                              "--out-dir", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert "[20/20]" in result.stdout  # progress is shown
@@ -52,7 +52,7 @@ def test_one_step_models_are_no_better_than_the_product_of_marginals(quick_resul
 
 
 def run_benchmark(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality_vs_steps.py"), *args],
+    return subprocess.run([sys.executable, "-m", "benchmarks.quality_vs_steps", *args],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
 
 

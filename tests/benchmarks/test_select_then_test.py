@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.select_then_test import (ProtocolMismatch, cell_overrides, choose, config_keys, main, parse_args,
+                                         read_cache, run_key, summary_table)
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from select_then_test import (ProtocolMismatch, cell_overrides, choose, config_keys, main,  # noqa: E402
-                              parse_args, read_cache, run_key, summary_table)
 
 
 def run(value: float, seed: int, nelbo: float) -> dict:
@@ -125,7 +125,7 @@ def test_a_one_value_grid_needs_single_value_and_is_shown_as_fixed(capsys):
 
 def test_quick_protocol_chooses_on_valid_and_reports_test_on_other_seeds(tmp_path):
     out, cache = tmp_path / "quick.json", tmp_path / "quick.runs.jsonl"
-    command = [sys.executable, str(ROOT / "benchmarks" / "select_then_test.py"), "--quick", "--keep-best",
+    command = [sys.executable, "-m", "benchmarks.select_then_test", "--quick", "--keep-best",
                "--out", str(out), "--cache", str(cache)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]

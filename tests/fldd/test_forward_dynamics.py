@@ -9,18 +9,13 @@ showed by step 40-100) and use the spec's pilot recipe: random init, forward tra
 the reverse's learning rate. Measured with the old networks swapped back in: every test here fails.
 """
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+from benchmarks.forward_dynamics import measure
 from fldd.config import FLDDConfig
 from fldd.data import load_splits
 from fldd.train import fit
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from forward_dynamics import measure  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

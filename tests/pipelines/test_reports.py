@@ -1,11 +1,14 @@
-"""The reveal-order picture: one per data type, its numbers from FLDDModel.reveal_steps."""
+"""The reveal-order picture: one per data type, its numbers from FLDDModel.reveal_steps; the
+samples picture; evaluate_model scoring a caller's samples, and its keys named for a split."""
 
 import pytest
 import torch
 
 from fldd.codec import TokenCodec
+from fldd.data import load_splits
 from fldd.model import FLDDModel
-from pipelines.reports import save_reveal_order
+from fldd.sampler import sample
+from pipelines.reports import evaluate_model, save_reveal_order, save_tokens_picture, split_metrics
 from tests.conftest import tiny_config, tiny_model
 
 
@@ -38,3 +41,28 @@ def test_data_it_cannot_draw_is_refused_with_the_reason(tmp_path):
     models = {"m": FLDDModel(tiny_config({"process.method": "masked"}, T=2, K=3, D=3))}
     with pytest.raises(ValueError, match="no reveal-order picture for this data"):
         save_reveal_order(models, torch.randint(0, 3, (8, 3)), tmp_path / "x.png")
+
+
+def test_evaluate_model_scores_the_samples_it_is_given_and_draws_the_same_ones_itself():
+    model = tiny_model({"data.name": "digits-binary", "process.method": "masked"}, T=2, K=2, D=64)
+    train, valid = load_splits(model.config)
+    drawn = evaluate_model(model, valid[:64], passes=1, seed=3, num_samples=64)
+    own = sample(model, 64, generator=torch.Generator().manual_seed(1003))  # the seed it draws with
+    assert evaluate_model(model, valid[:64], passes=1, seed=3, samples=own) == pytest.approx(drawn)
+    copies = evaluate_model(model, valid[:64], passes=1, seed=3, samples=train[:64])
+    assert copies["copy_rate"] == 1.0 and drawn["copy_rate"] < 1.0
+    assert copies["valid_nelbo_bits"] == drawn["valid_nelbo_bits"]  # the NELBO does not read samples
+
+
+def test_split_metrics_names_every_key_for_its_split_or_drops_the_valid_prefix():
+    measured = {"valid_nelbo_bits": 4.6, "valid_kl_t1_bits": 0.1, "kl": 0.01, "collapsed": False}
+    assert split_metrics(measured, "test") == {"test_nelbo_bits": 4.6, "test_kl_t1_bits": 0.1, "test_kl": 0.01,
+                                               "test_collapsed": False}
+    assert split_metrics(measured, None) == {"nelbo_bits": 4.6, "kl_t1_bits": 0.1, "kl": 0.01, "collapsed": False}
+
+
+def test_square_samples_are_drawn_as_pictures_and_other_lengths_refused(tmp_path):
+    digits = torch.randint(0, 2, (70, 64))
+    assert save_tokens_picture(digits, 2, tmp_path / "digits.png", images=True).stat().st_size > 1000
+    with pytest.raises(ValueError, match="not a square picture"):
+        save_tokens_picture(torch.randint(0, 2, (8, 10)), 2, tmp_path / "x.png", images=True)
