@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import ray
 import ray.data
 import ray.train
@@ -242,7 +243,7 @@ def build_trainer(run: PreparedRun, failure_marker: Path) -> TorchTrainer:
                                                                 checkpoint_score_attribute=VALID_NELBO_METRIC,
                                                                 checkpoint_score_order="min"),
                              failure_config=FailureConfig(max_failures=opts.max_failures)),
-        datasets={"train": training_dataset(run), "valid": ray.data.from_arrow(token_table(run.valid_data, cfg.vocab_size, cfg.data.column))},
+        datasets={"train": training_dataset(run), "valid": in_memory_dataset(token_table(run.valid_data, cfg.vocab_size, cfg.data.column))},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
 
@@ -282,7 +283,15 @@ def training_dataset(run: PreparedRun) -> ray.data.Dataset:
         finally:
             context.use_datasource_v2 = previous
     shuffled = torch.randperm(len(run.train_data), generator=torch.Generator().manual_seed(cfg.data.seed))
-    return ray.data.from_arrow(token_table(run.train_data[shuffled], cfg.vocab_size, cfg.data.column))
+    return in_memory_dataset(token_table(run.train_data[shuffled], cfg.vocab_size, cfg.data.column))
+
+
+def in_memory_dataset(table: pa.Table) -> ray.data.Dataset:
+    """A table in this process as a Ray Dataset of one block. Not `ray.data.from_arrow`: it reads each
+    block's metadata in a Ray task that asks for a whole CPU, which never comes on a node whose CPUs
+    the trials and Train workers hold (a sweep on a 1-CPU worker node under a 0-CPU head hung there
+    for good); `from_blocks` reads it here."""
+    return ray.data.from_blocks([table])
 
 
 def finish_run(run: PreparedRun, result: ray.train.Result, train_seconds: float) -> TrainOutcome:

@@ -156,9 +156,12 @@ def check_cluster(storage: str, mlflow_uri: str, workers: int, cpus: float, gpus
     before any trial starts, rather than lose checkpoints or metrics on another node."""
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     total_cpus = ray.cluster_resources().get("CPU", 0.0)
-    if TRIAL_DRIVER_CPUS + workers * cpus > total_cpus + 1e-9:
+    if TRIAL_DRIVER_CPUS + workers * cpus > total_cpus + 1e-9:  # no trial would ever start: say so now
+        what_to_do = ("add worker nodes with CPUs (`ray start --address HEAD:PORT` on each; a head started with "
+                      "--num-cpus=0 runs no trial)" if total_cpus == 0 else
+                      "lower resources.cpus_per_worker or workers_per_trial, or add nodes")
         raise SweepError(f"one trial needs {workers} worker(s) x {cpus} CPU + {TRIAL_DRIVER_CPUS} CPU, the cluster "
-                         f"has {total_cpus:g} CPUs: lower resources.cpus_per_worker or workers_per_trial")
+                         f"has {total_cpus:g} CPUs: {what_to_do}")
     if gpus and ray.cluster_resources().get("GPU", 0.0) < workers * gpus:
         raise SweepError(f"one trial needs {workers * gpus:g} GPUs, the cluster has "
                          f"{ray.cluster_resources().get('GPU', 0.0):g}")

@@ -145,16 +145,14 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(home, tmp_p
 
 
 @pytest.fixture
-def two_node_cluster():
+def cpuless_head_cluster():
+    """A head with no CPUs (`ray start --head --num-cpus=0`, the usual production setup); the test
+    adds a worker node with one CPU, where a trial (0.01 + 0.9 CPU) must run."""
     from ray.cluster_utils import Cluster
 
-    # one CPU per node: a trial (0.01 + 0.9 CPU) fits on either; a head with no CPUs hung here
-    # (see the sweep notes in docs/benchmarks.md), so where the trial ran is recorded, not forced
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True,
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True,
                                                            "dashboard_host": "127.0.0.1", "dashboard_port": free_port()})
-    worker = cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
-    yield cluster, {cluster.head_node.node_id, worker.node_id}
+    yield cluster
     cluster.shutdown()
 
 
@@ -180,15 +178,21 @@ def mlflow_server(tmp_path):
     server.wait(timeout=30)
 
 
-def test_sweep_on_a_separate_two_node_cluster(two_node_cluster, mlflow_server, tmp_path, monkeypatch):
+def test_sweep_on_a_separate_two_node_cluster(cpuless_head_cluster, mlflow_server, tmp_path, monkeypatch):
     path = write_sweep(tmp_path / "sweep.yaml", budgets=[2], space={"parameterization": "masked-x0"},
                        resources={"workers_per_trial": 1, "cpus_per_worker": 0.9})
     # the cluster was started by this process with its auth settings; a client forcing
     # RAY_AUTH_MODE=token against it had every trial actor cancelled before it ran
     env = {**os.environ, "FLDD_HOME": str(tmp_path / "home")}
     env.pop("MLFLOW_TRACKING_URI", None)
-    cluster, node_ids = two_node_cluster
+    cluster = cpuless_head_cluster
     address = cluster.address
+    # the head alone has no CPU for any trial: refused at once, saying so (a trial would wait forever)
+    refused = subprocess.run(sweep_command(path, "--address", address), cwd=REPO, env=env, text=True,
+                             capture_output=True, timeout=120)
+    assert refused.returncode == 1 and "the cluster has 0 CPUs" in refused.stderr, refused.stderr[-2000:]
+    worker = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
     # a local SQLite store cannot serve trials on another node: refused before any trial starts
     refused = subprocess.run(sweep_command(path, "--address", address), cwd=REPO, env=env, text=True,
                              capture_output=True, timeout=300)
@@ -202,6 +206,6 @@ def test_sweep_on_a_separate_two_node_cluster(two_node_cluster, mlflow_server, t
     client = MlflowClient(mlflow_server)
     runs = child_runs(client, "cluster")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED", result.stdout[-3000:] + result.stderr[-3000:]
-    assert runs[0].data.tags["ray_node_id"] in node_ids  # the trial ran inside that cluster
+    assert runs[0].data.tags["ray_node_id"] == worker.node_id  # on the node with the CPU, not the head
     assert (shared / "cluster-T2").is_dir()  # Tune's state on the shared storage
     assert runs[0].info.run_id in result.stdout
