@@ -102,6 +102,8 @@ def run_job(job: dict, train_steps: int | None, num_samples: int, plot_dir: str 
     # keys without the split's prefix: the split is the invocation's (nelbo_bits, kl, digits_fd, ...)
     measured = evaluate_model(model, held_out, passes=10, seed=job["seed"], num_samples=num_samples, samples=samples)
     values.update(split_metrics(measured, None))
+    if result.collapse is not None:  # the training run's own check, on validation rows (as recorded before),
+        values["collapsed"] = float(result.collapse.collapsed)  # never on the test split being reported
     if plot_dir and job["seed"] == 0:
         save_samples(job, samples, cfg.vocab_size, Path(plot_dir))
     return [{**job, "metric": k, "value": float(v)} for k, v in values.items()]

@@ -292,7 +292,7 @@ class FLDDConfig(_Section):
 
     def validate(self) -> FLDDConfig:  # type: ignore[override]  # pydantic v1's deprecated classmethod
         """Check the config again, for fields assigned after it was built; returns self."""
-        FLDDConfig.from_dict(self.to_dict())
+        FLDDConfig.from_dict(self.model_dump(warnings=False))  # a wrong type assigned: ConfigError, no warning
         return self
 
     # ---- serialisation ------------------------------------------------------------------

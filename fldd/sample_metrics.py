@@ -48,7 +48,8 @@ def classifier_path(levels: int) -> Path:
 def load_digits_classifier(levels: int) -> DigitsClassifier:
     path = classifier_path(levels)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: run `python -m benchmarks.train_digits_classifier`")
+        raise FileNotFoundError(f"{path} is missing: run `python -m benchmarks.train_digits_classifier` in a "
+                                "checkout of the repository (the wheel ships the file)")
     model = DigitsClassifier(levels)
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model.eval()

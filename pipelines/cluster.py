@@ -21,6 +21,10 @@ stubs), and the token is read in Ray's documented order and sent in Ray's header
 Bearer <token>` (tests/pipelines/test_cluster.py checks both against `ray get-auth-token` and a real
 token-auth head). Turning token mode on for this process still needs `ray._raylet.Config` (see
 `_enable_token_mode`); pyproject's Ray range lists the versions this was tested with.
+
+Known limit: Ray reads the token once per process. A long-lived process that already joined a
+token-auth cluster and then sees another token (RAY_AUTH_TOKEN or HOME changed) passes this check
+with the new token while `ray.init` still sends the old one; every command here is a new process.
 """
 
 from __future__ import annotations

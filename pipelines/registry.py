@@ -334,7 +334,8 @@ def promote(*, sweep: str | None = None, budget: int | None = None, run_id: str 
     decisions = []
     for T, found in find_candidates(sweep, budget, client).items():
         if isinstance(found, str):
-            any_trial = _search_runs(client, f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`{NUM_STEPS_TAG}` = '{T}'")[0]
+            any_trial = _search_runs(client, f"tags.`{SWEEP_TAG}` = '{quoted(sweep, 'sweep')}' and "
+                                     f"tags.`{NUM_STEPS_TAG}` = '{T}'")[0]
             decisions.append(Decision(model_name=model_name or default_name_from_run(any_trial), budget=T,
                                       run_id=None, decision=REFUSED,
                                       reason=f"sweep {sweep!r}: {found}"))

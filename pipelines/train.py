@@ -177,6 +177,7 @@ def prepare_run(cfg: FLDDConfig, opts: LaunchOptions) -> PreparedRun:
     check_resume_config(cfg, storage, name, save=False)
 
     init_ray(opts.address)
+    check_cluster_fits(opts)
     if described.streams:  # every file checked on the cluster, before the MLflow run or any training
         validate_on_cluster(cfg, described)
         valid_data = read_split(described.splits["valid"], cfg.data.column, cfg.seq_len, cfg.vocab_size)
@@ -195,6 +196,19 @@ def prepare_run(cfg: FLDDConfig, opts: LaunchOptions) -> PreparedRun:
         print(f"MLflow run {tracker.run_id} ({'resumed' if resumed else 'new'}), tracking {tracker.uri}", flush=True)
     return PreparedRun(cfg, opts, name, storage, home, tracker, resumed, described, train_data, train_rows,
                        valid_data, init_state)
+
+
+def check_cluster_fits(opts: LaunchOptions) -> None:
+    """The Train workers must fit the cluster's CPUs (and GPUs): otherwise Ray waits for them for
+    good (a head started with --num-cpus=0 and no worker node yet) instead of saying so."""
+    if opts.workers == 0:
+        return  # local mode: the loop runs in this process
+    have = ray.cluster_resources()
+    for kind, each in (("CPU", opts.cpus_per_worker), ("GPU", 1.0 if opts.gpu else 0.0)):
+        if opts.workers * each > have.get(kind, 0.0) + 1e-9:
+            raise ConfigError(f"{opts.workers} worker(s) x {each:g} {kind} need {opts.workers * each:g} {kind}s, the "
+                              f"Ray cluster has {have.get(kind, 0.0):g}: lower --workers or --cpus-per-worker, or add "
+                              "nodes (`ray start --address HEAD:PORT`; a head started with --num-cpus=0 runs none)")
 
 
 def validate_on_cluster(cfg: FLDDConfig, described: DataDescription) -> None:
@@ -290,7 +304,7 @@ def in_memory_dataset(table: pa.Table) -> ray.data.Dataset:
     """A table in this process as a Ray Dataset of one block. Not `ray.data.from_arrow`: it reads each
     block's metadata in a Ray task that asks for a whole CPU, which never comes on a node whose CPUs
     the trials and Train workers hold (a sweep on a 1-CPU worker node under a 0-CPU head hung there
-    for good); `from_blocks` reads it here."""
+    for good); `from_blocks` (a Ray DeveloperAPI, see pyproject) reads it here."""
     return ray.data.from_blocks([table])
 
 

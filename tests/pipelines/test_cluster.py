@@ -9,8 +9,8 @@ no per-cluster option in Ray 2.59 or 2.60: it would stop every cluster on the ma
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import shutil
 import signal
 import socket

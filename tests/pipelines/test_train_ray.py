@@ -172,7 +172,10 @@ def test_bad_input_fails_in_the_driver(ray_cluster, home, tmp_path):
         launch(toy_config(**{"data.path": str(bad)}), LaunchOptions(workers=2, name="bad-data"))
     with pytest.raises(ConfigError, match="train.batch_size=250"):
         launch(toy_config(**{"train.batch_size": 250}), LaunchOptions(workers=2, name="bad-batch"))
-    assert not (home / "mlflow.db").exists() or not runs_named("bad-data")
+    # more workers than the cluster's CPUs: refused at once (Ray would wait for them for good)
+    with pytest.raises(ConfigError, match=r"3 worker\(s\) x 1 CPU need 3 CPUs, the Ray cluster has 2"):
+        launch(toy_config(**{"train.batch_size": 384}), LaunchOptions(workers=3, name="too-many-workers"))
+    assert not (home / "mlflow.db").exists() or not (runs_named("bad-data") or runs_named("too-many-workers"))
 
 
 def test_nan_loss_stops_the_run_and_marks_it_failed(ray_cluster, home, monkeypatch):

@@ -86,14 +86,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until(condition, timeout: float) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return True
+        time.sleep(1)
+    return condition()
+
+
+def driver_processes_left(pid: int) -> list[str]:
+    """Processes of the Ray cluster a driver (pid) started that are still alive: Ray names its
+    session directory after the driver's pid (session_<date>_<pid>)."""
+    alive = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if proc.name.isdigit() and f"_{pid}/" in cmdline and "session_" in cmdline:
+            alive.append(f"{proc.name}: {cmdline[:120]}")
+    return alive
+
+
 def sweep_command(path: Path, *extra: str) -> list[str]:
     return [FLDD, "sweep", "--config", str(path), *extra]
 
 
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(home, tmp_path):
     """Two trials at a time on SQLite, then Ctrl-C while a T=4 trial is training, then the same
-    command: finished trials keep their one MLflow run, the interrupted one continues in its own run
-    from its checkpoint, no metric is lost, and each budget's Tune experiment holds only its trials."""
+    command, killed with SIGKILL (no clean-up at all) once that trial has moved on, then the same
+    command again: finished trials keep their one MLflow run, the interrupted one continues in its
+    own run from its checkpoint, no run is left RUNNING, no metric is lost, and each budget's Tune
+    experiment holds only its trials."""
     path = write_sweep(tmp_path / "sweep.yaml", budgets=[2, 4],
                        set={**SMALL, "train.steps": 600, "train.checkpoint_every": 60},
                        space={"parameterization": "masked-x0", "train.lr": {"grid": [2e-3, 1e-3]}},
@@ -117,6 +142,24 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(home, tmp_p
     first.send_signal(signal.SIGINT)
     output = first.communicate(timeout=180)[0]
     assert first.returncode == 130 and "rerun the same command" in output, output[-3000:]
+
+    # kill -9 of the driver once the interrupted trial has logged a checkpoint past the interrupt
+    def checkpoints(run_id: str) -> set[int]:
+        return {m.step for m in client.get_metric_history(run_id, "valid_nelbo_bits")}
+
+    at_interrupt = max(checkpoints(interrupted.info.run_id))
+    killed = subprocess.Popen(sweep_command(path, "--name", "resume"), cwd=REPO, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    moved_on = wait_until(lambda: killed.poll() is not None or max(checkpoints(interrupted.info.run_id)) > at_interrupt,
+                          timeout=300)
+    if killed.poll() is not None or not moved_on:
+        killed.kill()
+        pytest.fail(f"the rerun ended or made no progress: {(killed.communicate(timeout=60)[0] or '')[-3000:]}")
+    killed.kill()
+    killed.communicate(timeout=60)
+    assert killed.returncode == -signal.SIGKILL
+    # no clean-up ran, yet the local cluster it started goes with it (Ray ties its processes to the driver)
+    assert wait_until(lambda: not driver_processes_left(killed.pid), timeout=60), driver_processes_left(killed.pid)
 
     second = subprocess.run(sweep_command(path, "--name", "resume"), cwd=REPO, env=env, text=True,
                             capture_output=True, timeout=600)
@@ -190,7 +233,7 @@ def test_sweep_on_a_separate_two_node_cluster(cpuless_head_cluster, mlflow_serve
     # the head alone has no CPU for any trial: refused at once, saying so (a trial would wait forever)
     refused = subprocess.run(sweep_command(path, "--address", address), cwd=REPO, env=env, text=True,
                              capture_output=True, timeout=120)
-    assert refused.returncode == 1 and "the cluster has 0 CPUs" in refused.stderr, refused.stderr[-2000:]
+    assert refused.returncode == 1 and "the cluster has 0 CPUs: add worker nodes" in refused.stderr, refused.stderr[-2000:]
     worker = cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     # a local SQLite store cannot serve trials on another node: refused before any trial starts
