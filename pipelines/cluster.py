@@ -83,28 +83,32 @@ def _first_line(path: str) -> str:
                                      f"{TOKEN_HELP}") from error
 
 
-def _local_token() -> str:
-    """This machine's Ray auth token ("" when there is none), found as Ray finds it
-    (https://docs.ray.io/en/latest/ray-security/token-auth.html): RAY_AUTH_TOKEN, else the file named
-    by RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token. A set variable wins even when it holds only
-    whitespace, as in Ray. Read on every call: RAY_AUTH_TOKEN / HOME may change within a process."""
+def _local_token() -> tuple[str, str]:
+    """This machine's Ray auth token ("" when there is none) and where it was read, found as Ray
+    finds it (https://docs.ray.io/en/latest/ray-security/token-auth.html): RAY_AUTH_TOKEN, else the
+    file named by RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token. A set variable wins even when it holds
+    only whitespace, as in Ray. Read on every call: RAY_AUTH_TOKEN / HOME may change within a process."""
     if os.environ.get("RAY_AUTH_TOKEN"):
-        return os.environ["RAY_AUTH_TOKEN"].strip(TOKEN_WHITESPACE)
+        return os.environ["RAY_AUTH_TOKEN"].strip(TOKEN_WHITESPACE), "RAY_AUTH_TOKEN"
     token_path = os.environ.get("RAY_AUTH_TOKEN_PATH")
     if token_path:
         token = _first_line(token_path)
         if not token:  # Ray refuses to start with this too
             raise ClusterConnectionError(f"cannot read this machine's Ray auth token: RAY_AUTH_TOKEN_PATH is set "
                                          f"but file cannot be opened or is empty: {token_path}; {TOKEN_HELP}")
-        return token
+        return token, f"RAY_AUTH_TOKEN_PATH={token_path}"
     # Ray's own fallback when HOME is unset or empty: ./.ray/auth_token
-    return _first_line(os.path.join(os.environ.get("HOME") or ".", ".ray", "auth_token"))
+    return _first_line(os.path.join(os.environ.get("HOME") or ".", ".ray", "auth_token")), "~/.ray/auth_token"
+
+
+def _token_headers(token: str) -> dict[str, str]:
+    """The authorization header Ray sends with `token` ({} for no token)."""
+    return {"authorization": f"Bearer {token}"} if token else {}
 
 
 def _local_token_headers() -> dict[str, str]:
     """The authorization header Ray sends with this machine's token ({} when there is none)."""
-    token = _local_token()
-    return {"authorization": f"Bearer {token}"} if token else {}
+    return _token_headers(_local_token()[0])
 
 
 def _enable_token_mode() -> None:
@@ -148,14 +152,15 @@ def prepare_connection(address: str, timeout: float = PROBE_TIMEOUT_S) -> None:
         raise ClusterConnectionError(f"the Ray cluster at {address} requires token authentication, but "
                                      f"{AUTH_MODE_ENV}={mode} here: set {AUTH_MODE_ENV}=token (the token must be "
                                      "on this machine: ~/.ray/auth_token or RAY_AUTH_TOKEN)")
-    headers = _local_token_headers()
+    token, source = _local_token()
+    headers = _token_headers(token)
     if not headers:
         raise ClusterConnectionError(f"the Ray cluster at {address} requires token authentication and this "
                                      f"machine has no token: {TOKEN_HELP}")
     code, details = _probe(address, headers, timeout)
     if code == "UNAUTHENTICATED":
         raise ClusterConnectionError(f"the Ray cluster at {address} refused this machine's auth token (from "
-                                     f"{_token_source()}): it is not the cluster's; {TOKEN_HELP}")
+                                     f"{source}): it is not the cluster's; {TOKEN_HELP}")
     if code != "OK":
         raise ClusterConnectionError(f"the Ray cluster at {address} did not answer with the token (gRPC {code}: "
                                      f"{details})")
@@ -163,15 +168,6 @@ def prepare_connection(address: str, timeout: float = PROBE_TIMEOUT_S) -> None:
         log.info("the Ray cluster at %s uses token authentication: joining with this machine's token "
                  "(RAY_AUTH_MODE=token)", address)
         _enable_token_mode()
-
-
-def _token_source() -> str:
-    """Where Ray reads the token from, in its order: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token."""
-    if os.environ.get("RAY_AUTH_TOKEN"):
-        return "RAY_AUTH_TOKEN"
-    if os.environ.get("RAY_AUTH_TOKEN_PATH"):
-        return f"RAY_AUTH_TOKEN_PATH={os.environ['RAY_AUTH_TOKEN_PATH']}"
-    return "~/.ray/auth_token"
 
 
 def _ray_log_level() -> int:
