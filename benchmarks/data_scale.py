@@ -108,7 +108,7 @@ def child(data_dir: str, steps: int, workers: int, home: str) -> dict:
     from fldd.config import CONFIG_DIR, FLDDConfig
     from pipelines.train import LaunchOptions, launch
     from pipelines.tracking import tracking_uri
-    from pipelines.vocabulary import VALID_NELBO_METRIC
+    from pipelines.vocabulary import TRAIN_NELBO_METRIC, VALID_NELBO_METRIC
 
     cfg = FLDDConfig.from_yaml(CONFIG_DIR / "toy2d.yaml").with_overrides({
         "data.path": data_dir, "train.steps": steps, "train.log_every": 25, "train.checkpoint_every": steps,
@@ -118,7 +118,7 @@ def child(data_dir: str, steps: int, workers: int, home: str) -> dict:
     wall = time.perf_counter() - start
     sampler.stopped.set()
     sampler.join()
-    history = MlflowClient(tracking_uri()).get_metric_history(outcome.run_id, "nelbo")
+    history = MlflowClient(tracking_uri()).get_metric_history(outcome.run_id, TRAIN_NELBO_METRIC)
     logged = sorted((m.step, m.timestamp / 1000) for m in history)
     (first_step, first_time), (last_step, last_time) = logged[0], logged[-1]
     return {"driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

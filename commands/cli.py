@@ -65,10 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # training failures: one clear line, details above in the log
         from mlflow.exceptions import MlflowException  # lazy: start-up time
 
+        from pipelines.tracking import TrackingUnavailable  # lazy: start-up time
         from pipelines.train import TrainingError  # lazy: start-up time
         from tune.sweep import SweepError  # lazy: start-up time
 
-        if isinstance(error, (TrainingError, NonFiniteLossError, MlflowException, SweepError)):
+        if isinstance(error, (TrainingError, NonFiniteLossError, MlflowException, SweepError, TrackingUnavailable)):
             print(f"fldd {args.command}: error: {error}", file=sys.stderr)
             return 1
         raise

@@ -19,7 +19,9 @@ from typing import Any
 
 import mlflow
 import numpy as np
+import requests
 from mlflow.entities import LoggedModel, Metric, Param, RunTag
+from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR, MLFLOW_HTTP_REQUEST_MAX_RETRIES
 from mlflow.models import Model, ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
@@ -50,8 +52,53 @@ def tracking_uri(home: Path | None = None) -> str:
     return f"sqlite:///{home / 'mlflow.db'}"  # absolute path: sqlite:////abs/...
 
 
+class TrackingUnavailable(RuntimeError):
+    """The MLflow tracking server did not answer, through all of MLflow's own retries."""
+
+
+def retry_window_s() -> float:
+    """About how long MLflow's client keeps retrying a request that gets no answer (a stopped server
+    refuses at once): its urllib3 Retry sleeps nothing before the first retry, then factor * 2**(n-1)
+    s (at most 120) before the n-th. The defaults (7 retries, factor 2) give 244 s."""
+    factor = MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.get()
+    return float(sum(min(120.0, factor * 2 ** (n - 1)) for n in range(2, MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() + 1)))
+
+
+def unreachable_message(uri: str) -> str:
+    return (f"the MLflow tracking server {uri} did not answer through about {retry_window_s():.0f} s of retries "
+            f"(MLFLOW_HTTP_REQUEST_MAX_RETRIES={MLFLOW_HTTP_REQUEST_MAX_RETRIES.get()}, "
+            f"MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR={MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.get()} set how long)")
+
+
+def tracking_outage(error: BaseException | None) -> BaseException | None:
+    """The unanswered request behind `error`, following what it was raised from or during (MLflow
+    raises its own exception while handling requests' ConnectionError or Timeout), or None."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, (TrackingUnavailable, requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+@contextmanager
+def naming_an_outage(uri: str) -> Iterator[None]:
+    """A request the server never answered becomes TrackingUnavailable naming the URI and the bound."""
+    try:
+        yield
+    except TrackingUnavailable:
+        raise
+    except Exception as error:
+        if tracking_outage(error) is None:
+            raise
+        raise TrackingUnavailable(unreachable_message(uri)) from error
+
+
 class Tracker:
-    """Explicit MLflow client calls for one run (no global active run, safe inside Ray workers)."""
+    """Explicit MLflow client calls for one run (no global active run, safe inside Ray workers).
+    A server that stops answering is waited for by MLflow's own retries (`retry_window_s`); past
+    them a call raises TrackingUnavailable."""
 
     def __init__(self, uri: str, run_id: str):
         self.uri, self.run_id = uri, run_id
@@ -62,21 +109,33 @@ class Tracker:
         entries = [Metric(key, float(value), now, step) for key, value in metrics.items()
                    if isinstance(value, (int, float, np.floating)) and np.isfinite(value)]
         if entries:
-            self.client.log_batch(self.run_id, metrics=entries)
+            with naming_an_outage(self.uri):
+                self.client.log_batch(self.run_id, metrics=entries)
+
+    def last_logged_step(self, keys: tuple[str, ...]) -> int:
+        """The highest step any of `keys` was logged at in this run, -1 if none: a resumed run (or a
+        restarted worker group) logs only past it, so every step is in the history once."""
+        with naming_an_outage(self.uri):
+            return max((metric.step for key in keys for metric in self.client.get_metric_history(self.run_id, key)),
+                       default=-1)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        with naming_an_outage(self.uri):
+            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_params(self, params: dict[str, Any]) -> None:
         entries = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        for start in range(0, len(entries), 100):  # MLflow takes at most 100 params per batch
-            self.client.log_batch(self.run_id, params=entries[start:start + 100])
+        with naming_an_outage(self.uri):
+            for start in range(0, len(entries), 100):  # MLflow takes at most 100 params per batch
+                self.client.log_batch(self.run_id, params=entries[start:start + 100])
 
     def log_text(self, name: str, text: str) -> None:
-        self.client.log_text(self.run_id, text, name)
+        with naming_an_outage(self.uri):
+            self.client.log_text(self.run_id, text, name)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        with naming_an_outage(self.uri):
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def log_json(self, name: str, payload: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -85,7 +144,8 @@ class Tracker:
             self.log_artifact(path)
 
     def finish(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status)
+        with naming_an_outage(self.uri):
+            self.client.set_terminated(self.run_id, status)
 
 
 def ensure_experiment(client: MlflowClient, home: Path, name: str = EXPERIMENT) -> str:
@@ -115,14 +175,16 @@ def start_run(cfg: FLDDConfig, run_name: str, tags: dict[str, Any], home: Path |
     home = (home or project_home()).resolve()
     uri = tracking_uri(home)
     client = MlflowClient(uri)
-    experiment_id = ensure_experiment(client, home)
-    run_id, resumed = find_or_create_run(client, experiment_id, run_name, tags)
+    with naming_an_outage(uri):
+        experiment_id = ensure_experiment(client, home)
+        run_id, resumed = find_or_create_run(client, experiment_id, run_name, tags)
     tracker = Tracker(uri, run_id)
     if resumed:
         # params are immutable in MLflow; the settings a resume may change go in as tags
         tracker.set_tags({**tags, RESUMED_TAG: "true", TRAIN_STEPS_TAG: cfg.train.steps})
-        if ERROR_TAG in client.get_run(run_id).data.tags:  # the failure this run resumes from is over
-            client.delete_tag(run_id, ERROR_TAG)
+        with naming_an_outage(uri):
+            if ERROR_TAG in client.get_run(run_id).data.tags:  # the failure this run resumes from is over
+                client.delete_tag(run_id, ERROR_TAG)
         return tracker, True
     # what the optimizer uses, and what each "auto" stands for at this T
     resolved = cfg.resolved_flat_dict()  # None where a setting means nothing for this method

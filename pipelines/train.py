@@ -38,8 +38,9 @@ from pipelines import reports
 from pipelines.checkpoints import MODEL_FILE, best_checkpoint, checkpoints_on_disk
 from pipelines.cluster import init_ray
 from pipelines.run_storage import RESUMABLE_CHANGES, check_resume_config, storage_path
-from pipelines.tracking import (Tracker, dataset_name, download_model_file, git_commit, log_sampler_model, project_home,
-                                start_run, tracking_uri)
+from pipelines.tracking import (Tracker, TrackingUnavailable, dataset_name, download_model_file, git_commit,
+                                log_sampler_model, project_home, start_run, tracking_outage, tracking_uri,
+                                unreachable_message)
 from pipelines.vocabulary import (COLLAPSED_METRIC, COLLAPSED_TAG, DATASET_TAG, DEVICE_TAG, ERROR_TAG, FINAL_PREFIX,
                                   GIT_COMMIT_TAG, METHOD_TAG, MODEL_URI_TAG, NUM_STEPS_TAG, PARAMETERIZATION_TAG,
                                   RAY_GCS_TAG, RAY_VERSION_TAG, RUN_NAME, SATURATED_METRIC, SATURATED_TAG, STORAGE_TAG,
@@ -355,10 +356,20 @@ def launch(cfg: FLDDConfig, opts: LaunchOptions | None = None) -> TrainOutcome:
     except TrainingError:
         raise  # finish_run recorded it
     except BaseException as error:  # a Tune stop or Ctrl-C lands here too: the run must not stay RUNNING
-        run.tracker.set_tags({ERROR_TAG: f"{type(error).__name__}: {error}"[:5000]})
-        run.tracker.finish("FAILED" if isinstance(error, Exception) else "KILLED")
+        outage = tracking_outage(error) if isinstance(error, Exception) else None
+        if outage is None:
+            try:
+                run.tracker.set_tags({ERROR_TAG: f"{type(error).__name__}: {error}"[:5000]})
+                run.tracker.finish("FAILED" if isinstance(error, Exception) else "KILLED")
+            except TrackingUnavailable as unreachable:  # the workers' error may not carry the outage: this does
+                outage = unreachable
         if not isinstance(error, Exception):
             raise
+        if outage is not None:  # nothing could be recorded: the run stays RUNNING, and the same command resumes it
+            reason = str(outage) if isinstance(outage, TrackingUnavailable) else unreachable_message(run.tracker.uri)
+            raise TrainingError(f"training run {run.name!r} stopped: {reason}. Its checkpoints are kept under "
+                                f"{run.storage}/{run.name}; its MLflow run stays RUNNING: once the server answers, rerun the "
+                                "same command and it resumes") from error
         raise TrainingError(f"training run {run.name!r} failed: {error}") from error
     finally:
         marker.unlink(missing_ok=True)

@@ -130,6 +130,7 @@ MOLECULE_SCORES = ("validity", "uniqueness", "novelty", "copy_rate", "fcd", "fcd
 MODEL_VERSIONS_TAG = "mlflow.modelVersions"  # LoggedModel tag: [{"name", "version"}, ...]
 
 # --- metrics -------------------------------------------------------------------------------------------
+TRAIN_NELBO_METRIC = "nelbo"  # the training loop's every log_every steps (fldd.objective's key)
 VALID_NELBO_METRIC = "valid_nelbo_bits"
 VALID_STDERR_METRIC = "valid_nelbo_stderr"
 COLLAPSED_METRIC = "collapsed"

@@ -34,7 +34,7 @@ from fldd.train import CHECKPOINT_EVAL_SEED, NonFiniteLossError, TrainSchedule, 
 from pipelines.checkpoints import (MODEL_FILE, STATE_FILE, load_state, newest_checkpoint, prune_local_checkpoints,
                                   write_checkpoint)
 from pipelines.tracking import Tracker
-from pipelines.vocabulary import VALID_NELBO_METRIC, VALID_STDERR_METRIC
+from pipelines.vocabulary import TRAIN_NELBO_METRIC, VALID_NELBO_METRIC, VALID_STDERR_METRIC
 
 VALID_ROWS_PER_CHECKPOINT = 2000  # validation NELBO at checkpoints: rows x 2 passes (final: all rows x 10)
 SHUFFLE_BUFFER_ROWS = 16384  # a worker's local shuffle buffer, at least (rows; 16384 x 64 int64 = 8 MB)
@@ -95,6 +95,8 @@ def train_worker(loop_config: dict) -> dict:
                               parallel_strategy_kwargs={"find_unused_parameters": freezes_forward})
 
     tracker = Tracker(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
+    # steps an earlier attempt logged past the checkpoint this one starts from are not logged again
+    logged_through = tracker.last_logged_step((TRAIN_NELBO_METRIC, VALID_NELBO_METRIC)) if rank == 0 else -1
     column, D = loop_config["column"], cfg.seq_len
     valid = torch.cat([arrow_tokens(b[column], D) for b in ray.train.get_dataset_shard("valid").iter_batches(
         batch_size=8192, batch_format="pyarrow")]) if rank == 0 else None
@@ -110,7 +112,8 @@ def train_worker(loop_config: dict) -> dict:
             return
         if progress is not None:
             progress.show(metrics)
-        tracker.log_metrics(step, {k: v for k, v in metrics.items() if k != "phase"})
+        if step > logged_through:
+            tracker.log_metrics(step, {k: v for k, v in metrics.items() if k != "phase"})
 
     def on_checkpoint(step: int) -> None:
         metrics: dict[str, Any] = {"step": step}
@@ -123,8 +126,9 @@ def train_worker(loop_config: dict) -> dict:
                                   generator=torch.Generator(device=device).manual_seed(CHECKPOINT_EVAL_SEED))
         model.train()
         metrics[VALID_NELBO_METRIC] = estimate.bits_per_token
-        tracker.log_metrics(step, {VALID_NELBO_METRIC: estimate.bits_per_token,
-                                   VALID_STDERR_METRIC: estimate.stderr_bits_per_token})
+        if step > logged_through:
+            tracker.log_metrics(step, {VALID_NELBO_METRIC: estimate.bits_per_token,
+                                       VALID_STDERR_METRIC: estimate.stderr_bits_per_token})
         state = {"config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "step": step, "schedule": schedule.boundaries(), "rng": torch.get_rng_state(),
                  **({"cuda_rng": torch.cuda.get_rng_state(device)} if on_gpu else {})}

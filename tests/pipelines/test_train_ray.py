@@ -15,7 +15,7 @@ import pipelines.worker
 from fldd.config import ConfigError
 from fldd.data import DataError, write_token_table
 from fldd.model import CheckpointError
-from pipelines.tracking import tracking_uri
+from pipelines.tracking import global_tracking_uri, tracking_uri
 from pipelines.train import LaunchOptions, TrainingError, launch
 from pipelines.vocabulary import RUN_NAME_TAG
 from tests.pipelines.conftest import toy_config
@@ -82,8 +82,8 @@ def test_rerun_with_the_same_name_resumes(ray_cluster, home):
     assert MlflowClient(tracking_uri()).get_run(first.run_id).info.status == "FINISHED"
 
     # the logged MLflow model loads and samples
-    mlflow.set_tracking_uri(tracking_uri())
-    sampler = mlflow.pyfunc.load_model(second.model_uri)
+    with global_tracking_uri(tracking_uri()):  # put back after: later tests' fluent calls must not see this store
+        sampler = mlflow.pyfunc.load_model(second.model_uri)
     samples = sampler.predict(None, params={"num_samples": 7, "seed": 3})
     assert samples.shape == (7, 2) and samples.dtype == np.int64 and (samples < 50).all() and (samples >= 0).all()
     assert np.array_equal(samples, sampler.predict(None, params={"num_samples": 7, "seed": 3}))

@@ -5,7 +5,6 @@ cluster reached with --address."""
 import csv
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from ray import tune
 
 from fldd.config import CONFIG_DIR
 from pipelines.tracking import ensure_experiment, tracking_uri
+from tests.servers import MlflowServer, free_port
 from tune.spec import SweepSpec
 from pipelines.vocabulary import KIND_TAG, NUM_STEPS_TAG, PARENT_TAG, SWEEP_TAG, TRIAL_TAG
 from tune.sweep import run_sweep
@@ -78,12 +78,6 @@ def test_sweep_stops_a_weak_trial_early_and_survives_a_failing_one(ray_cluster, 
     assert sorted(r["status"] for r in rows) == sorted(row.status for row in outcome.rows)
     assert {r["run_id"] for r in rows} == {row.run_id for row in outcome.rows}
     assert float(parent.data.metrics["best_valid_nelbo_bits_T2"]) == pytest.approx(outcome.best[2].valid_nelbo_bits)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(condition, timeout: float) -> bool:
@@ -201,24 +195,10 @@ def cpuless_head_cluster():
 
 @pytest.fixture
 def mlflow_server(tmp_path):
-    port = free_port()
-    store = tmp_path / "server"
-    store.mkdir()
-    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
-                               "--port", str(port), "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
-                               "--artifacts-destination", str(store / "artifacts"), "--workers", "1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            MlflowClient(uri).search_experiments()
-            break
-        except Exception:
-            time.sleep(1)
-    yield uri
-    server.terminate()
-    server.wait(timeout=30)
+    server = MlflowServer(tmp_path / "server")
+    server.start()
+    yield server.uri
+    server.stop()
 
 
 def test_sweep_on_a_separate_two_node_cluster(cpuless_head_cluster, mlflow_server, tmp_path, monkeypatch):
