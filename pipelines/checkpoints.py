@@ -29,11 +29,16 @@ def write_checkpoint(directory: Path, write: Callable[[Path], None]) -> Path:
     is then renamed to DIR. A crash (or a full disk) mid-write leaves only a .partial directory,
     which no resume reads. Returns `directory`."""
     partial = directory.with_name(directory.name + PARTIAL)
-    shutil.rmtree(partial, ignore_errors=True)  # left by an earlier crash at this step
-    partial.mkdir(parents=True)
-    write(partial)
-    shutil.rmtree(directory, ignore_errors=True)  # the same step written again (a rerun)
-    os.replace(partial, directory)
+    try:
+        shutil.rmtree(partial, ignore_errors=True)  # left by an earlier crash at this step
+        partial.mkdir(parents=True)
+        write(partial)
+        shutil.rmtree(directory, ignore_errors=True)  # the same step written again (a rerun)
+        os.replace(partial, directory)
+    except OSError as error:  # a read-only or full disk, a directory that went away: say where, and what is kept
+        raise CheckpointError(f"cannot write checkpoint {directory}: {error.strerror or error}. The checkpoints "
+                              f"before it in {directory.parent} are complete: once it is writable again, rerun "
+                              "the same command to resume from the newest") from error
     return directory
 
 

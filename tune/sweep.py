@@ -38,6 +38,10 @@ from tune.spec import PARAMETERIZATION_KEY, SweepSpec
 log = logging.getLogger(__name__)
 
 TRIAL_DRIVER_CPUS = 0.01  # the trial's own process only waits on its Train workers (STACK_NOTES)
+# A trial whose process died (its node was lost) is started again, and continues its own run from its
+# last checkpoint (the run name is the trial's). A trial that failed for its own reasons (a non-finite
+# loss) fails again from that checkpoint and is recorded failed: one retry bounds what that costs.
+TRIAL_RETRIES = 1
 
 
 class SweepError(RuntimeError):
@@ -320,7 +324,7 @@ def _run_budget(spec: SweepSpec, name: str, budget: int, storage: str, home: Pat
                                         num_samples=spec.samples, max_concurrent_trials=max_concurrent(spec)),
             run_config=tune.RunConfig(name=experiment, storage_path=storage, verbose=2 if verbose else 0,
                                       callbacks=[watcher],
-                                      failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)))
+                                      failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES, fail_fast=False)))
     tuner.fit()
     trials = tune.ExperimentAnalysis(path).trials  # every trial of this budget, restored ones included
     unfinished = [t for t in trials if t.status not in ("TERMINATED", "ERROR")]

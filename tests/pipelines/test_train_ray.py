@@ -3,6 +3,9 @@ the logged model, and input checks that fail before any worker starts."""
 
 import dataclasses
 import shutil
+import subprocess
+import threading
+import time
 
 import mlflow
 import numpy as np
@@ -211,3 +214,38 @@ def test_resume_skips_a_checkpoint_half_written_and_names_a_truncated_one(ray_cl
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
     with pytest.raises(TrainingError, match=f"checkpoint file {newest} cannot be read"):
         launch(cfg.with_overrides({"train.steps": 80}), LaunchOptions(workers=0, name="torn", quiet=True))
+
+
+def test_storage_that_turns_read_only_mid_run_stops_naming_the_path_and_the_rerun_resumes(ray_cluster, home, tmp_path):
+    """Issue 28, item 6: the checkpoint storage is a real file system (a tmpfs) remounted read-only
+    after the step-100 checkpoint; root ignores file modes, so chmod would not do."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "fldd-test", str(disk)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("needs to mount a tmpfs (root, or CAP_SYS_ADMIN)")
+    try:
+        checkpoints = disk / "ro" / "local_checkpoints"
+
+        def remount_after_step_100() -> None:
+            deadline = time.monotonic() + 120
+            while not (checkpoints / "checkpoint_00000100").is_dir() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+
+        cfg = toy_config(**{"process.method": "masked", "train.steps": 300, "train.checkpoint_every": 50,
+                            "train.log_every": 10})
+        remount = threading.Thread(target=remount_after_step_100)
+        remount.start()
+        with pytest.raises(TrainingError, match="cannot write checkpoint .*/ro/local_checkpoints/checkpoint_.*"
+                                                "Read-only file system.*rerun the same command to resume"):
+            launch(cfg, LaunchOptions(workers=0, name="ro", storage=str(disk), quiet=True))
+        remount.join()
+        (failed,) = runs_named("ro")
+        assert failed.info.status == "FAILED" and "Read-only file system" in failed.data.tags["fldd.error"]
+        subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)
+        outcome = launch(cfg, LaunchOptions(workers=0, name="ro", storage=str(disk), quiet=True))
+        assert outcome.resumed and outcome.run_id == failed.info.run_id and outcome.start_step == 100
+        assert [s for s, _ in metric_history(outcome.run_id, "valid_nelbo_bits")] == list(range(50, 301, 50))
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)

@@ -201,6 +201,51 @@ def mlflow_server(tmp_path):
     server.stop()
 
 
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_a_node_lost_under_a_training_trial_resumes_it_on_the_other_node(cpuless_head_cluster, mlflow_server, tmp_path):
+    """Issue 28, item 1: the raylet of the worker node that runs the trial is killed once the trial
+    has checkpointed; the sweep finishes, the trial continues in its one MLflow run from its last
+    checkpoint on the other node, and every metric step is in that run once."""
+    cluster = cpuless_head_cluster
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    steps = {"train.steps": 400, "train.checkpoint_every": 50, "train.log_every": 10}
+    path = write_sweep(tmp_path / "sweep.yaml", budgets=[2], set={**SMALL, **steps},
+                       space={"parameterization": "masked-x0"}, resources={"workers_per_trial": 1, "cpus_per_worker": 0.9})
+    env = {**os.environ, "FLDD_HOME": str(tmp_path / "home"), "MLFLOW_TRACKING_URI": mlflow_server}
+    sweep = subprocess.Popen(sweep_command(path, "--address", cluster.address, "--storage", str(tmp_path / "shared"),
+                                           "--name", "lost"), cwd=REPO, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    client = MlflowClient(mlflow_server)
+    try:
+        def checkpointed() -> bool:
+            runs = child_runs(client, "lost") if client.get_experiment_by_name("fldd") else []
+            return bool(runs) and any(m.step >= 100 for m in client.get_metric_history(runs[0].info.run_id,
+                                                                                         "valid_nelbo_bits"))
+        assert wait_until(checkpointed, 300), "the trial did not reach its step-100 checkpoint"
+        (run,) = child_runs(client, "lost")
+        (lost,) = [node for node in nodes if node.node_id == run.data.tags["ray_node_id"]]
+        killed_at = time.time()
+        lost.kill_raylet()  # its worker processes, the trial's among them, go with it
+        output, _ = sweep.communicate(timeout=600)
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+    assert sweep.returncode == 0, output[-4000:]
+    (after,) = child_runs(client, "lost")  # one run for the trial, not a second one
+    assert after.info.run_id == run.info.run_id and after.info.status == "FINISHED", output[-4000:]
+    assert after.data.tags["fldd.resumed"] == "true"
+    (survivor,) = [node for node in nodes if node is not lost]
+    assert after.data.tags["ray_node_id"] == survivor.node_id  # the retry ran on the node left
+    history = lambda key: sorted(m.step for m in client.get_metric_history(run.info.run_id, key))  # noqa: E731
+    assert history("valid_nelbo_bits") == list(range(50, 401, 50))  # none lost, none twice
+    assert history("nelbo") == list(range(10, 401, 10))
+    stamps = sorted(m.timestamp / 1000 - killed_at for m in client.get_metric_history(run.info.run_id, "nelbo"))
+    pause = max(later - earlier for earlier, later in zip(stamps, stamps[1:]) if later > 0)
+    print(f"node lost: training paused {pause:.1f} s (no metric logged) around the kill")
+
+
 def test_sweep_on_a_separate_two_node_cluster(cpuless_head_cluster, mlflow_server, tmp_path, monkeypatch):
     path = write_sweep(tmp_path / "sweep.yaml", budgets=[2], space={"parameterization": "masked-x0"},
                        resources={"workers_per_trial": 1, "cpus_per_worker": 0.9})
