@@ -35,8 +35,10 @@ def write_checkpoint(directory: Path, write: Callable[[Path], None]) -> Path:
         write(partial)
         shutil.rmtree(directory, ignore_errors=True)  # the same step written again (a rerun)
         os.replace(partial, directory)
-    except OSError as error:  # a read-only or full disk, a directory that went away: say where, and what is kept
-        raise CheckpointError(f"cannot write checkpoint {directory}: {error.strerror or error}. The checkpoints "
+    except (OSError, RuntimeError) as error:  # read-only or full disk (torch.save reports ENOSPC as RuntimeError)
+        shutil.rmtree(partial, ignore_errors=True)  # a full disk keeps no half checkpoint filling it
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+        raise CheckpointError(f"cannot write checkpoint {directory}: {reason}. The checkpoints "
                               f"before it in {directory.parent} are complete: once it is writable again, rerun "
                               "the same command to resume from the newest") from error
     return directory

@@ -75,7 +75,9 @@ def tracking_outage(error: BaseException | None) -> BaseException | None:
     raises its own exception while handling requests' ConnectionError or Timeout), or None."""
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
-        if isinstance(error, (TrackingUnavailable, requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+        # RetryError: a proxy in front of the server answered 502/503 through every retry
+        if isinstance(error, (TrackingUnavailable, requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                              requests.exceptions.RetryError)):
             return error
         seen.add(id(error))
         error = error.__cause__ or error.__context__

@@ -95,8 +95,11 @@ def train_worker(loop_config: dict) -> dict:
                               parallel_strategy_kwargs={"find_unused_parameters": freezes_forward})
 
     tracker = Tracker(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
-    # steps an earlier attempt logged past the checkpoint this one starts from are not logged again
-    logged_through = tracker.last_logged_step((TRAIN_NELBO_METRIC, VALID_NELBO_METRIC)) if rank == 0 else -1
+    # steps an earlier attempt logged past the checkpoint this one resumes from are not logged again
+    # (a run that starts from step 0 trains anew: it logs everything, even under a reused run name)
+    resumed = rank == 0 and start_step > 0
+    trained_through = tracker.last_logged_step((TRAIN_NELBO_METRIC,)) if resumed else -1
+    validated_through = tracker.last_logged_step((VALID_NELBO_METRIC,)) if resumed else -1
     column, D = loop_config["column"], cfg.seq_len
     valid = torch.cat([arrow_tokens(b[column], D) for b in ray.train.get_dataset_shard("valid").iter_batches(
         batch_size=8192, batch_format="pyarrow")]) if rank == 0 else None
@@ -112,7 +115,7 @@ def train_worker(loop_config: dict) -> dict:
             return
         if progress is not None:
             progress.show(metrics)
-        if step > logged_through:
+        if step > trained_through:
             tracker.log_metrics(step, {k: v for k, v in metrics.items() if k != "phase"})
 
     def on_checkpoint(step: int) -> None:
@@ -126,9 +129,6 @@ def train_worker(loop_config: dict) -> dict:
                                   generator=torch.Generator(device=device).manual_seed(CHECKPOINT_EVAL_SEED))
         model.train()
         metrics[VALID_NELBO_METRIC] = estimate.bits_per_token
-        if step > logged_through:
-            tracker.log_metrics(step, {VALID_NELBO_METRIC: estimate.bits_per_token,
-                                       VALID_STDERR_METRIC: estimate.stderr_bits_per_token})
         state = {"config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "step": step, "schedule": schedule.boundaries(), "rng": torch.get_rng_state(),
                  **({"cuda_rng": torch.cuda.get_rng_state(device)} if on_gpu else {})}
@@ -144,6 +144,11 @@ def train_worker(loop_config: dict) -> dict:
             directory = Path(tempfile.mkdtemp(prefix="fldd-ckpt-"))
             write(directory)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(directory)))
+        # logged once the checkpoint is stored: a step whose checkpoint failed to write is scored again
+        # by the attempt that resumes, never recorded for a model that was not kept
+        if step > validated_through:
+            tracker.log_metrics(step, {VALID_NELBO_METRIC: estimate.bits_per_token,
+                                       VALID_STDERR_METRIC: estimate.stderr_bits_per_token})
         if local_checkpoints is None:
             shutil.rmtree(directory, ignore_errors=True)  # Ray copied it to storage
         else:

@@ -1,6 +1,8 @@
 """Real servers the tests start on loopback: a free port, and an `mlflow server` that a test can stop
 and start again on the same port and store (a tracking server that blinks)."""
 
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -26,11 +28,12 @@ class MlflowServer:
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 90) -> None:
+        self.stop()
         self.process = subprocess.Popen(
             [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
              "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
              "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # its uvicorn child too
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.process.poll() is not None:
@@ -48,6 +51,6 @@ class MlflowServer:
             try:
                 self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                os.killpg(self.process.pid, signal.SIGKILL)  # the CLI and the uvicorn server it started
                 self.process.wait()
         self.process = None

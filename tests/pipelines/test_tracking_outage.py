@@ -39,11 +39,14 @@ def stop_once_logged(server: MlflowServer, name: str, step: int, down_for: float
 
     def watch() -> None:
         client = MlflowClient(server.uri)
-        while True:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
             runs = run_named(client, name)
             if runs and (logged := steps_logged(client, runs[0].info.run_id, "nelbo")) and logged[-1] >= step:
                 break
             time.sleep(0.2)
+        else:
+            return  # the run never got there: the test fails on what `seen` lacks
         seen["last_step_before"], seen["down_at"] = logged[-1], time.monotonic()
         server.stop()
         if down_for is not None:
@@ -71,6 +74,9 @@ def test_a_training_run_rides_out_a_20_second_tracking_outage(ray_cluster, home,
     assert steps_logged(client, outcome.run_id, "nelbo") == list(range(10, 301, 10))  # none lost, none twice
     assert steps_logged(client, outcome.run_id, "valid_nelbo_bits") == [100, 200, 300]
     assert "final_valid_nelbo_bits" in run.data.metrics
+    # training waited for the server (no metric for 20 s or more), it did not drop what it could not log
+    stamps = sorted(m.timestamp for m in client.get_metric_history(outcome.run_id, "nelbo"))
+    assert max(later - earlier for earlier, later in zip(stamps, stamps[1:])) >= 20_000
 
 
 @pytest.mark.slow

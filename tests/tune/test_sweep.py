@@ -225,6 +225,7 @@ def test_a_node_lost_under_a_training_trial_resumes_it_on_the_other_node(cpuless
                                                                                          "valid_nelbo_bits"))
         assert wait_until(checkpointed, 300), "the trial did not reach its step-100 checkpoint"
         (run,) = child_runs(client, "lost")
+        assert run.info.status == "RUNNING"  # still training when its node goes
         (lost,) = [node for node in nodes if node.node_id == run.data.tags["ray_node_id"]]
         killed_at = time.time()
         lost.kill_raylet()  # its worker processes, the trial's among them, go with it
