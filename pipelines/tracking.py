@@ -114,12 +114,11 @@ class Tracker:
             with naming_an_outage(self.uri):
                 self.client.log_batch(self.run_id, metrics=entries)
 
-    def last_logged_step(self, keys: tuple[str, ...]) -> int:
-        """The highest step any of `keys` was logged at in this run, -1 if none: a resumed run (or a
-        restarted worker group) logs only past it, so every step is in the history once."""
+    def last_logged_step(self, key: str) -> int:
+        """The highest step `key` was logged at in this run, -1 if none: a resumed run logs only past
+        it, so every step is in the history once."""
         with naming_an_outage(self.uri):
-            return max((metric.step for key in keys for metric in self.client.get_metric_history(self.run_id, key)),
-                       default=-1)
+            return max((metric.step for metric in self.client.get_metric_history(self.run_id, key)), default=-1)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         with naming_an_outage(self.uri):

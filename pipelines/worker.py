@@ -98,8 +98,8 @@ def train_worker(loop_config: dict) -> dict:
     # steps an earlier attempt logged past the checkpoint this one resumes from are not logged again
     # (a run that starts from step 0 trains anew: it logs everything, even under a reused run name)
     resumed = rank == 0 and start_step > 0
-    trained_through = tracker.last_logged_step((TRAIN_NELBO_METRIC,)) if resumed else -1
-    validated_through = tracker.last_logged_step((VALID_NELBO_METRIC,)) if resumed else -1
+    trained_through = tracker.last_logged_step(TRAIN_NELBO_METRIC) if resumed else -1
+    validated_through = tracker.last_logged_step(VALID_NELBO_METRIC) if resumed else -1
     column, D = loop_config["column"], cfg.seq_len
     valid = torch.cat([arrow_tokens(b[column], D) for b in ray.train.get_dataset_shard("valid").iter_batches(
         batch_size=8192, batch_format="pyarrow")]) if rank == 0 else None

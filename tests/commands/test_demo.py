@@ -3,7 +3,6 @@ project home: the sweep trains every cell, promotion moves the champion aliases,
 real HTTP at every budget (and a conditional request keeps its clamp), and a second run reuses
 everything: no trial retrained, no alias moved."""
 
-import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -18,15 +17,10 @@ from fldd.config import CONFIG_DIR
 from pipelines import registry
 from pipelines.tracking import tracking_uri
 from pipelines.vocabulary import SWEEP_TAG
+from tests.servers import free_port
 
 SMALL = {"train.steps": 60, "train.checkpoint_every": 30, "train.log_every": 30, "data.num_train": 2000,
          "data.num_valid": 300, "reverse_network.width": 32, "forward_network.width": 32}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 by the real Ray Serve application on 127.0.0.1 (a free port) of the session's Ray cluster."""
 
 import os
-import socket
 
 import pytest
 import requests
@@ -12,17 +11,12 @@ from pipelines import registry
 from pipelines.train import LaunchOptions, launch
 from serving.browser import wait_until as wait_for  # one polling helper: the page driver's
 from tests.conftest import module_project_home
+from tests.servers import free_port  # noqa: F401 (test_app imports it from here)
 from tests.pipelines.conftest import toy_config
 
 # the HTTP proxy misses Serve's 5 s readiness checks on a busy 2-core box (STACK_NOTES): this must
 # be in the environment before the session's Ray cluster starts, and conftest files load first
 os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 TOY, TEXT, DIGITS, MOLECULES = "serve-toy", "serve-text", "serve-digits", "serve-molecules"
